@@ -1,0 +1,62 @@
+"""Perplexity, next-token top-1 agreement and KL of compressed causal LMs against the original.
+
+    python bench/eval_causal_lm.py --model smollm2-135m --preset w8a16 w8a16-gptq w4a16-g128 \
+        --eval-tokens 16384 --json bench/results/smollm2_cpu.json
+
+Text: the Wikipedia evaluation split of qruntime.data (first --eval-tokens tokens); calibration for
+*-gptq recipes: --calib-samples windows of the calibration split (disjoint from the evaluation text).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, write_json  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--preset", nargs="+", default=["w8a16", "w8a16-gptq"])
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, default=None, help="default: --window (non-overlapping)")
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    from qruntime import compress
+    from qruntime.calibrate import calibration_batches
+    from qruntime.config import resolve_config
+    from qruntime.data import split_text
+    from qruntime.evaluate import evaluate_causal_lm, tokenize_text
+    from qruntime.models import load_causal_lm
+
+    model, tok = load_causal_lm(args.model)
+    ids = tokenize_text(tok, split_text("eval"), args.eval_tokens)
+    rows = []
+    for preset in args.preset:
+        calib = None
+        if resolve_config(preset).quant.needs_calibration:
+            calib = calibration_batches(tok, num_samples=args.calib_samples, seq_len=args.window)
+        qmodel, report = compress(model, preset, calib, inplace=False)
+        result = evaluate_causal_lm(qmodel, ids, reference=model, window=args.window, stride=args.stride)
+        rows.append({"preset": report.config, "report": report.to_dict(), "eval": result.to_dict()})
+        del qmodel
+
+    print(f"\nmodel {args.model}; protocol: {rows[0]['eval']['protocol']}; original perplexity "
+          f"{rows[0]['eval']['reference_perplexity']:.3f}")
+    print(f"{'recipe':<24} {'ppl':>9} {'ppl ratio':>10} {'top-1 agree':>12} {'KL nats/tok':>12} "
+          f"{'weights MiB':>12} {'x smaller':>10} {'compress s':>11}")
+    for r in rows:
+        e, rep = r["eval"], r["report"]
+        print(f"{r['preset']:<24} {e['perplexity']:>9.3f} {e['perplexity_ratio']:>10.4f} "
+              f"{100 * e['top1_agreement']:>11.2f}% {e['kl_divergence']:>12.5f} "
+              f"{rep['weight_bytes_after'] / 2**20:>12.1f} {rep['weight_compression']:>10.2f} {rep['seconds']:>11.1f}")
+    write_json(args.json, {"environment": environment(), "args": vars(args), "results": rows})
+
+
+if __name__ == "__main__":
+    main()

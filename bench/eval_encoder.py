@@ -1,0 +1,47 @@
+"""Sentence-embedding fidelity of compressed encoders: cosine to the original's embeddings and the
+accuracy of a linear probe (fit on the original's embeddings) on the 200 labelled movie-review sentences.
+
+    python bench/eval_encoder.py --model minilm-l6 --preset w8a16 w4a16-g32 --json bench/results/minilm_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, write_json  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--preset", nargs="+", default=["w8a16", "w4a16-g32"])
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    from qruntime import compress
+    from qruntime.data import movie_reviews
+    from qruntime.evaluate import evaluate_encoder
+    from qruntime.models import load_encoder
+
+    model, tok = load_encoder(args.model)
+    reviews = movie_reviews()
+    sentences, labels = [s for s, _ in reviews], [y for _, y in reviews]
+    rows = []
+    for preset in args.preset:
+        qmodel, report = compress(model, preset, inplace=False)
+        result = evaluate_encoder(qmodel, model, tok, sentences, labels)
+        rows.append({"preset": report.config, "report": report.to_dict(), "eval": result.to_dict()})
+
+    print(f"\nmodel {args.model}; protocol: {rows[0]['eval']['protocol']}")
+    print(f"{'recipe':<20} {'cos mean':>9} {'cos min':>9} {'probe acc (orig)':>17} {'probe acc (q)':>14} {'x smaller':>10}")
+    for r in rows:
+        e, rep = r["eval"], r["report"]
+        print(f"{r['preset']:<20} {e['cosine_mean']:>9.5f} {e['cosine_min']:>9.5f} "
+              f"{e['probe_accuracy_reference']:>17.3f} {e['probe_accuracy_model']:>14.3f} {rep['weight_compression']:>10.2f}")
+    write_json(args.json, {"environment": environment(), "args": vars(args), "results": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""qruntime: INT8/INT4 quantization (and, as it lands, 2:4 sparsity and depth distillation) for
+HuggingFace Transformers, behind one call::
+
+    model, report = qruntime.compress(model, "w8a16")
+    print(report)
+
+Importing qruntime never touches CUDA and compiles nothing.
+"""
+from .api import compress, select_targets
+from .config import CompressConfig, QuantConfig, PRESETS
+from .nn import QuantLinear
+from .ops import cpu_backend
+from .report import CompressReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compress",
+    "select_targets",
+    "CompressConfig",
+    "QuantConfig",
+    "PRESETS",
+    "QuantLinear",
+    "CompressReport",
+    "cpu_backend",
+    "__version__",
+]

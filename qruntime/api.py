@@ -1,0 +1,178 @@
+"""`qruntime.compress`: select the Linear/Conv1D layers, quantize them, swap in QuantLinear."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import collect_hessians
+from .config import CompressConfig, QuantConfig, resolve_config
+from .nn import QuantLinear, is_conv1d, linear_weight
+from .ops import cpu_backend
+from .report import CompressReport, LayerReport, SkippedLayer
+
+__all__ = ["compress", "select_targets", "model_bytes"]
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, QuantLinear):
+        return "QuantLinear"
+    if is_conv1d(module):
+        return "Conv1D"
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    return None
+
+
+def select_targets(
+    model: nn.Module, config: CompressConfig
+) -> tuple[list[tuple[str, nn.Module]], list[SkippedLayer]]:
+    """Every Linear/Conv1D of ``model`` either becomes a target or is listed as skipped with its reason."""
+    targets: list[tuple[str, nn.Module]] = []
+    skipped: list[SkippedLayer] = []
+    for name, module in model.named_modules():
+        kind = _kind(module)
+        if kind is None:
+            continue
+        if kind == "QuantLinear":
+            skipped.append(SkippedLayer(name, kind, "already quantized"))
+        elif not any(fnmatch.fnmatchcase(name, p) for p in config.include):
+            skipped.append(SkippedLayer(name, kind, f"not matched by include={list(config.include)}"))
+        elif hit := next((p for p in config.exclude if fnmatch.fnmatchcase(name, p)), None):
+            skipped.append(SkippedLayer(name, kind, f"matches exclude pattern {hit!r}"))
+        else:
+            targets.append((name, module))
+    return targets, skipped
+
+
+def _validate_target(name: str, module: nn.Module) -> None:
+    weight = linear_weight(module)
+    if not weight.is_floating_point():
+        raise TypeError(f"layer {name!r}: weight dtype {weight.dtype} is not a floating-point dtype")
+    if weight.device.type == "meta":
+        raise ValueError(f"layer {name!r}: weight is on the meta device (not loaded); load the weights first")
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"layer {name!r}: weight has {bad} NaN/Inf values; refusing to quantize")
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers, each shared tensor counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _weight_error(original: torch.Tensor, q: QuantLinear) -> tuple[float, float]:
+    w = original.detach().to(torch.float64)
+    err = torch.linalg.vector_norm(w - q.dequantized_weight().to(torch.float64)).item()
+    ref = torch.linalg.vector_norm(w).item()
+    rel = err / ref if ref > 0 else 0.0
+    sqnr = 20 * math.log10(ref / err) if err > 0 and ref > 0 else float("inf")
+    return rel, sqnr
+
+
+def compress(
+    model: nn.Module,
+    config: CompressConfig | QuantConfig | str | None = "w8a16",
+    calib_data: Iterable | None = None,
+    *,
+    inplace: bool = True,
+    progress: bool = True,
+) -> tuple[nn.Module, CompressReport]:
+    """Quantizes the Linear and Conv1D layers of a (HuggingFace) model.
+
+    Args:
+        model: any ``nn.Module``; HF BERT, GPT-2 (Conv1D), Llama-family and others.
+        config: a preset name (``"w8a16"``, ``"w4a16-g128"``, see :mod:`qruntime.config`), a
+            :class:`QuantConfig` or a :class:`CompressConfig`.
+        calib_data: for calibrated methods (``*-gptq``): an iterable of input-id tensors [batch, seq]
+            or of dicts of model keyword arguments, e.g.
+            ``qruntime.calibrate.calibration_batches(tokenizer)``. Ignored by round-to-nearest.
+        inplace: swap the layers in ``model``; with False a deep copy is compressed and ``model`` is
+            left untouched.
+        progress: show a progress bar.
+
+    Returns:
+        ``(model, report)``. On any error the caller's model is left exactly as it was: every layer is
+        checked and quantized before the first one is swapped in.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    cfg = resolve_config(config)
+    start = time.perf_counter()
+    targets, skipped = select_targets(model, cfg)
+    if not targets:
+        found = len(skipped)
+        detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5])
+        raise ValueError(
+            f"no convertible layer in {type(model).__name__}: found {found} Linear/Conv1D layers"
+            + (f", all skipped ({detail}{'; ...' if found > 5 else ''})" if found else "")
+            + f"; include={list(cfg.include)}, exclude={list(cfg.exclude)}"
+        )
+    for name, module in targets:
+        _validate_target(name, module)
+    hessians: dict[str, tuple[torch.Tensor, int]] = {}
+    if cfg.quant.needs_calibration:
+        if calib_data is None:
+            raise ValueError(
+                f"recipe {cfg.name!r} needs calib_data: an iterable of input-id tensors or dicts of model "
+                "inputs, e.g. qruntime.calibrate.calibration_batches(tokenizer)"
+            )
+        hessians = collect_hessians(model, dict(targets), calib_data, progress=progress)
+
+    bytes_before = model_bytes(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+        targets = [(name, model.get_submodule(name)) for name, _ in targets]
+
+    replacements: list[tuple[str, QuantLinear]] = []
+    layers: list[LayerReport] = []
+    for name, module in tqdm(targets, desc=f"quantize {cfg.name}", unit="layer", disable=not progress):
+        weight = linear_weight(module)
+        hessian, rows = hessians.get(name, (None, 0))
+        if cfg.quant.needs_calibration and hessian is None:
+            method = "rtn (calibration data never reached this layer)"
+        else:
+            method = cfg.quant.method + (f" ({rows} calibration rows)" if hessian is not None else "")
+        with torch.no_grad():
+            q = QuantLinear.from_linear(module, cfg.quant, hessian=hessian)
+            rel, sqnr = _weight_error(weight, q)
+        replacements.append((name, q))
+        layers.append(
+            LayerReport(
+                name=name,
+                kind=_kind(module),
+                in_features=q.in_features,
+                out_features=q.out_features,
+                format=cfg.quant.name,
+                bytes_before=weight.numel() * weight.element_size(),
+                bytes_after=q.packed_bytes(),
+                rel_error=rel,
+                sqnr_db=sqnr,
+                method=method,
+            )
+        )
+    for name, q in replacements:
+        model.set_submodule(name, q)
+
+    report = CompressReport(
+        config=cfg.name,
+        layers=layers,
+        skipped=skipped,
+        model_bytes_before=bytes_before,
+        model_bytes_after=model_bytes(model),
+        seconds=time.perf_counter() - start,
+        cpu_backend=cpu_backend(),
+    )
+    return model, report

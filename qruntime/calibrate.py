@@ -1,0 +1,84 @@
+"""Calibration: run sample batches through the model and collect what each method needs.
+
+For now that is the Hessian proxy ``H = X^T X / rows`` of each target layer's input (GPTQ). Hooks are
+removed on every exit path, and the model's weights are never modified here.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["calibration_batches", "collect_hessians"]
+
+
+def calibration_batches(tokenizer, num_samples: int = 16, seq_len: int = 512, split: str = "calibration") -> list[torch.Tensor]:
+    """``num_samples`` consecutive, non-overlapping windows of ``seq_len`` tokens from a text split of
+    :mod:`qruntime.data` (default: the calibration split), each a LongTensor [1, seq_len]."""
+    from .data import split_text
+
+    if num_samples < 1 or seq_len < 2:
+        raise ValueError(f"num_samples={num_samples}, seq_len={seq_len}: need num_samples >= 1, seq_len >= 2")
+    ids = tokenizer(split_text(split), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if len(ids) < num_samples * seq_len:
+        raise ValueError(
+            f"split {split!r} has {len(ids)} tokens, fewer than num_samples * seq_len = {num_samples * seq_len}"
+        )
+    return list(torch.tensor(ids[: num_samples * seq_len]).reshape(num_samples, 1, seq_len))
+
+
+def _run(model: nn.Module, batch, device: torch.device) -> None:
+    if isinstance(batch, torch.Tensor):
+        ids = batch if batch.dim() == 2 else batch.unsqueeze(0)
+        model(ids.to(device))
+    elif isinstance(batch, Mapping):
+        model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    else:
+        raise TypeError(
+            f"calibration batch of type {type(batch).__name__}: expected a LongTensor of input ids "
+            "[batch, seq] or a dict of model keyword arguments"
+        )
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable, progress: bool = True
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """Runs ``batches`` through ``model`` and returns, for each named layer, ``(H, rows)``: H float64
+    [K, K] = X^T X / rows over every input row the layer saw. Layers the data never reached are absent.
+
+    Raises:
+        ValueError: no batch at all, or a non-finite activation (named by layer).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def make_hook(name: str):
+        def hook(module, inputs, output):
+            x = inputs[0].detach()
+            x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            if not torch.isfinite(x).all():
+                raise ValueError(f"calibration: non-finite activations at the input of layer {name!r}")
+            if name not in sums:
+                sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+                rows[name] = 0
+            sums[name].addmm_(x.t(), x)
+            rows[name] += x.shape[0]
+
+        return hook
+
+    device = next(model.parameters()).device
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
+    n_batches = 0
+    try:
+        for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
+            _run(model, batch, device)
+            n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if n_batches == 0:
+        raise ValueError("calib_data yielded no batches")
+    return {name: (sums[name].to(torch.float64) / rows[name], rows[name]) for name in sums}

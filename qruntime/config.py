@@ -1,0 +1,180 @@
+"""Compression recipes: small validated dataclasses and the preset names users type.
+
+A preset string is parsed into a :class:`CompressConfig`; grammar::
+
+    w8a16                 INT8 weights, per output channel, symmetric
+    w4a16                 INT4 weights, per output channel, asymmetric (zero points)
+    w4a16-g128            INT4 weights in groups of 128 along K, asymmetric
+    w4a16-g64-sym         ... symmetric (no zero points)
+    w8a16-gptq            any of the above with GPTQ rounding (needs calibration data)
+
+Group sizes are powers of two >= 16. Activations stay in the model's float dtype (the "a16").
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+__all__ = ["CompressConfig", "QuantConfig", "PRESETS", "resolve_config", "DEFAULT_EXCLUDE"]
+
+# Heads and embeddings are kept in full precision by default: they are few layers, they dominate the
+# accuracy loss when quantized, and lm_head is usually tied to the embedding matrix.
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    "lm_head",
+    "*.lm_head",
+    "*embed*",
+    "*wte",
+    "*wpe",
+    "classifier",
+    "*.classifier",
+    "classifier.*",
+    "score",
+    "qa_outputs",
+    "cls.*",
+)
+
+
+def _check_group_size(group_size: int | None) -> None:
+    if group_size is None:
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size={group_size!r}: must be an int or None (per-channel)")
+    if group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"group_size={group_size}: must be a power of two >= 16, or None for per-channel")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the weights of one Linear are quantized.
+
+    Attributes:
+        bits: 8 or 4.
+        group_size: number of consecutive input columns (along K) that share a scale; ``None`` means
+            one scale per output channel. INT8 is per-channel only.
+        symmetric: symmetric (no zero point) or asymmetric (a 4-bit zero point per group).
+            INT8 is symmetric only.
+        method: ``"rtn"`` (round to nearest, no data) or ``"gptq"`` (rounds column by column and
+            compensates the error on the remaining columns with the inverse Hessian of the layer's
+            calibration inputs; scales and zero points are those of RTN, so the format is unchanged).
+        gptq_damp: dampening added to the Hessian diagonal, as a fraction of its mean.
+        gptq_block_size: columns updated together (lazy batch updates).
+        gptq_act_order: GPTQ visits columns by decreasing activation energy (static groups: the
+            format is unchanged).
+    """
+
+    bits: int = 8
+    group_size: int | None = None
+    symmetric: bool = True
+    method: str = "rtn"
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    gptq_act_order: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits={self.bits!r}: must be 8 or 4")
+        _check_group_size(self.group_size)
+        if self.bits == 8 and self.group_size is not None:
+            raise ValueError(f"bits=8 with group_size={self.group_size}: INT8 is per-channel only (group_size=None)")
+        if self.bits == 8 and not self.symmetric:
+            raise ValueError("bits=8 with symmetric=False: INT8 weights are symmetric only")
+        if self.method not in ("rtn", "gptq"):
+            raise ValueError(f"method={self.method!r}: must be 'rtn' or 'gptq'")
+        if not 0 <= self.gptq_damp < 1:
+            raise ValueError(f"gptq_damp={self.gptq_damp}: must be in [0, 1)")
+        if self.gptq_block_size < 1:
+            raise ValueError(f"gptq_block_size={self.gptq_block_size}: must be >= 1")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
+
+    @property
+    def name(self) -> str:
+        s = f"w{self.bits}a16"
+        if self.group_size is not None:
+            s += f"-g{self.group_size}"
+        if self.bits == 4:
+            s += "-sym" if self.symmetric else "-asym"
+        if self.method != "rtn":
+            s += f"-{self.method}"
+        return s
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """What `qruntime.compress` does to a model.
+
+    Attributes:
+        quant: the weight quantization recipe.
+        include: fnmatch patterns on module names (``model.layers.0.mlp.up_proj``); a layer is a target
+            only if it matches one of them.
+        exclude: patterns of layers to leave alone; checked after ``include``. Defaults to the output
+            head, embeddings and classifier heads (:data:`DEFAULT_EXCLUDE`).
+    """
+
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.quant, QuantConfig):
+            raise TypeError(f"quant={self.quant!r}: must be a QuantConfig")
+        for attr in ("include", "exclude"):
+            value = getattr(self, attr)
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise TypeError(f"{attr}={value!r}: must be a tuple of fnmatch pattern strings")
+            object.__setattr__(self, attr, tuple(value))
+        if not self.include:
+            raise ValueError("include=(): no layer could ever be selected; use ('*',) for all")
+
+    @property
+    def name(self) -> str:
+        return self.quant.name
+
+
+_PRESET_RE = re.compile(
+    r"^w(?P<bits>8|4)a16(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?$"
+)
+
+PRESETS: dict[str, str] = {
+    "w8a16": "INT8 weights, per-channel symmetric scales",
+    "w8a16-gptq": "INT8 weights, per-channel, GPTQ rounding (calibrated)",
+    "w4a16": "INT4 weights, per-channel asymmetric",
+    "w4a16-g128": "INT4 weights, groups of 128 along K, asymmetric",
+    "w4a16-g64": "INT4 weights, groups of 64 along K, asymmetric",
+    "w4a16-g32": "INT4 weights, groups of 32 along K, asymmetric",
+    "w4a16-g128-gptq": "INT4 weights, groups of 128, asymmetric, GPTQ rounding (calibrated)",
+}
+
+
+def parse_preset(name: str) -> CompressConfig:
+    """Turns a preset name (see the module docstring) into a :class:`CompressConfig`."""
+    m = _PRESET_RE.match(name.strip().lower())
+    if m is None:
+        raise ValueError(
+            f"unknown preset {name!r}: expected one of {sorted(PRESETS)} or the form "
+            "'w8a16' / 'w4a16[-g<group>][-sym|-asym]'"
+        )
+    bits = int(m["bits"])
+    group = int(m["group"]) if m["group"] else None
+    sym = m["sym"]
+    method = m["method"] or "rtn"
+    if bits == 8:
+        if sym == "asym":
+            raise ValueError(f"preset {name!r}: INT8 weights are symmetric only")
+        return CompressConfig(quant=QuantConfig(bits=8, group_size=group, symmetric=True, method=method))
+    return CompressConfig(quant=QuantConfig(bits=4, group_size=group, symmetric=(sym == "sym"), method=method))
+
+
+def resolve_config(config: CompressConfig | QuantConfig | str | None, **overrides) -> CompressConfig:
+    """Accepts a preset name, a QuantConfig, a CompressConfig or None (= ``"w8a16"``)."""
+    if config is None:
+        config = "w8a16"
+    if isinstance(config, str):
+        config = parse_preset(config)
+    elif isinstance(config, QuantConfig):
+        config = CompressConfig(quant=config)
+    elif not isinstance(config, CompressConfig):
+        raise TypeError(f"config={config!r}: expected a preset name, QuantConfig or CompressConfig")
+    return replace(config, **overrides) if overrides else config

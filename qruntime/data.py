@@ -1,0 +1,577 @@
+"""Offline English text for calibration, distillation training and evaluation.
+
+All text comes from data files shipped inside the ``gensim`` wheel
+(``<site-packages>/gensim/test/test_data/``), so nothing is downloaded at run
+time.  ``gensim`` itself is never imported (its ``__init__`` pulls in compiled
+dependencies we do not need); we only locate the package directory and read
+its files.  Install it with ``pip install --no-deps gensim==4.4.0``.
+
+Sources
+-------
+* ``enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``:
+  a MediaWiki XML export (206 pages).  :func:`wikipedia_articles` keeps the
+  namespace-0 pages that are not redirects, strips the wiki markup to plain
+  prose and drops articles whose cleaned text is shorter than 500 characters:
+  **105 articles, 2,896,209 characters** of cleaned text (``Article.text``,
+  titles not counted), source ``"enwiki"``.
+* ``lee_background.cor``: 300 news documents, one per line, source
+  ``"lee_background"``; titles are ``"Lee background <n>"`` (1-based line).
+  ``lee.cor``: 50 further news documents.  Both via :func:`lee_news`.
+* ``pang_lee_polarity.cor``: 200 labelled movie-review sentences, via
+  :func:`movie_reviews`.
+
+Splits (the project's evaluation protocol)
+------------------------------------------
+The Wikipedia articles are taken in dump order and cut by cumulative
+character count of ``Article.text`` (``T`` = total over all Wikipedia
+articles):
+
+``calibration``
+    The first articles, up to and including the one at which their summed
+    text length first reaches ``>= 0.10 * T``.
+    Measured: 7 articles ("Anarchism" ... "Abraham Lincoln"), 347,728
+    characters (12.0% of ``T``).
+``eval``
+    The last articles, collected from the end of the dump backwards until
+    their summed text length first reaches ``>= 0.20 * T``; kept in dump
+    order.  Measured: 15 articles ("Albert Einstein" ... "Algorithm"),
+    596,761 characters (20.6% of ``T``).
+``train``
+    All Wikipedia articles strictly between the two (measured: 83 articles,
+    1,951,720 characters, 67.4% of ``T``), followed by the 300 Lee
+    background documents (359,484 characters); 383 rows, 2,311,204
+    characters in all.
+
+No article is in two splits; together the three splits contain every
+Wikipedia article exactly once.  ``lee.cor`` and the movie reviews belong to
+no split; they are separate small evaluation sets.
+
+:func:`split_text` renders a split as one string: each article as its title
+line followed by its text, articles joined with a blank line (``"\\n\\n"``).
+
+Caching
+-------
+Parsing and cleaning the dump takes a few seconds, so the cleaned splits are
+written once as JSON Lines (fields ``title``, ``text``, ``source``) to
+``cache_dir()/text/wiki-<version>-<split>.jsonl``.  The version tag changes
+whenever the cleaning or split rules change, so stale caches are never read.
+Results are also memoised in-process.
+"""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import html
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import tempfile
+import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING, Iterator, NamedTuple
+
+if TYPE_CHECKING:  # pragma: no cover - import only for annotations
+    import datasets
+
+__all__ = [
+    "Article",
+    "SPLITS",
+    "cache_dir",
+    "clean_wikitext",
+    "gensim_test_data_dir",
+    "lee_news",
+    "movie_reviews",
+    "split_articles",
+    "split_text",
+    "text_dataset",
+    "wikipedia_articles",
+]
+
+SPLITS: tuple[str, ...] = ("calibration", "train", "eval")
+
+# Bump whenever cleaning, filtering or split rules change: it is part of the
+# cache file names, so old caches are simply ignored.
+CACHE_VERSION = "v1"
+
+CALIBRATION_FRACTION = 0.10
+EVAL_FRACTION = 0.20
+MIN_ARTICLE_CHARS = 500
+
+_WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_LEE_FILES = {"test": "lee.cor", "background": "lee_background.cor"}
+_POLARITY_FILE = "pang_lee_polarity.cor"
+_GENSIM_HINT = "install it with: pip install --no-deps gensim==4.4.0"
+
+
+class Article(NamedTuple):
+    """One document: its title, plain-text body and corpus of origin."""
+
+    title: str
+    text: str
+    source: str  # e.g. "enwiki", "lee_background"
+
+
+# --------------------------------------------------------------------------
+# Locations
+# --------------------------------------------------------------------------
+
+
+def cache_dir() -> pathlib.Path:
+    """Return the qruntime cache directory, creating it if needed.
+
+    ``$QRUNTIME_CACHE`` if set (and non-empty), else ``~/.cache/qruntime``.
+    """
+    env = os.environ.get("QRUNTIME_CACHE")
+    path = pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "qruntime"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def gensim_test_data_dir() -> pathlib.Path:
+    """Return ``<site-packages>/gensim/test/test_data`` without importing gensim.
+
+    Raises:
+        FileNotFoundError: if gensim is not installed or lacks its test data.
+    """
+    # find_spec on a top-level name does not execute gensim/__init__.py,
+    # which would fail here (installed with --no-deps).
+    spec = importlib.util.find_spec("gensim")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        candidate = pathlib.Path(location) / "test" / "test_data"
+        if (candidate / _WIKI_DUMP).is_file():
+            return candidate
+    where = ", ".join(locations) if locations else "no gensim package found"
+    raise FileNotFoundError(
+        f"gensim test data (test/test_data/{_WIKI_DUMP}) not found ({where}); "
+        f"{_GENSIM_HINT}"
+    )
+
+
+def _data_file(name: str) -> pathlib.Path:
+    path = gensim_test_data_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(f"gensim data file {path} is missing; {_GENSIM_HINT}")
+    return path
+
+
+def _read_lines(path: pathlib.Path) -> list[str]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # lee.cor and pang_lee_polarity.cor are Windows-1252 (a pound sign,
+        # em dashes, accented letters); latin-1 is the lossless last resort.
+        try:
+            text = raw.decode("cp1252")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------
+# Wiki markup cleaning
+# --------------------------------------------------------------------------
+
+_COMMENT_RE = re.compile(r"<!--.*?(?:-->|\Z)", re.DOTALL)
+_REF_SELF_CLOSING_RE = re.compile(r"<ref\b[^<>]*/\s*>", re.IGNORECASE)
+_REF_RE = re.compile(r"<ref\b[^<>]*>.*?</ref\s*>", re.IGNORECASE | re.DOTALL)
+# Tags whose content is not prose (formulas, image lists, code); MediaWiki
+# renders them as something other than running text, so drop them whole.
+_DROP_CONTENT_RE = re.compile(
+    r"<(math|gallery|timeline|imagemap|score|syntaxhighlight|source|chem|hiero|"
+    r"graph|mapframe|references)\b[^<>]*?(?:/\s*>|>.*?</\1\s*>)",
+    re.IGNORECASE | re.DOTALL,
+)
+_BR_RE = re.compile(r"<br\s*/?\s*>", re.IGNORECASE)
+_TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9]*\b[^<>]*?/?>")
+# Template/table delimiters.  Tables only open/close at a line start
+# (optionally indented), which is also what MediaWiki requires.
+_BRACE_TOKEN_RE = re.compile(r"\{\{|\}\}|^[ \t:]*\{\||^[ \t]*\|\}", re.MULTILINE)
+_EXTERNAL_LINK_RE = re.compile(
+    r"\[(?:https?:|ftp:|mailto:|//)[^\s\[\]]*(?:\s+([^\[\]]*))?\]", re.IGNORECASE
+)
+# Innermost [[...]]: content may hold balanced single brackets, as in
+# captions like "Bicyclo[1.1.0]butane" or "[above]", but no [[ or ]].
+_INNERMOST_LINK_RE = re.compile(r"\[\[((?:[^\[\]]|\[[^\[\]]*\])*)\]\]")
+_DROPPED_LINK_PREFIX_RE = re.compile(
+    r"^\s*(?:file|image|category|media)\s*:", re.IGNORECASE
+)
+# Interlanguage links ([[de:Anarchismus]], [[zh-min-nan:...]]) are lowercase
+# language codes with no label; they are sidebar links, not text.
+_INTERLANGUAGE_RE = re.compile(r"^[a-z]{2,3}(?:-[a-z]+)*\s*:")
+_INTERWIKI_PREFIX_RE = re.compile(r"^[a-z]+\s*:")
+_BOLD_ITALIC_RE = re.compile(r"'{2,}")
+# [ \t] rather than \s: \s would eat the newline and glue adjacent headings.
+_HEADING_RE = re.compile(r"^[ \t]*(=+)[ \t]*(.*?)[ \t]*\1[ \t]*$", re.MULTILINE)
+_LIST_MARKER_RE = re.compile(r"^[ \t]*[*#:;]+[ \t]*", re.MULTILINE)
+_MAGIC_WORD_RE = re.compile(r"__[A-Z][A-Z_]*__")
+_SPACES_RE = re.compile(r"[ \t\u00a0\u2009\u200b\u202f]+")
+_EMPTY_PARENS_RE = re.compile(r"\(\s*[,;:]*\s*\)")
+_SPACE_BEFORE_PUNCT_RE = re.compile(r" +([,.;:!?])(?=\s|$)")
+_MANY_NEWLINES_RE = re.compile(r"\n{3,}")
+_LEFTOVER_MARKUP_LINE = ("|", "!", "{", "}")
+
+
+def _strip_templates_and_tables(text: str) -> str:
+    """Remove ``{{templates}}`` and ``{| tables |}``, however nested.
+
+    A regex cannot match nested braces, so this walks the delimiter tokens
+    with a stack.  Stray closers are dropped; an opener that is never closed
+    is treated as literal text (as MediaWiki does) rather than swallowing the
+    rest of the article.
+    """
+    out: list[str] = []
+    stack: list[str] = []
+    pos = 0  # where the next token search starts
+    copy_from = 0  # start of pending literal text while the stack is empty
+    outer_start = outer_end = 0  # span of the outermost open delimiter
+    while True:
+        match = _BRACE_TOKEN_RE.search(text, pos)
+        if match is None:
+            if not stack:
+                out.append(text[copy_from:])
+                return "".join(out)
+            # Unclosed opener: keep it as literal text and rescan after it.
+            out.append(text[outer_start:outer_end])
+            stack.clear()
+            pos = copy_from = outer_end
+            continue
+        token = match.group().lstrip(" \t:")
+        if token in ("{{", "{|"):
+            if not stack:
+                out.append(text[copy_from : match.start()])
+                outer_start, outer_end = match.start(), match.end()
+            stack.append(token)
+            pos = match.end()
+        elif token == "}}":
+            if not stack:  # stray closer: drop it
+                out.append(text[copy_from : match.start()])
+                copy_from = match.end()
+            elif stack[-1] == "{{":
+                stack.pop()
+                if not stack:
+                    copy_from = match.end()
+            # else: "}}" directly inside a table is malformed; ignore it.
+            pos = match.end()
+        elif stack and stack[-1] == "{|":  # "|}" closing a table
+            stack.pop()
+            pos = match.end()
+            if not stack:
+                copy_from = pos
+        else:
+            # "|}" that closes no table, e.g. a template ended by a line
+            # "|}}": skip only the "|" so the "}}" is the next token.
+            pos = text.index("|", match.start()) + 1
+
+
+def _replace_link(match: re.Match[str]) -> str:
+    inner = match.group(1)
+    target, sep, label = inner.partition("|")
+    if target.startswith(":"):
+        # [[:Category:X|y]] is an ordinary visible link, not a categorisation.
+        target = target[1:]
+    elif _DROPPED_LINK_PREFIX_RE.match(target) or (
+        not sep and _INTERLANGUAGE_RE.match(target)
+    ):
+        return ""
+    if sep:
+        if label.strip():
+            return label
+        # Pipe trick: [[Foo (bar)|]] displays "Foo".
+        return re.sub(r"\s*\([^()]*\)\s*$", "", target.split(":", 1)[-1]).strip()
+    target = _INTERWIKI_PREFIX_RE.sub("", target)  # [[wikt:word]] -> word
+    return target.lstrip("#")
+
+
+def _replace_links(text: str) -> str:
+    """Resolve internal and external links, innermost first.
+
+    Nesting goes both ways ([[File:..|caption [http://x y]]] and
+    [http://x label with [[links]]]), so each pass resolves only links that
+    contain no other link, until nothing changes; a [[File:...]] whose
+    caption links became plain text is then dropped as a whole.
+    """
+    while True:
+        new = _EXTERNAL_LINK_RE.sub(lambda m: m.group(1) or "", text)
+        new = _INNERMOST_LINK_RE.sub(_replace_link, new)
+        if new == text:
+            return new
+        text = new
+
+
+def _heading(match: re.Match[str]) -> str:
+    return match.group(2)
+
+
+def clean_wikitext(text: str) -> str:
+    """Turn MediaWiki markup into plain prose lines (see module docstring)."""
+    text = _COMMENT_RE.sub("", text)
+    text = _REF_SELF_CLOSING_RE.sub("", text)
+    text = _REF_RE.sub("", text)
+    text = _DROP_CONTENT_RE.sub("", text)
+    text = _strip_templates_and_tables(text)
+    text = _BR_RE.sub(" ", text)
+    text = _TAG_RE.sub("", text)
+    text = _replace_links(text)
+    text = _BOLD_ITALIC_RE.sub("", text)
+    text = _HEADING_RE.sub(_heading, text)
+    text = _LIST_MARKER_RE.sub("", text)
+    text = _MAGIC_WORD_RE.sub("", text)
+    # Entities last: an escaped "&lt;ref&gt;" in the source is literal text
+    # and must not be mistaken for markup by the steps above.
+    text = html.unescape(text)
+    lines: list[str] = []
+    for line in text.split("\n"):
+        line = _SPACES_RE.sub(" ", line)
+        line = _EMPTY_PARENS_RE.sub("", line)
+        line = _SPACE_BEFORE_PUNCT_RE.sub(r"\1", line)
+        line = _SPACES_RE.sub(" ", line).strip()
+        if not line or line.startswith(_LEFTOVER_MARKUP_LINE):
+            continue
+        # Unbalanced brackets in the source survive the scanners; remove the
+        # fragments so no markup reaches the models.
+        for fragment in ("{{", "}}", "[[", "]]"):
+            line = line.replace(fragment, "")
+        line = line.strip()
+        if line:
+            lines.append(line)
+    return _MANY_NEWLINES_RE.sub("\n\n", "\n".join(lines))
+
+
+# --------------------------------------------------------------------------
+# Wikipedia dump
+# --------------------------------------------------------------------------
+
+
+def _iter_dump_pages(path: pathlib.Path) -> Iterator[tuple[str, str, bool, str]]:
+    """Yield ``(title, namespace, is_redirect, wikitext)`` per ``<page>``."""
+    ns = ""
+    with bz2.open(path, "rb") as fh:
+        context = ET.iterparse(fh, events=("start", "end"))
+        for event, elem in context:
+            if event == "start":
+                if not ns and elem.tag.startswith("{"):
+                    # Take the export namespace from the root element so any
+                    # export schema version (0.10, 0.11, ...) parses.
+                    ns = elem.tag[: elem.tag.index("}") + 1]
+                continue
+            if elem.tag != f"{ns}page":
+                continue
+            title = elem.findtext(f"{ns}title") or ""
+            namespace = (elem.findtext(f"{ns}ns") or "").strip()
+            redirect = elem.find(f"{ns}redirect") is not None
+            wikitext = elem.findtext(f"{ns}revision/{ns}text") or ""
+            yield title, namespace, redirect, wikitext
+            elem.clear()  # keep memory flat while streaming
+
+
+def _parse_wikipedia() -> list[Article]:
+    articles: list[Article] = []
+    for title, namespace, redirect, wikitext in _iter_dump_pages(_data_file(_WIKI_DUMP)):
+        if namespace != "0" or redirect:
+            continue
+        if wikitext.lstrip()[:9].upper() == "#REDIRECT":
+            continue  # redirect without a <redirect/> element (older exports)
+        text = clean_wikitext(wikitext)
+        if len(text) >= MIN_ARTICLE_CHARS:
+            articles.append(Article(title=title, text=text, source="enwiki"))
+    return articles
+
+
+def _split_bounds(articles: list[Article]) -> tuple[int, int]:
+    """Return ``(c, e)``: calibration is ``[:c]``, eval ``[e:]``, train between."""
+    total = sum(len(a.text) for a in articles)
+    calib_end, acc = 0, 0
+    while calib_end < len(articles) and acc < CALIBRATION_FRACTION * total:
+        acc += len(articles[calib_end].text)
+        calib_end += 1
+    eval_start, acc = len(articles), 0
+    while eval_start > calib_end and acc < EVAL_FRACTION * total:
+        eval_start -= 1
+        acc += len(articles[eval_start].text)
+    if acc < EVAL_FRACTION * total or eval_start <= calib_end:
+        raise ValueError(
+            f"cannot form non-overlapping splits from {len(articles)} Wikipedia "
+            f"articles: need >= {CALIBRATION_FRACTION:.0%} calibration and "
+            f">= {EVAL_FRACTION:.0%} eval characters with a non-empty train part"
+        )
+    return calib_end, eval_start
+
+
+def _split_cache_path(split: str, root: pathlib.Path | None = None) -> pathlib.Path:
+    root = cache_dir() if root is None else root
+    return root / "text" / f"wiki-{CACHE_VERSION}-{split}.jsonl"
+
+
+def _write_jsonl_atomic(path: pathlib.Path, articles: list[Article]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Temp file in the same directory so os.replace is an atomic rename:
+    # concurrent readers see either no file or a complete one.
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for article in articles:
+                fh.write(json.dumps(article._asdict(), ensure_ascii=False) + "\n")
+        # mkstemp creates 0600; the cache is plain public text, so let other
+        # users of a shared cache directory read it.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_jsonl(path: pathlib.Path) -> list[Article]:
+    with path.open(encoding="utf-8") as fh:
+        return [Article(**json.loads(line)) for line in fh if line.strip()]
+
+
+def _build_splits() -> dict[str, list[Article]]:
+    wiki = _parse_wikipedia()
+    calib_end, eval_start = _split_bounds(wiki)
+    background = [
+        Article(title=f"Lee background {i}", text=doc, source="lee_background")
+        for i, doc in enumerate(lee_news("background"), start=1)
+    ]
+    return {
+        "calibration": wiki[:calib_end],
+        "train": wiki[calib_end:eval_start] + background,
+        "eval": wiki[eval_start:],
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _load_splits(cache_root: pathlib.Path) -> dict[str, tuple[Article, ...]]:
+    # Keyed by cache directory so that pointing $QRUNTIME_CACHE elsewhere
+    # (e.g. in tests) really reads/writes that directory.
+    paths = {split: _split_cache_path(split, cache_root) for split in SPLITS}
+    if all(p.is_file() for p in paths.values()):
+        return {split: tuple(_read_jsonl(p)) for split, p in paths.items()}
+    splits = _build_splits_memo()
+    for split, path in paths.items():
+        _write_jsonl_atomic(path, list(splits[split]))
+    return splits
+
+
+@functools.lru_cache(maxsize=1)
+def _build_splits_memo() -> dict[str, tuple[Article, ...]]:
+    # Parse the dump at most once per process, whatever the cache directory.
+    return {split: tuple(arts) for split, arts in _build_splits().items()}
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def _splits() -> dict[str, tuple[Article, ...]]:
+    return _load_splits(cache_dir())
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+
+
+def wikipedia_articles() -> list[Article]:
+    """Return the cleaned Wikipedia articles in dump order.
+
+    Namespace-0, non-redirect pages of the gensim enwiki sample, markup
+    stripped to plain prose, articles under 500 cleaned characters dropped.
+    Read from the split cache when present (parsing happens once).
+    """
+    splits = _splits()
+    return [a for split in SPLITS for a in splits[split] if a.source == "enwiki"]
+
+
+def split_articles(split: str) -> list[Article]:
+    """Return the articles of ``split`` (one of :data:`SPLITS`).
+
+    Raises:
+        ValueError: if ``split`` is not one of :data:`SPLITS`.
+    """
+    _check_split(split)
+    return list(_splits()[split])
+
+
+def split_text(split: str) -> str:
+    """Return ``split`` as one string: ``title\\ntext`` per article, joined by ``\\n\\n``.
+
+    Raises:
+        ValueError: if ``split`` is not one of :data:`SPLITS`.
+    """
+    return "\n\n".join(f"{a.title}\n{a.text}" for a in split_articles(split))
+
+
+def text_dataset(split: str) -> "datasets.Dataset":
+    """Return ``split`` as a :class:`datasets.Dataset` with columns title, text, source.
+
+    Loaded with ``datasets.load_dataset("json", ...)`` from the cached JSONL
+    file of the split; the Arrow cache lives under ``cache_dir()/hf``.
+
+    Raises:
+        ValueError: if ``split`` is not one of :data:`SPLITS`.
+    """
+    _check_split(split)
+    _splits()
+    path = _split_cache_path(split)
+    if not path.is_file():
+        # Deleted after this process memoised the splits: write it again.
+        _load_splits.cache_clear()
+        _splits()
+    import datasets  # heavy import, only needed here
+
+    return datasets.load_dataset(
+        "json",
+        data_files=str(path),
+        split="train",
+        cache_dir=str(cache_dir() / "hf"),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _lee_news(which: str) -> tuple[str, ...]:
+    return tuple(_read_lines(_data_file(_LEE_FILES[which])))
+
+
+def lee_news(which: str = "test") -> list[str]:
+    """Return the Lee news documents, one string per document.
+
+    ``"test"`` -> ``lee.cor`` (50 docs); ``"background"`` ->
+    ``lee_background.cor`` (300 docs).
+
+    Raises:
+        ValueError: if ``which`` is not ``"test"`` or ``"background"``.
+    """
+    if which not in _LEE_FILES:
+        raise ValueError(
+            f"unknown Lee corpus {which!r}; expected one of {tuple(_LEE_FILES)}"
+        )
+    return list(_lee_news(which))
+
+
+@functools.lru_cache(maxsize=1)
+def _movie_reviews() -> tuple[tuple[str, int], ...]:
+    labels = {"__label__neg": 0, "__label__pos": 1}
+    path = _data_file(_POLARITY_FILE)
+    reviews: list[tuple[str, int]] = []
+    for lineno, line in enumerate(_read_lines(path), start=1):
+        tag, _, sentence = line.partition(" ")
+        if tag not in labels:
+            raise ValueError(
+                f"{path}:{lineno}: label {tag!r} is not one of {tuple(labels)}"
+            )
+        reviews.append((sentence.strip(), labels[tag]))
+    return tuple(reviews)
+
+
+def movie_reviews() -> list[tuple[str, int]]:
+    """Return the Pang & Lee polarity sentences as ``(sentence, label)`` in file order.
+
+    ``label`` is 1 for positive, 0 for negative; sentences are lowercased and
+    space-tokenised as shipped, without the ``__label__`` prefix.
+    """
+    return list(_movie_reviews())

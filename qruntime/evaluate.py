@@ -1,0 +1,202 @@
+"""Accuracy metrics of a compressed model against its original, on real text.
+
+Causal LMs: perplexity over windows of the evaluation text, and next-token top-1 agreement and
+KL(original || compressed) over the same scored positions. Encoders: cosine similarity of sentence
+embeddings to the original's, and the accuracy of a linear probe fit on the original's embeddings.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "tokenize_text",
+    "CausalLMEval",
+    "evaluate_causal_lm",
+    "sentence_embeddings",
+    "EncoderEval",
+    "evaluate_encoder",
+    "sqnr_db",
+]
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """20 log10(||reference|| / ||reference - approx||), in float64; inf when identical."""
+    ref = reference.detach().to(torch.float64)
+    err = torch.linalg.vector_norm(ref - approx.detach().to(torch.float64)).item()
+    norm = torch.linalg.vector_norm(ref).item()
+    return float("inf") if err == 0 else 20 * math.log10(norm / err)
+
+
+def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids [T] of ``text`` without special tokens, truncated to ``max_tokens``."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError(f"text gives {len(ids)} tokens; at least 2 are needed to score a next token")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass
+class CausalLMEval:
+    protocol: str
+    tokens_scored: int
+    perplexity: float
+    reference_perplexity: float | None = None
+    perplexity_ratio: float | None = None
+    top1_agreement: float | None = None
+    kl_divergence: float | None = None  # nats per token, KL(reference || model)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _windows(n_tokens: int, window: int, stride: int):
+    """(begin, end, first scored position) of each window; every position after 0 is scored once."""
+    prev_end = 0
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + window, n_tokens)
+        yield begin, end, max(prev_end, begin + 1)
+        prev_end = end
+        if end == n_tokens:
+            break
+
+
+@torch.inference_mode()
+def evaluate_causal_lm(
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    *,
+    reference: nn.Module | None = None,
+    window: int = 512,
+    stride: int | None = None,
+    progress: bool = True,
+) -> CausalLMEval:
+    """Perplexity of ``model`` on ``token_ids`` [T]; with ``reference``, also its perplexity, the
+    top-1 agreement of next-token predictions and KL(reference || model) on the same positions.
+
+    Windows of ``window`` tokens start every ``stride`` tokens (default: ``window``, non-overlapping);
+    each position is scored once, in the first window that reaches it, with the context inside that window.
+    """
+    import time
+
+    stride = window if stride is None else stride
+    if not 0 < stride <= window:
+        raise ValueError(f"stride={stride}: must be in (0, window={window}]")
+    if token_ids.dim() != 1:
+        raise ValueError(f"token_ids: shape {tuple(token_ids.shape)}, expected 1 dim [T]")
+    device = next(model.parameters(), torch.empty(0)).device
+    start = time.perf_counter()
+    nll = ref_nll = kl = 0.0
+    agree = scored = 0
+    spans = list(_windows(len(token_ids), window, stride))
+    for begin, end, first in tqdm(spans, desc="eval windows", disable=not progress):
+        ids = token_ids[begin:end].unsqueeze(0).to(device)
+        # logits at position p predict token p + 1: score targets first..end-1 with logits first-1..end-2
+        targets = ids[0, first - begin :]
+        logp = F.log_softmax(model(ids).logits[0, first - begin - 1 : end - begin - 1].float(), dim=-1)
+        nll += -logp.gather(1, targets[:, None]).sum().item()
+        if reference is not None:
+            ref_logp = F.log_softmax(reference(ids).logits[0, first - begin - 1 : end - begin - 1].float(), dim=-1)
+            ref_nll += -ref_logp.gather(1, targets[:, None]).sum().item()
+            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+            kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+        scored += len(targets)
+    protocol = (
+        f"{len(token_ids)} tokens, {len(spans)} windows of {window} tokens, stride {stride}, "
+        f"{scored} positions scored"
+    )
+    result = CausalLMEval(protocol=protocol, tokens_scored=scored, perplexity=math.exp(nll / scored))
+    if reference is not None:
+        result.reference_perplexity = math.exp(ref_nll / scored)
+        result.perplexity_ratio = result.perplexity / result.reference_perplexity
+        result.top1_agreement = agree / scored
+        result.kl_divergence = kl / scored
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@torch.inference_mode()
+def sentence_embeddings(
+    model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 32, max_length: int = 128
+) -> torch.Tensor:
+    """Mean-pooled (over non-padding tokens), L2-normalised last hidden states: float32 [S, H]."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(sentences), batch_size):
+        batch = tokenizer(
+            sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        ).to(device)
+        hidden = model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        out.append(F.normalize(pooled, dim=-1).cpu())
+    return torch.cat(out)
+
+
+def _fit_logistic_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 200) -> torch.Tensor:
+    """Binary logistic regression (weights + bias) by L-BFGS in float64; deterministic."""
+    x = torch.cat([x.to(torch.float64), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    y = y.to(torch.float64)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ w, y) + l2 * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach()
+
+
+def _probe_accuracy(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    x = torch.cat([x.to(torch.float64), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    return ((x @ w > 0).long() == y).double().mean().item()
+
+
+@dataclass
+class EncoderEval:
+    protocol: str
+    cosine_mean: float
+    cosine_min: float
+    probe_accuracy_reference: float
+    probe_accuracy_model: float
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_encoder(
+    model: nn.Module, reference: nn.Module, tokenizer, sentences: list[str], labels: list[int]
+) -> EncoderEval:
+    """Embedding cosine to the reference, and a linear probe fit on the reference's embeddings of the
+    even-indexed sentences, scored on the odd-indexed ones with each model's embeddings."""
+    import time
+
+    if len(sentences) != len(labels) or len(sentences) < 4:
+        raise ValueError(f"sentences ({len(sentences)}) and labels ({len(labels)}) must match, at least 4")
+    start = time.perf_counter()
+    ref = sentence_embeddings(reference, tokenizer, sentences)
+    emb = sentence_embeddings(model, tokenizer, sentences)
+    cos = F.cosine_similarity(ref.double(), emb.double(), dim=-1)
+    y = torch.tensor(labels, dtype=torch.long)
+    w = _fit_logistic_probe(ref[0::2], y[0::2])
+    return EncoderEval(
+        protocol=f"{len(sentences)} sentences; probe fit on {len(ref[0::2])} (even), scored on {len(ref[1::2])} (odd)",
+        cosine_mean=cos.mean().item(),
+        cosine_min=cos.min().item(),
+        probe_accuracy_reference=_probe_accuracy(w, ref[1::2], y[1::2]),
+        probe_accuracy_model=_probe_accuracy(w, emb[1::2], y[1::2]),
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,91 @@
+"""What `compress()` did, as data: per-layer format, bytes and error, skipped layers with reasons."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str  # "Linear" or "Conv1D"
+    in_features: int
+    out_features: int
+    format: str
+    bytes_before: int  # the float weight
+    bytes_after: int  # packed weight + scales + zero points
+    rel_error: float  # ||W - dequant(Q)||_F / ||W||_F
+    sqnr_db: float  # 20 log10(||W|| / ||W - dequant(Q)||)
+    method: str = "rtn"  # how the codes were chosen, e.g. "gptq (8192 calibration rows)"
+
+
+@dataclass
+class SkippedLayer:
+    name: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class CompressReport:
+    config: str
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+    model_bytes_before: int = 0  # all parameters and buffers
+    model_bytes_after: int = 0
+    seconds: float = 0.0
+    cpu_backend: str = ""
+
+    @property
+    def weight_bytes_before(self) -> int:
+        return sum(layer.bytes_before for layer in self.layers)
+
+    @property
+    def weight_bytes_after(self) -> int:
+        return sum(layer.bytes_after for layer in self.layers)
+
+    @property
+    def weight_compression(self) -> float:
+        """How many times smaller the converted layers' weights became."""
+        return self.weight_bytes_before / max(1, self.weight_bytes_after)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            weight_bytes_before=self.weight_bytes_before,
+            weight_bytes_after=self.weight_bytes_after,
+            weight_compression=self.weight_compression,
+        )
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self, max_layers: int | None = 12) -> str:
+        """A plain-text table: the converted layers (first ``max_layers``), skipped ones, totals."""
+        lines = [f"qruntime.compress: {self.config}  ({len(self.layers)} layers converted, {len(self.skipped)} skipped, {self.seconds:.1f} s, CPU backend: {self.cpu_backend})"]
+        header = f"{'layer':<44} {'kind':<7} {'shape (N x K)':>14} {'format':<14} {'KiB before':>11} {'KiB after':>10} {'rel err':>9} {'SQNR dB':>8}"
+        lines += [header, "-" * len(header)]
+        shown = self.layers if max_layers is None else self.layers[:max_layers]
+        for l in shown:
+            shape = f"{l.out_features}x{l.in_features}"
+            lines.append(
+                f"{l.name[-44:]:<44} {l.kind:<7} {shape:>14} {l.format:<14} {l.bytes_before / 1024:>11.1f} "
+                f"{l.bytes_after / 1024:>10.1f} {l.rel_error:>9.2e} {l.sqnr_db:>8.1f}"
+            )
+        if len(shown) < len(self.layers):
+            lines.append(f"... {len(self.layers) - len(shown)} more converted layers (report.to_json() lists all)")
+        fallbacks = [l.name for l in self.layers if "never reached" in l.method]
+        if fallbacks:
+            lines.append(f"round-to-nearest fallback (no calibration data reached them): {', '.join(fallbacks)}")
+        for s in self.skipped:
+            lines.append(f"skipped {s.name} ({s.kind}): {s.reason}")
+        lines.append(
+            f"converted weights: {self.weight_bytes_before / 2**20:.2f} MiB -> {self.weight_bytes_after / 2**20:.2f} MiB "
+            f"({self.weight_compression:.2f}x); whole model: {self.model_bytes_before / 2**20:.2f} MiB -> "
+            f"{self.model_bytes_after / 2**20:.2f} MiB"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()

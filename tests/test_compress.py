@@ -1,0 +1,170 @@
+"""compress() on tiny random-weight GPT-2 (Conv1D), BERT and Llama models built from their configs."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qruntime
+from qruntime import CompressConfig, QuantConfig, QuantLinear, compress
+from qruntime.evaluate import sqnr_db
+from qruntime.nn import is_conv1d
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, before, types_before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    assert [type(m) for m in model.modules()] == types_before
+
+
+def _linear_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
+
+
+def _gpt2_inputs():
+    return {"input_ids": torch.randint(0, 128, (2, 24))}
+
+
+@pytest.mark.parametrize("preset", ["w8a16", "w4a16-g32", "w4a16-g16-sym", "w4a16"])
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_bert", "tiny_llama"])
+def test_compress_converts_all_but_heads_and_runs(arch, preset, request):
+    model = request.getfixturevalue(arch)
+    inputs = _gpt2_inputs()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    names = _linear_names(model)
+    qmodel, report = compress(model, preset, progress=False)
+    assert qmodel is model
+    converted = {layer.name for layer in report.layers}
+    skipped = {s.name: s.reason for s in report.skipped}
+    assert converted | skipped.keys() == set(names) and not converted & skipped.keys()
+    heads = {"tiny_gpt2": {"lm_head"}, "tiny_bert": {"classifier"}, "tiny_llama": {"lm_head"}}[arch]
+    assert skipped.keys() == heads and all("exclude" in r for r in skipped.values())
+    for name in converted:
+        assert isinstance(model.get_submodule(name), QuantLinear)
+    with torch.no_grad():
+        out = model(**inputs).logits
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    # INT8 must be near-transparent; INT4 round-to-nearest on random weights is coarser but still close
+    assert sqnr_db(ref, out) >= (30 if preset == "w8a16" else 12)
+    assert report.weight_bytes_after < report.weight_bytes_before
+    assert all(l.format == report.config for l in report.layers)
+
+
+def test_gpt2_conv1d_weight_is_transposed(tiny_gpt2):
+    conv = tiny_gpt2.transformer.h[0].attn.c_attn  # Conv1D: weight [in=64, out=192]
+    assert is_conv1d(conv) and conv.weight.shape == (64, 192)
+    x = torch.randn(5, 64)
+    q = QuantLinear.from_linear(conv, QuantConfig(bits=8))
+    assert (q.in_features, q.out_features) == (64, 192)
+    assert sqnr_db(conv(x), q(x)) > 35
+
+
+def test_int8_compression_ratio_and_report(tiny_llama):
+    _, report = compress(tiny_llama, "w8a16", progress=False)
+    # fp32 -> int8 codes + one fp32 scale per row: 4 K / (K + 4) with K = 96 or 160
+    assert 3.8 < report.weight_compression < 4.0
+    d = report.to_dict()
+    assert d["config"] == "w8a16" and len(d["layers"]) == 14 and d["skipped"][0]["name"] == "lm_head"
+    text = report.table()
+    assert "skipped lm_head" in text and "w8a16" in text
+    assert all(l.sqnr_db > 35 for l in report.layers)
+
+
+def test_include_exclude_patterns(tiny_llama):
+    cfg = CompressConfig(quant=QuantConfig(bits=8), include=("*.mlp.*",), exclude=("*down_proj", "lm_head"))
+    _, report = compress(tiny_llama, cfg, progress=False)
+    assert {l.name.rsplit(".", 1)[1] for l in report.layers} == {"gate_proj", "up_proj"}
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert "include" in reasons["model.layers.0.self_attn.q_proj"]
+    assert "'*down_proj'" in reasons["model.layers.1.mlp.down_proj"]
+
+
+def test_inplace_false_leaves_original_untouched(tiny_gpt2):
+    before, types = _state(tiny_gpt2), [type(m) for m in tiny_gpt2.modules()]
+    qmodel, _ = compress(tiny_gpt2, "w8a16", inplace=False, progress=False)
+    assert qmodel is not tiny_gpt2
+    _assert_unchanged(tiny_gpt2, before, types)
+    assert any(isinstance(m, QuantLinear) for m in qmodel.modules())
+
+
+def test_compressing_twice_skips_quantized_layers(tiny_llama):
+    compress(tiny_llama, "w8a16", progress=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        compress(tiny_llama, "w8a16", progress=False)
+
+
+@pytest.mark.parametrize(
+    "config,exc,match",
+    [
+        ("w3a16", ValueError, "unknown preset 'w3a16'"),
+        ("int8", ValueError, "unknown preset"),
+        ("w4a16-g48", ValueError, "group_size=48: must be a power of two >= 16"),
+        ("w4a16-g8", ValueError, "group_size=8"),
+        ("w8a16-g128", ValueError, "INT8 is per-channel only"),
+        (42, TypeError, "config=42"),
+    ],
+)
+def test_bad_config_errors_and_model_unchanged(tiny_bert, config, exc, match):
+    before, types = _state(tiny_bert), [type(m) for m in tiny_bert.modules()]
+    with pytest.raises(exc, match=match):
+        compress(tiny_bert, config, progress=False)
+    _assert_unchanged(tiny_bert, before, types)
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="group_size=48: must be a power of two >= 16"):
+        QuantConfig(bits=4, group_size=48)
+    with pytest.raises(ValueError, match="bits=3"):
+        QuantConfig(bits=3)
+    with pytest.raises(TypeError, match="include"):
+        CompressConfig(include="*")
+    assert qruntime.config.parse_preset("w4a16-g128").quant == QuantConfig(bits=4, group_size=128, symmetric=False)
+    assert qruntime.config.parse_preset("W4A16-g64-sym").quant == QuantConfig(bits=4, group_size=64, symmetric=True)
+
+
+def test_no_convertible_layer():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.raises(ValueError, match="no convertible layer in Sequential: found 0"):
+        compress(model, progress=False)
+    head_only = nn.ModuleDict({"lm_head": nn.Linear(8, 8)})
+    with pytest.raises(ValueError, match="lm_head: matches exclude pattern"):
+        compress(head_only, progress=False)
+
+
+def test_non_float_weight_is_refused_and_model_unchanged(tiny_llama):
+    layer = tiny_llama.model.layers[1].mlp.up_proj
+    layer.weight = nn.Parameter(layer.weight.detach().round().to(torch.int32), requires_grad=False)
+    before, types = _state(tiny_llama), [type(m) for m in tiny_llama.modules()]
+    with pytest.raises(TypeError, match="model.layers.1.mlp.up_proj.*int32 is not a floating-point"):
+        compress(tiny_llama, "w8a16", progress=False)
+    _assert_unchanged(tiny_llama, before, types)
+
+
+def test_nan_weight_is_refused_and_model_unchanged(tiny_gpt2):
+    with torch.no_grad():
+        tiny_gpt2.transformer.h[1].mlp.c_proj.weight[3, 5] = float("nan")
+    before = copy.deepcopy(tiny_gpt2)
+    with pytest.raises(ValueError, match=r"transformer.h.1.mlp.c_proj.*1 NaN/Inf"):
+        compress(tiny_gpt2, "w4a16-g32", progress=False)
+    assert [type(m) for m in tiny_gpt2.modules()] == [type(m) for m in before.modules()]
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        compress({"weight": torch.ones(2, 2)})
+
+
+def test_compressed_model_traces_with_torch_compile(tiny_llama):
+    compress(tiny_llama, "w4a16-g32", progress=False)
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        eager = tiny_llama(ids).logits
+        compiled = torch.compile(tiny_llama, backend="eager", fullgraph=False)(ids).logits
+    assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-4)

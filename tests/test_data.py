@@ -1,0 +1,219 @@
+"""Tests for qruntime.data: offline text corpora and the split protocol."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+from typing import Iterator
+
+import pytest
+
+from qruntime import data
+
+MARKUP_FRAGMENTS = ("{{", "}}", "[[", "]]", "<ref", "'''")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
+    # Never write into the real ~/.cache from tests; one directory for the
+    # module so the dump is parsed and cached only once.
+    root = tmp_path_factory.mktemp("qruntime-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QRUNTIME_CACHE", str(root))
+        yield root
+
+
+def _key(article: data.Article) -> tuple[str, str]:
+    return (article.title, article.source)
+
+
+def _chars(articles: list[data.Article]) -> int:
+    return sum(len(a.text) for a in articles)
+
+
+def test_gensim_data_dir_found_without_importing_gensim() -> None:
+    directory = data.gensim_test_data_dir()
+    assert (directory / "lee.cor").is_file()
+    assert "gensim" not in sys.modules  # its __init__ must never run
+
+
+def test_gensim_missing_raises_with_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def fake_find_spec(name: str, *args: object, **kwargs: object) -> object:
+        return None if name == "gensim" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gensim"):
+        data.gensim_test_data_dir()
+
+
+def test_cache_dir_honours_env_and_is_created(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "a" / "b"
+    monkeypatch.setenv("QRUNTIME_CACHE", str(target))
+    assert data.cache_dir() == target
+    assert target.is_dir()
+
+
+def test_wikipedia_articles_are_clean_prose() -> None:
+    articles = data.wikipedia_articles()
+    assert len(articles) >= 80
+    assert _chars(articles) > 1_000_000
+    assert len({a.title for a in articles}) == len(articles)
+    for article in articles:
+        assert article.source == "enwiki"
+        assert len(article.text) >= data.MIN_ARTICLE_CHARS, article.title
+        for fragment in MARKUP_FRAGMENTS:
+            assert fragment not in article.text, (article.title, fragment)
+        letters = sum(c.isalpha() for c in article.text)
+        assert letters / len(article.text) > 0.6, article.title
+        for line in article.text.split("\n"):
+            assert line.strip(), f"empty line in {article.title}"
+            assert not line.startswith(("|", "!", "{", "}")), (article.title, line)
+    joined = "".join(a.text for a in articles)
+    assert sum(c.isalpha() for c in joined) / len(joined) > 0.75
+    titles = {a.title for a in articles}
+    assert "Anarchism" in titles  # first real article of the dump
+    assert "AccessibleComputing" not in titles  # a redirect
+
+
+def test_splits_disjoint_and_cover_wikipedia_once() -> None:
+    wiki = data.wikipedia_articles()
+    splits = {name: data.split_articles(name) for name in data.SPLITS}
+    for name, articles in splits.items():
+        assert articles, f"split {name} is empty"
+    keys = [_key(a) for name in data.SPLITS for a in splits[name]]
+    assert len(keys) == len(set(keys)), "an article is in two splits"
+    wiki_in_splits = [a for name in data.SPLITS for a in splits[name] if a.source == "enwiki"]
+    # Concatenating the splits in SPLITS order gives the dump order back.
+    assert wiki_in_splits == wiki
+
+
+def test_split_proportions_follow_protocol() -> None:
+    wiki = data.wikipedia_articles()
+    total = _chars(wiki)
+    calibration = data.split_articles("calibration")
+    evaluation = data.split_articles("eval")
+    train = data.split_articles("train")
+
+    assert calibration == wiki[: len(calibration)]
+    assert evaluation == wiki[len(wiki) - len(evaluation) :]
+    # Each cut is the smallest prefix/suffix reaching its share.
+    assert _chars(calibration) >= 0.10 * total > _chars(calibration[:-1])
+    assert _chars(evaluation) >= 0.20 * total > _chars(evaluation[1:])
+    assert all(a.source in ("enwiki", "lee_background") for a in calibration + evaluation + train)
+    assert all(a.source == "enwiki" for a in calibration + evaluation)
+
+    train_wiki = [a for a in train if a.source == "enwiki"]
+    background = [a for a in train if a.source == "lee_background"]
+    assert train == train_wiki + background  # Lee documents come after Wikipedia
+    assert train_wiki == wiki[len(calibration) : len(wiki) - len(evaluation)]
+    assert [a.text for a in background] == data.lee_news("background")
+
+
+def test_split_text_renders_title_then_text() -> None:
+    articles = data.split_articles("calibration")
+    text = data.split_text("calibration")
+    assert text == "\n\n".join(f"{a.title}\n{a.text}" for a in articles)
+    assert text.startswith(articles[0].title + "\n" + articles[0].text[:50])
+
+
+def test_text_dataset_matches_split() -> None:
+    import datasets
+
+    ds = data.text_dataset("eval")
+    articles = data.split_articles("eval")
+    assert isinstance(ds, datasets.Dataset)
+    assert set(ds.column_names) == {"title", "text", "source"}
+    assert ds.num_rows == len(articles)
+    assert [data.Article(r["title"], r["text"], r["source"]) for r in ds] == articles
+
+
+@pytest.mark.parametrize("func", [data.split_articles, data.split_text, data.text_dataset])
+def test_unknown_split_raises(func: object) -> None:
+    with pytest.raises(ValueError, match="validation") as info:
+        func("validation")  # type: ignore[operator]
+    assert "calibration" in str(info.value)
+
+
+def test_cache_files_written_and_reused(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QRUNTIME_CACHE", str(tmp_path))
+    first = {name: data.split_articles(name) for name in data.SPLITS}
+    for name in data.SPLITS:
+        path = tmp_path / "text" / f"wiki-{data.CACHE_VERSION}-{name}.jsonl"
+        assert path.is_file() and path.stat().st_size > 0
+    assert not list((tmp_path / "text").glob("*.tmp")), "temporary file left behind"
+
+    # Forget the in-process copy and forbid rebuilding: the data must now come
+    # from the JSONL files alone.
+    data._load_splits.cache_clear()
+
+    def no_rebuild() -> None:
+        raise AssertionError("splits rebuilt although the cache files exist")
+
+    monkeypatch.setattr(data, "_build_splits_memo", no_rebuild)
+    second = {name: data.split_articles(name) for name in data.SPLITS}
+    assert second == first
+    data._load_splits.cache_clear()
+
+
+def test_clean_wikitext_handles_nesting() -> None:
+    source = "\n".join(
+        [
+            "{{Infobox|name={{nested|{{deeper}}}}",
+            "|}}",
+            "__NOTOC__",
+            "{| class=wikitable",
+            "| {{flag|x}} cell",
+            "{|",
+            "| inner table",
+            "|}",
+            "|}",
+            "== History ==",
+            "[[File:x.jpg|thumb|a [[b|c]] and [http://x.org y] d[1]]]"
+            "'''Bold''' and ''it'' see [[Target|label]], [[Plain]] and "
+            "[[Foo (bar)|]].<ref name=a/><ref>cite {{web}}</ref> <!-- hidden -->",
+            "* listed [http://example.org Example site] [http://bare.org] x&nbsp;&amp;y",
+            "# [http://a.org label with [[Inner|link]]] <span>kept</span>",
+            "[[Category:Things]] [[de:Ding]] [[:Category:Shown|shown]]",
+        ]
+    )
+    assert data.clean_wikitext(source) == "\n".join(
+        [
+            "History",
+            "Bold and it see label, Plain and Foo.",
+            "listed Example site x &y",
+            "label with link kept",
+            "shown",
+        ]
+    )
+
+
+def test_unclosed_template_is_kept_as_text() -> None:
+    # MediaWiki renders an unclosed "{{" literally; it must not swallow the
+    # rest of the article.
+    assert data.clean_wikitext("before {{broken\nafter text") == "before broken\nafter text"
+
+
+def test_movie_reviews() -> None:
+    reviews = data.movie_reviews()
+    assert len(reviews) == 200
+    labels = [label for _, label in reviews]
+    assert labels == [0] * 100 + [1] * 100  # file order: negatives first
+    for sentence, _ in reviews:
+        assert sentence and not sentence.startswith("__label__")
+    assert any("—" in s for s, _ in reviews)  # cp1252 em dash decoded
+
+
+def test_lee_news() -> None:
+    assert len(data.lee_news()) == 50
+    assert len(data.lee_news("test")) == 50
+    assert len(data.lee_news("background")) == 300
+    assert any("£" in doc for doc in data.lee_news("test"))  # latin-1 byte decoded
+    with pytest.raises(ValueError, match="'news'"):
+        data.lee_news("news")

@@ -1,0 +1,125 @@
+"""GPTQ against round-to-nearest on the same grid: lower output error, codes on the grid, same format."""
+import pytest
+import torch
+from torch import nn
+
+from qruntime import QuantConfig, QuantLinear, compress
+from qruntime.calibrate import collect_hessians
+from qruntime.evaluate import sqnr_db
+from qruntime.formats import int4_params, int8_scales
+from qruntime.gptq import column_quantizer, gptq_quantize
+
+
+def _correlated_inputs(rows, k):
+    # activations with a few strong, correlated channels, as in transformer layers
+    base = torch.randn(rows, k) @ (torch.eye(k) + 0.3 * torch.randn(k, k))
+    base[:, : k // 8] *= 6
+    return base
+
+
+@pytest.mark.parametrize(
+    "quant", [QuantConfig(bits=8), QuantConfig(bits=4, group_size=32), QuantConfig(bits=4, group_size=16, symmetric=True), QuantConfig(bits=4)]
+)
+def test_gptq_beats_rtn_on_output_error(quant):
+    n, k = 48, 96
+    linear = nn.Linear(k, n)
+    x = _correlated_inputs(512, k)
+    h = x.double().t() @ x.double()
+    rtn = QuantLinear.from_linear(linear, quant)
+    gptq = QuantLinear.from_linear(linear, quant, hessian=h)
+    with torch.no_grad():
+        ref = linear(x)
+        assert sqnr_db(ref, gptq(x)) > sqnr_db(ref, rtn(x)) + 0.5
+    # same grid (scales, zero points) as round-to-nearest: only the codes differ
+    assert torch.equal(rtn.scales, gptq.scales)
+    assert (rtn.zeros is None and gptq.zeros is None) or torch.equal(rtn.zeros, gptq.zeros)
+
+
+def test_gptq_output_is_on_the_grid():
+    w = torch.randn(16, 64)
+    scales, zeros, gs = int4_params(w, 16, False)
+    x = torch.randn(200, 64)
+    q = gptq_quantize(w, x.double().t() @ x.double(), column_quantizer(4, scales, zeros, gs))
+    s = scales.double().t().repeat_interleave(gs, 1)
+    z = zeros.double().t().repeat_interleave(gs, 1)
+    codes = q / s + z
+    assert torch.allclose(codes, codes.round(), atol=1e-9) and codes.min() >= 0 and codes.max() <= 15
+    s8 = int8_scales(w).double()[:, None]
+    q8 = gptq_quantize(w, x.double().t() @ x.double(), column_quantizer(8, int8_scales(w), None, 64))
+    assert torch.allclose(q8 / s8, (q8 / s8).round(), atol=1e-9) and (q8 / s8).abs().max() <= 127
+
+
+def test_gptq_handles_dead_inputs_and_checks_shape():
+    w = torch.randn(8, 32)
+    x = torch.randn(100, 32)
+    x[:, 5] = 0  # an input channel that never fires
+    q = gptq_quantize(w, x.double().t() @ x.double(), column_quantizer(8, int8_scales(w), None, 32))
+    assert torch.isfinite(q).all() and (q[:, 5] == 0).all()
+    with pytest.raises(ValueError, match=r"hessian: shape \(31, 31\)"):
+        gptq_quantize(w, torch.eye(31), column_quantizer(8, int8_scales(w), None, 32))
+
+
+def test_collect_hessians_matches_explicit_sum():
+    model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 6))
+    batches = [torch.randn(3, 12), torch.randn(5, 12)]
+
+    class Wrap(nn.Module):  # calibration batches are model inputs; this model takes a plain tensor
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids):
+            return self.m(input_ids)
+
+    wrap = Wrap()
+    hs = collect_hessians(wrap, {"m.0": model[0], "m.2": model[2]}, [{"input_ids": b} for b in batches], progress=False)
+    x = torch.cat(batches).double()
+    h0, rows = hs["m.0"]
+    assert rows == 8 and torch.allclose(h0, x.t() @ x / 8, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        x2 = torch.relu(model[0](torch.cat(batches))).double()
+    assert torch.allclose(hs["m.2"][0], x2.t() @ x2 / 8, rtol=1e-5, atol=1e-6)
+    assert not model[0]._forward_hooks and not model[2]._forward_hooks
+
+
+def test_compress_gptq_on_tiny_llama_beats_rtn(tiny_llama):
+    import copy
+
+    calib = [torch.randint(0, 128, (2, 32)) for _ in range(4)]
+    ids = torch.randint(0, 128, (2, 32))
+    with torch.no_grad():
+        ref = tiny_llama(ids).logits
+    rtn_model, _ = compress(tiny_llama, "w4a16-g32", inplace=False, progress=False)
+    gptq_model, report = compress(copy.deepcopy(tiny_llama), "w4a16-g32-gptq", calib, progress=False)
+    assert all(l.method.startswith("gptq (256 calibration rows)") for l in report.layers)
+    with torch.no_grad():
+        assert sqnr_db(ref, gptq_model(ids).logits) > sqnr_db(ref, rtn_model(ids).logits)
+
+
+def test_gptq_needs_calibration_data_and_leaves_model_unchanged(tiny_gpt2):
+    before = {k: v.clone() for k, v in tiny_gpt2.state_dict().items()}
+    with pytest.raises(ValueError, match="needs calib_data"):
+        compress(tiny_gpt2, "w8a16-gptq", progress=False)
+    with pytest.raises(ValueError, match="no batches"):
+        compress(tiny_gpt2, "w8a16-gptq", [], progress=False)
+    with pytest.raises(TypeError, match="calibration batch of type str"):
+        compress(tiny_gpt2, "w8a16-gptq", ["some text"], progress=False)
+    after = tiny_gpt2.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(m._forward_hooks for m in tiny_gpt2.modules())
+
+
+def test_layer_never_reached_falls_back_to_rtn_and_is_reported():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(16, 16)
+            self.unused = nn.Linear(16, 16)
+
+        def forward(self, input_ids):
+            return self.used(input_ids)
+
+    model, report = compress(Model(), "w8a16-gptq", [torch.randn(4, 16)], progress=False)
+    methods = {l.name: l.method for l in report.layers}
+    assert methods["used"].startswith("gptq") and "never reached" in methods["unused"]
+    assert "fallback" in report.table() and "unused" in report.table()

@@ -1,0 +1,145 @@
+"""Every op, on every backend this machine has, against a float64 oracle on fresh random inputs."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import REL_TOL, rel_error
+from qruntime import ops, reference
+from qruntime._ext import extension
+from qruntime.formats import quantize_int4, quantize_int8_per_channel, unpack_int4
+
+BACKENDS = ["dispatch", "reference"]  # dispatch = whatever torch.ops picks on this device (C++ on CPU)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 64, 33), (3, 100, 1), (17, 576, 192), (118, 96, 40)]  # (M, K, N): ragged on purpose
+
+
+def _w8_oracle(x, qweight, scales, bias):
+    w = qweight.double() * scales.double()[:, None]
+    y = x.double() @ w.t()
+    return y if bias is None else y + bias.double()
+
+
+def _w4_oracle(x, qweight, scales, zeros, group_size, bias):
+    k = x.shape[1]
+    codes = unpack_int4(qweight).double()[:, :k]
+    g = torch.arange(k) // group_size
+    z = 8.0 if zeros is None else zeros.double()[g].t()
+    w = (codes - z) * scales.double()[g].t()
+    y = x.double() @ w.t()
+    return y if bias is None else y + bias.double()
+
+
+def _run(backend, fn_name, *args):
+    fn = getattr(ops if backend == "dispatch" else reference, fn_name)
+    return fn(*args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_w8a16_linear(backend, dtype, m, k, n, with_bias):
+    qweight, scales = quantize_int8_per_channel(torch.randn(n, k))
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    y = _run(backend, "w8a16_linear", x, qweight, scales, bias)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_error(y, _w8_oracle(x, qweight, scales, bias)) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("group_size", [None, 16, 32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_w4a16_linear(backend, dtype, m, k, n, group_size, symmetric):
+    qweight, scales, zeros, gs = quantize_int4(torch.randn(n, k), group_size, symmetric)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    y = _run(backend, "w4a16_linear", x, qweight, scales, zeros, gs, bias)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_error(y, _w4_oracle(x, qweight, scales, zeros, gs, bias)) < REL_TOL[dtype]
+
+
+def test_cpu_backend_is_the_extension_when_built():
+    assert ops.cpu_backend() == ("cpp" if extension() is not None else "reference")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_opcheck(symmetric):
+    qweight, scales = quantize_int8_per_channel(torch.randn(24, 40))
+    x = torch.randn(5, 40, requires_grad=True)
+    torch.library.opcheck(ops.w8a16_linear, (x, qweight, scales, torch.randn(24)))
+    q4, s4, z4, gs = quantize_int4(torch.randn(24, 40), 16, symmetric)
+    torch.library.opcheck(ops.w4a16_linear, (x, q4, s4, z4, gs, torch.randn(24)))
+
+
+def test_gradients_match_dense():
+    qweight, scales = quantize_int8_per_channel(torch.randn(12, 20))
+    x = torch.randn(4, 20, dtype=torch.float32, requires_grad=True)
+    bias = torch.randn(12, requires_grad=True)
+    ops.w8a16_linear(x, qweight, scales, bias).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    b2 = bias.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, qweight.float() * scales[:, None], b2).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(bias.grad, b2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_op_shape_errors_name_the_values():
+    qweight, scales = quantize_int8_per_channel(torch.randn(8, 16))
+    with pytest.raises(ValueError, match="K=15"):
+        ops.w8a16_linear(torch.randn(2, 15), qweight, scales, None)
+    with pytest.raises(ValueError, match=r"scales: shape \(7,\)"):
+        ops.w8a16_linear(torch.randn(2, 16), qweight, scales[:7], None)
+    with pytest.raises(TypeError, match="int8"):
+        ops.w8a16_linear(torch.randn(2, 16), qweight.to(torch.int16), scales, None)
+    q4, s4, z4, gs = quantize_int4(torch.randn(8, 64), 32, False)
+    with pytest.raises(ValueError, match="group_size=48"):
+        ops.w4a16_linear(torch.randn(2, 64), q4, s4, z4, 48, None)
+    with pytest.raises(ValueError, match="K=20"):
+        ops.w4a16_linear(torch.randn(2, 20), q4, s4, z4, gs, None)
+
+
+@pytest.mark.skipif(extension() is None, reason="C++ extension not built (QRUNTIME_DISABLE_EXTENSION or no compiler)")
+class TestExtensionArgumentChecks:
+    """Bad buffers reach the C++ code only through these checks: Python exceptions, never a crash."""
+
+    def test_wrong_dtype(self):
+        ext = extension()
+        out = np.empty((4, 8), np.float32)
+        with pytest.raises(TypeError, match="int8"):
+            ext.dequantize_int8(np.zeros((4, 8), np.int16), np.ones(4, np.float32), out, 1)
+        with pytest.raises(TypeError, match="float32"):
+            ext.dequantize_int8(np.zeros((4, 8), np.int8), np.ones(4, np.float64), out, 1)
+
+    def test_non_contiguous(self):
+        ext = extension()
+        q = np.zeros((8, 8), np.int8)[:, ::2]
+        with pytest.raises(ValueError, match="C-contiguous"):
+            ext.dequantize_int8(q, np.ones(8, np.float32), np.empty((8, 4), np.float32), 1)
+
+    def test_shape_mismatch(self):
+        ext = extension()
+        with pytest.raises(ValueError, match=r"scales: shape \(3,\)"):
+            ext.dequantize_int8(np.zeros((4, 8), np.int8), np.ones(3, np.float32), np.empty((4, 8), np.float32), 1)
+        with pytest.raises(ValueError, match="group_size=24"):
+            ext.dequantize_int4(
+                np.zeros((4, 32), np.uint8), np.ones((2, 4), np.float32), None, 24, np.empty((4, 64), np.float32), 1
+            )
+        with pytest.raises(ValueError, match="zeros"):
+            ext.dequantize_int4(
+                np.zeros((4, 32), np.uint8), np.ones((2, 4), np.float32), np.zeros((1, 4), np.uint8), 32,
+                np.empty((4, 64), np.float32), 1,
+            )
+
+    def test_threads_agree(self):
+        ext = extension()
+        q, s = quantize_int8_per_channel(torch.randn(300, 700))
+        outs = []
+        for threads in (1, 2, 7):
+            out = np.empty((300, 700), np.float32)
+            ext.dequantize_int8(q.numpy(), s.numpy(), out, threads)
+            outs.append(out)
+        assert all(np.array_equal(outs[0], o) for o in outs[1:])
+        assert np.array_equal(outs[0], (q.float() * s[:, None]).numpy())
