@@ -16,11 +16,13 @@ from _common import environment, write_json  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm-l6")
-    p.add_argument("--preset", nargs="+", default=["w8a16", "w4a16-g32"])
+    p.add_argument("--preset", nargs="+", default=["w8a16", "w8a16-gptq", "w4a16-g32", "w4a16-g32-gptq"])
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
     from qruntime import compress
+    from qruntime.calibrate import calibration_batches
+    from qruntime.config import resolve_config
     from qruntime.data import movie_reviews
     from qruntime.evaluate import evaluate_encoder
     from qruntime.models import load_encoder
@@ -30,7 +32,10 @@ def main() -> None:
     sentences, labels = [s for s, _ in reviews], [y for _, y in reviews]
     rows = []
     for preset in args.preset:
-        qmodel, report = compress(model, preset, inplace=False)
+        calib = None
+        if resolve_config(preset).quant.needs_calibration:  # Wikipedia calibration split, 16 x 256 tokens
+            calib = calibration_batches(tok, num_samples=16, seq_len=256)
+        qmodel, report = compress(model, preset, calib, inplace=False)
         result = evaluate_encoder(qmodel, model, tok, sentences, labels)
         rows.append({"preset": report.config, "report": report.to_dict(), "eval": result.to_dict()})
 

@@ -26,15 +26,16 @@ def run_demo(
     from .evaluate import evaluate_causal_lm, tokenize_text
     from .models import load_causal_lm
 
+    cfg = resolve_config(preset)  # a bad recipe fails before the model is loaded
     t0 = time.perf_counter()
     model, tokenizer = load_causal_lm(model_name)
     load_s = time.perf_counter() - t0
     ids = tokenize_text(tokenizer, split_text("eval"), max_tokens=eval_tokens)
 
     calib = None
-    if resolve_config(preset).quant.needs_calibration:
+    if cfg.quant.needs_calibration:
         calib = calibration_batches(tokenizer, num_samples=calib_samples, seq_len=window)
-    qmodel, report = compress(model, preset, calib, inplace=False)
+    qmodel, report = compress(model, cfg, calib, inplace=False)
     result = evaluate_causal_lm(qmodel, ids, reference=model, window=window)
 
     params = sum(p.numel() for p in model.parameters())
