@@ -1,17 +1,52 @@
-"""Builds the C++ CPU extension `qruntime._C` (pybind11, no torch headers)."""
+"""Builds the C++ CPU extension `qruntime._C` (pybind11, no torch headers).
+
+The GEMMs in csrc/cpu/gemm_impl.h are compiled once per ISA level, each object with its own -m flags
+(never -march=native: the wheel must run on any x86-64 CPU); csrc/cpu/dispatch.cpp picks the level
+at run time from the CPU that runs. On other architectures only the portable level is built.
+"""
+import platform
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+# source -> the flags of its ISA level (added to the extension's common flags)
+ISA_SOURCES = {"csrc/cpu/gemm_scalar.cpp": []}
+if X86:
+    ISA_SOURCES["csrc/cpu/gemm_avx2.cpp"] = ["-mavx2", "-mfma"]
+    ISA_SOURCES["csrc/cpu/gemm_avx512.cpp"] = [
+        "-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+    ]
+
+
+class BuildExt(build_ext):
+    """Compiles each ISA source with its own flags, then links everything into one module."""
+
+    def build_extension(self, ext):
+        objects = []
+        for source, flags in ISA_SOURCES.items():
+            objects += self.compiler.compile(
+                [source],
+                output_dir=self.build_temp,
+                include_dirs=ext.include_dirs,
+                extra_postargs=list(ext.extra_compile_args) + flags,
+                depends=ext.depends,
+            )
+        ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
 
 ext_modules = [
     Pybind11Extension(
         "qruntime._C",
-        sources=["csrc/dequant.cpp", "csrc/bindings.cpp"],
+        sources=["csrc/bindings.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/parallel.cpp"],
         include_dirs=["csrc"],
+        depends=["csrc/cpu/kernels.h", "csrc/cpu/gemm_impl.h", *ISA_SOURCES],
         cxx_std=17,
-        # -O3 without -march: the wheel must run on any x86-64/arm64 CPU; ISA-specific objects with
-        # run-time dispatch come with the CPU-fallback kernels.
         extra_compile_args=["-O3"],
+        extra_link_args=["-pthread"],
     )
 ]
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})

@@ -8,6 +8,19 @@ import platform
 import subprocess
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the ISA flags that matter to the kernels (Linux; else platform)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+    return f"{name} [{' '.join(f for f in wanted if f in flags)}]"
+
+
 def environment() -> dict:
     import torch
     import transformers
@@ -25,6 +38,7 @@ def environment() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -1,13 +1,16 @@
-// Python bindings of the CPU kernels: argument checks and GIL release only, no kernel logic.
+// Python bindings of the CPU kernels: argument checks, ISA selection and GIL release; no kernel logic.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <sstream>
 #include <string>
+#include <vector>
 
-#include "dequant.h"
+#include "cpu/kernels.h"
 
 namespace py = pybind11;
+namespace qc = qruntime::cpu;
 
 namespace {
 
@@ -29,9 +32,7 @@ void check_array(const py::array& a, const char* name, py::ssize_t ndim, bool wr
     throw py::value_error(std::string(name) + ": shape " + shape_str(a) + " has " + std::to_string(a.ndim()) +
                           " dims, expected " + std::to_string(ndim));
   }
-  if (!(a.flags() & py::array::c_style)) {
-    throw py::value_error(std::string(name) + ": must be C-contiguous");
-  }
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
   if (writable && !a.writeable()) throw py::value_error(std::string(name) + ": must be writable");
 }
 
@@ -42,61 +43,143 @@ void expect_dim(const py::array& a, const char* name, py::ssize_t dim, py::ssize
   }
 }
 
-void dequantize_int8(const py::array& qweight, const py::array& scales, py::array& out, int num_threads) {
-  check_array<int8_t>(qweight, "qweight", 2);
-  check_array<float>(scales, "scales", 1);
+int64_t blocks(int64_t n) { return (n + qc::kBlockN - 1) / qc::kBlockN; }
+
+// x f32 [M, K], out f32 [M, n]; returns M.
+int64_t check_io(const py::array& x, const py::array& out, int64_t n) {
+  check_array<float>(x, "x", 2);
   check_array<float>(out, "out", 2, true);
-  const auto n = qweight.shape(0), k = qweight.shape(1);
-  expect_dim(scales, "scales", 0, n);
-  expect_dim(out, "out", 0, n);
-  expect_dim(out, "out", 1, k);
-  py::gil_scoped_release release;
-  qruntime::dequantize_int8_per_channel(static_cast<const int8_t*>(qweight.data()),
-                                        static_cast<const float*>(scales.data()),
-                                        static_cast<float*>(out.mutable_data()), n, k, num_threads);
+  if (n <= 0) throw py::value_error("n=" + std::to_string(n) + ": must be positive");
+  expect_dim(out, "out", 0, x.shape(0));
+  expect_dim(out, "out", 1, n);
+  return x.shape(0);
 }
 
-void dequantize_int4(const py::array& qweight, const py::array& scales, const py::object& zeros_obj,
-                     int64_t group_size, py::array& out, int num_threads) {
-  check_array<uint8_t>(qweight, "qweight", 2);
-  check_array<float>(scales, "scales", 2);
-  check_array<float>(out, "out", 2, true);
-  const auto n = qweight.shape(0), k_padded = qweight.shape(1) * 2;
-  if (group_size <= 0 || group_size % 2 != 0 || k_padded % group_size != 0) {
-    throw py::value_error("group_size=" + std::to_string(group_size) + ": must be even and divide the padded K=" +
-                          std::to_string(k_padded));
-  }
-  expect_dim(scales, "scales", 0, k_padded / group_size);
-  expect_dim(scales, "scales", 1, n);
-  expect_dim(out, "out", 0, n);
-  const auto k_out = out.shape(1);
-  if (k_out > k_padded || k_out <= k_padded - group_size) {
-    throw py::value_error("out: " + std::to_string(k_out) + " columns do not fit padded K=" +
-                          std::to_string(k_padded) + " with group_size=" + std::to_string(group_size));
-  }
-  const uint8_t* zeros = nullptr;
-  py::array zeros_arr;
-  if (!zeros_obj.is_none()) {
-    zeros_arr = py::reinterpret_borrow<py::array>(zeros_obj);
-    check_array<uint8_t>(zeros_arr, "zeros", 2);
-    expect_dim(zeros_arr, "zeros", 0, scales.shape(0));
-    expect_dim(zeros_arr, "zeros", 1, n);
-    zeros = static_cast<const uint8_t*>(zeros_arr.data());
-  }
+const float* vector_arg(const py::array& a, const char* name, int64_t len) {
+  check_array<float>(a, name, 1);
+  expect_dim(a, name, 0, len);
+  return static_cast<const float*>(a.data());
+}
+
+const float* optional_vector(const py::object& obj, const char* name, int64_t len) {
+  if (obj.is_none()) return nullptr;
+  return vector_arg(py::reinterpret_borrow<py::array>(obj), name, len);
+}
+
+void w8a16_gemm(const py::array& x, const py::array& wp, const py::array& scales, const py::object& bias,
+                int64_t n, py::array& out, int threads) {
+  const int64_t m = check_io(x, out, n), k = x.shape(1);
+  check_array<int8_t>(wp, "wp", 3);
+  expect_dim(wp, "wp", 0, blocks(n));
+  expect_dim(wp, "wp", 1, k);
+  expect_dim(wp, "wp", 2, qc::kBlockN);
+  const float* s = vector_arg(scales, "scales", blocks(n) * qc::kBlockN);
+  const float* b = optional_vector(bias, "bias", blocks(n) * qc::kBlockN);
+  const auto& t = qc::current_table();
   py::gil_scoped_release release;
-  qruntime::dequantize_int4_grouped(static_cast<const uint8_t*>(qweight.data()),
-                                    static_cast<const float*>(scales.data()), zeros,
-                                    static_cast<float*>(out.mutable_data()), n, k_padded, group_size, k_out,
-                                    num_threads);
+  t.w8a16(static_cast<const float*>(x.data()), m, k, static_cast<const int8_t*>(wp.data()), s, b, n,
+          static_cast<float*>(out.mutable_data()), threads);
+}
+
+void w4a16_gemm(const py::array& x, const py::array& wp, const py::array& s, const py::array& zs,
+                int64_t group_size, const py::object& bias, int64_t n, py::array& out, int threads) {
+  const int64_t m = check_io(x, out, n), k = x.shape(1);
+  check_array<uint8_t>(wp, "wp", 3);
+  expect_dim(wp, "wp", 0, blocks(n));
+  expect_dim(wp, "wp", 2, qc::kBlockN / 2);
+  const int64_t kp = wp.shape(1);
+  if (group_size <= 0 || kp % group_size != 0) {
+    throw py::value_error("group_size=" + std::to_string(group_size) + ": must divide the padded K=" +
+                          std::to_string(kp));
+  }
+  if (k > kp || k <= kp - group_size) {
+    throw py::value_error("x: K=" + std::to_string(k) + " does not match the padded K=" + std::to_string(kp) +
+                          " with group_size=" + std::to_string(group_size));
+  }
+  check_array<float>(s, "s", 2);
+  check_array<float>(zs, "zs", 2);
+  for (const auto* a : {&s, &zs}) {
+    expect_dim(*a, a == &s ? "s" : "zs", 0, kp / group_size);
+    expect_dim(*a, a == &s ? "s" : "zs", 1, blocks(n) * qc::kBlockN);
+  }
+  const float* b = optional_vector(bias, "bias", blocks(n) * qc::kBlockN);
+  const auto& t = qc::current_table();
+  py::gil_scoped_release release;
+  t.w4a16(static_cast<const float*>(x.data()), m, k, static_cast<const uint8_t*>(wp.data()), kp,
+          static_cast<const float*>(s.data()), static_cast<const float*>(zs.data()), group_size, b, n,
+          static_cast<float*>(out.mutable_data()), threads);
+}
+
+void w8a8_gemm(const py::array& x, const py::array& wp, const py::array& wsum, const py::array& scales,
+               const py::object& bias, int64_t n, py::array& out, int threads) {
+  const int64_t m = check_io(x, out, n), k = x.shape(1);
+  check_array<int8_t>(wp, "wp", 4);
+  expect_dim(wp, "wp", 0, blocks(n));
+  expect_dim(wp, "wp", 1, (k + 3) / 4);
+  expect_dim(wp, "wp", 2, qc::kBlockN);
+  expect_dim(wp, "wp", 3, 4);
+  check_array<int32_t>(wsum, "wsum", 1);
+  expect_dim(wsum, "wsum", 0, blocks(n) * qc::kBlockN);
+  const float* s = vector_arg(scales, "scales", blocks(n) * qc::kBlockN);
+  const float* b = optional_vector(bias, "bias", blocks(n) * qc::kBlockN);
+  const auto& t = qc::current_table();
+  py::gil_scoped_release release;
+  t.w8a8(static_cast<const float*>(x.data()), m, k, static_cast<const int8_t*>(wp.data()),
+         static_cast<const int32_t*>(wsum.data()), s, b, n, static_cast<float*>(out.mutable_data()), threads);
+}
+
+void quantize_rows(const py::array& x, py::array& xq, py::array& scales) {
+  check_array<float>(x, "x", 2);
+  check_array<int8_t>(xq, "xq", 2, true);
+  check_array<float>(scales, "scales", 1, true);
+  expect_dim(xq, "xq", 0, x.shape(0));
+  expect_dim(xq, "xq", 1, x.shape(1));
+  expect_dim(scales, "scales", 0, x.shape(0));
+  const auto& t = qc::current_table();
+  py::gil_scoped_release release;
+  t.quantize_rows(static_cast<const float*>(x.data()), x.shape(0), x.shape(1),
+                  static_cast<int8_t*>(xq.mutable_data()), static_cast<float*>(scales.mutable_data()));
+}
+
+qc::Isa parse_isa(const std::string& name) {
+  qc::Isa isa;
+  if (!qc::isa_from_name(name.c_str(), &isa)) {
+    std::string known;
+    for (int i = 0; i < qc::kNumIsa; ++i) known += std::string(i ? ", " : "") + qc::isa_name(static_cast<qc::Isa>(i));
+    throw py::value_error("ISA '" + name + "': unknown; expected one of " + known);
+  }
+  return isa;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "qruntime C++ CPU kernels (see docs/formats.md for the layouts)";
-  m.def("dequantize_int8", &dequantize_int8, py::arg("qweight"), py::arg("scales"), py::arg("out"),
-        py::arg("num_threads") = 1, "int8 [N, K] * f32 scales [N] -> f32 out [N, K]");
-  m.def("dequantize_int4", &dequantize_int4, py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
-        py::arg("group_size"), py::arg("out"), py::arg("num_threads") = 1,
-        "packed u8 [N, Kp/2], f32 scales [Kp/g, N], u8 zeros [Kp/g, N] or None -> f32 out [N, K]");
+  m.doc() = "qruntime C++ CPU kernels (layouts: docs/formats.md, 'CPU layouts')";
+  m.def("w8a16_gemm", &w8a16_gemm, py::arg("x"), py::arg("wp"), py::arg("scales"), py::arg("bias"), py::arg("n"),
+        py::arg("out"), py::arg("num_threads") = 1,
+        "x f32 [M, K], wp int8 [NB, K, 32], scales/bias f32 [NB*32] -> out f32 [M, n]");
+  m.def("w4a16_gemm", &w4a16_gemm, py::arg("x"), py::arg("wp"), py::arg("s"), py::arg("zs"), py::arg("group_size"),
+        py::arg("bias"), py::arg("n"), py::arg("out"), py::arg("num_threads") = 1,
+        "x f32 [M, K], wp u8 [NB, Kp, 16], s/zs f32 [Kp/g, NB*32], bias f32 [NB*32] -> out f32 [M, n]");
+  m.def("w8a8_gemm", &w8a8_gemm, py::arg("x"), py::arg("wp"), py::arg("wsum"), py::arg("scales"), py::arg("bias"),
+        py::arg("n"), py::arg("out"), py::arg("num_threads") = 1,
+        "x f32 [M, K] (quantized per token inside), wp int8 [NB, ceil(K/4), 32, 4], wsum int32 [NB*32]");
+  m.def("quantize_rows", &quantize_rows, py::arg("x"), py::arg("xq"), py::arg("scales"),
+        "per-token INT8: x f32 [M, K] -> xq int8 [M, K], scales f32 [M]");
+  m.def("isa", [] { return std::string(qc::isa_name(qc::current_isa())); }, "the ISA level the kernels run");
+  m.def("best_isa", [] { return std::string(qc::isa_name(qc::best_isa())); });
+  m.def("supported_isas", [] {
+    std::vector<std::string> out;
+    for (int i = 0; i < qc::kNumIsa; ++i)
+      if (qc::isa_supported(static_cast<qc::Isa>(i))) out.emplace_back(qc::isa_name(static_cast<qc::Isa>(i)));
+    return out;
+  });
+  m.def("set_isa", [](const std::string& name) {
+    const qc::Isa isa = parse_isa(name);
+    if (!qc::isa_supported(isa)) {
+      throw py::value_error("ISA '" + name + "': not supported by this CPU (best: " +
+                            qc::isa_name(qc::best_isa()) + ")");
+    }
+    qc::set_isa(isa);
+  }, py::arg("name"), "force a level: scalar, avx2, avx512_vnni (must be supported by this CPU)");
 }

@@ -1,4 +1,11 @@
-"""Loads the C++ CPU extension once; a missing build degrades to the reference with one warning."""
+"""Loads the C++ CPU extension once; a missing build degrades to the reference with one warning.
+
+Environment:
+    QRUNTIME_DISABLE_EXTENSION=1   never load it (CPU ops run the PyTorch reference).
+    QRUNTIME_CPU_ISA=<level>       force the kernels' ISA level: ``scalar``, ``avx2`` or ``avx512_vnni``.
+                                   A level this CPU cannot run is refused with a warning (the best
+                                   supported level runs instead).
+"""
 from __future__ import annotations
 
 import functools
@@ -7,6 +14,7 @@ import warnings
 from types import ModuleType
 
 DISABLE_ENV = "QRUNTIME_DISABLE_EXTENSION"
+ISA_ENV = "QRUNTIME_CPU_ISA"
 
 
 @functools.lru_cache(maxsize=None)
@@ -24,4 +32,10 @@ def extension() -> ModuleType | None:
             stacklevel=2,
         )
         return None
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if forced:
+        try:
+            _C.set_isa(forced)
+        except ValueError as exc:
+            warnings.warn(f"qruntime: {ISA_ENV}={forced!r} ignored: {exc}", RuntimeWarning, stacklevel=2)
     return _C

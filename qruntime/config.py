@@ -6,9 +6,11 @@ A preset string is parsed into a :class:`CompressConfig`; grammar::
     w4a16                 INT4 weights, per output channel, asymmetric (zero points)
     w4a16-g128            INT4 weights in groups of 128 along K, asymmetric
     w4a16-g64-sym         ... symmetric (no zero points)
+    w8a8                  INT8 weights per channel + INT8 activations quantized per token at run time
     w8a16-gptq            any of the above with GPTQ rounding (needs calibration data)
 
-Group sizes are powers of two >= 16. Activations stay in the model's float dtype (the "a16").
+Group sizes are powers of two >= 16. With "a16" the activations stay in the model's float dtype;
+"a8" (INT8 weights only) quantizes each token's activations to INT8 with its own scale at run time.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ class QuantConfig:
         gptq_block_size: columns updated together (lazy batch updates).
         gptq_act_order: GPTQ visits columns by decreasing activation energy (static groups: the
             format is unchanged).
+        act_bits: 16 (activations stay floating point) or 8 (dynamic per-token INT8 activations and
+            int32 accumulation; INT8 weights only).
     """
 
     bits: int = 8
@@ -69,6 +73,7 @@ class QuantConfig:
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
     gptq_act_order: bool = True
+    act_bits: int = 16
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -78,6 +83,10 @@ class QuantConfig:
             raise ValueError(f"bits=8 with group_size={self.group_size}: INT8 is per-channel only (group_size=None)")
         if self.bits == 8 and not self.symmetric:
             raise ValueError("bits=8 with symmetric=False: INT8 weights are symmetric only")
+        if self.act_bits not in (8, 16):
+            raise ValueError(f"act_bits={self.act_bits!r}: must be 16 or 8")
+        if self.act_bits == 8 and self.bits != 8:
+            raise ValueError(f"bits={self.bits} with act_bits=8: INT8 activations need INT8 weights (w8a8)")
         if self.method not in ("rtn", "gptq"):
             raise ValueError(f"method={self.method!r}: must be 'rtn' or 'gptq'")
         if not 0 <= self.gptq_damp < 1:
@@ -91,7 +100,7 @@ class QuantConfig:
 
     @property
     def name(self) -> str:
-        s = f"w{self.bits}a16"
+        s = f"w{self.bits}a{self.act_bits}"
         if self.group_size is not None:
             s += f"-g{self.group_size}"
         if self.bits == 4:
@@ -134,12 +143,14 @@ class CompressConfig:
 
 
 _PRESET_RE = re.compile(
-    r"^w(?P<bits>8|4)a16(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?$"
+    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?$"
 )
 
 PRESETS: dict[str, str] = {
     "w8a16": "INT8 weights, per-channel symmetric scales",
     "w8a16-gptq": "INT8 weights, per-channel, GPTQ rounding (calibrated)",
+    "w8a8": "INT8 weights per channel, INT8 activations per token (dynamic), int32 accumulation",
+    "w8a8-gptq": "w8a8 with GPTQ rounding of the weights (calibrated)",
     "w4a16": "INT4 weights, per-channel asymmetric",
     "w4a16-g128": "INT4 weights, groups of 128 along K, asymmetric",
     "w4a16-g64": "INT4 weights, groups of 64 along K, asymmetric",
@@ -154,16 +165,21 @@ def parse_preset(name: str) -> CompressConfig:
     if m is None:
         raise ValueError(
             f"unknown preset {name!r}: expected one of {sorted(PRESETS)} or the form "
-            "'w8a16' / 'w4a16[-g<group>][-sym|-asym]'"
+            "'w8a16' / 'w8a8' / 'w4a16[-g<group>][-sym|-asym]' with an optional '-gptq'"
         )
     bits = int(m["bits"])
+    act_bits = int(m["abits"])
+    if act_bits == 8 and bits != 8:
+        raise ValueError(f"preset {name!r}: INT8 activations need INT8 weights (w8a8)")
     group = int(m["group"]) if m["group"] else None
     sym = m["sym"]
     method = m["method"] or "rtn"
     if bits == 8:
         if sym == "asym":
             raise ValueError(f"preset {name!r}: INT8 weights are symmetric only")
-        return CompressConfig(quant=QuantConfig(bits=8, group_size=group, symmetric=True, method=method))
+        return CompressConfig(
+            quant=QuantConfig(bits=8, group_size=group, symmetric=True, method=method, act_bits=act_bits)
+        )
     return CompressConfig(quant=QuantConfig(bits=4, group_size=group, symmetric=(sym == "sym"), method=method))
 
 

@@ -1,21 +1,45 @@
 """The registered qruntime ops: one ``torch.library.custom_op`` each, backends hung off its handle.
 
 * default: the PyTorch reference (:mod:`qruntime.reference`), used on any device without a kernel;
-* ``cpu``: the C++ extension (dequantize in C++, then the BLAS GEMM) when it is built;
+* ``cpu``: the C++ kernels (csrc/, AVX-512 VNNI / AVX2 / scalar chosen at run time) when built;
 * ``cuda``: Triton kernels, registered by :mod:`qruntime.kernels` when they exist;
 * fake: shape functions, so ``torch.compile`` and ``torch.export`` trace compressed models.
 
 Call them as ``qruntime.ops.w8a16_linear(...)`` or ``torch.ops.qruntime.w8a16_linear(...)``.
+
+The CPU kernels read the weights in the CPU layouts of :mod:`qruntime.cpu_layout`; the conversion runs
+once per weight tensor (first CPU call) and is cached beside it, keyed on the tensor and its version
+counter, so an in-place change of the weights is picked up. The cache holds one extra copy of the
+packed weights (INT8: 1 byte a weight; INT4: half a byte).
 """
 from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Callable, Iterator
 
 import torch
 
 from . import reference
-from .formats import dequantize_int4, dequantize_int8
 from ._ext import extension
+from .cpu_layout import cpu_int4, cpu_int8, pad_channels
+from .formats import dequantize_int4, dequantize_int8
 
-__all__ = ["w8a16_linear", "w4a16_linear", "cpu_backend"]
+__all__ = [
+    "w8a16_linear",
+    "w4a16_linear",
+    "w8a8_linear",
+    "cpu_backend",
+    "cpu_isa",
+    "supported_cpu_isas",
+    "set_cpu_isa",
+    "use_cpu_isa",
+    "eager_cpu",
+    "cpu_w8a16",
+    "cpu_w8a8",
+    "cpu_w4a16",
+]
 
 
 def _check_common(x: torch.Tensor, bias: torch.Tensor | None, n: int) -> None:
@@ -27,7 +51,7 @@ def _check_common(x: torch.Tensor, bias: torch.Tensor | None, n: int) -> None:
         raise ValueError(f"bias: shape {tuple(bias.shape)}, expected ({n},)")
 
 
-def _check_w8a16(x, qweight, scales, bias) -> None:
+def _check_int8(x, qweight, scales, bias) -> None:
     if qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise TypeError(f"qweight: dtype {qweight.dtype}, shape {tuple(qweight.shape)}; expected int8 [N, K]")
     n, k = qweight.shape
@@ -59,7 +83,7 @@ def w8a16_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] @ (qweight int8 [N, K] * scales f32 [N]).T + bias; output dtype = x.dtype."""
-    _check_w8a16(x, qweight, scales, bias)
+    _check_int8(x, qweight, scales, bias)
     return reference.w8a16_linear(x, qweight, scales, bias)
 
 
@@ -77,7 +101,21 @@ def w4a16_linear(
     return reference.w4a16_linear(x, qweight, scales, zeros, group_size, bias)
 
 
+@torch.library.custom_op("qruntime::w8a8_linear", mutates_args=())
+def w8a8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Dynamic per-token INT8 activations x INT8 per-channel weights (reference.w8a8_linear)."""
+    _check_int8(x, qweight, scales, bias)
+    return reference.w8a8_linear(x, qweight, scales, bias)
+
+
 @w8a16_linear.register_fake
+def _(x, qweight, scales, bias):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+@w8a8_linear.register_fake
 def _(x, qweight, scales, bias):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
@@ -88,15 +126,15 @@ def _(x, qweight, scales, zeros, group_size, bias):
 
 
 # Autograd with respect to x and bias (the packed weights are constants), so adapters or a distillation
-# step can train around a quantized layer.
-def _w8a16_setup(ctx, inputs, output):
+# step can train around a quantized layer. W8A8 passes the gradient straight through its activation
+# rounding (the usual straight-through estimator).
+def _int8_setup(ctx, inputs, output):
     x, qweight, scales, bias = inputs
     ctx.save_for_backward(qweight, scales)
-    ctx.x_dtype = x.dtype
     ctx.has_bias = bias is not None
 
 
-def _w8a16_backward(ctx, grad):
+def _int8_backward(ctx, grad):
     qweight, scales = ctx.saved_tensors
     w = dequantize_int8(qweight, scales).to(grad.dtype)
     return grad @ w, None, None, grad.sum(0) if ctx.has_bias else None
@@ -114,40 +152,159 @@ def _w4a16_backward(ctx, grad):
     return grad @ w, None, None, None, None, grad.sum(0) if ctx.has_bias else None
 
 
-w8a16_linear.register_autograd(_w8a16_backward, setup_context=_w8a16_setup)
+w8a16_linear.register_autograd(_int8_backward, setup_context=_int8_setup)
+w8a8_linear.register_autograd(_int8_backward, setup_context=_int8_setup)
 w4a16_linear.register_autograd(_w4a16_backward, setup_context=_w4a16_setup)
 
 
-# ---- CPU: dequantize in C++ (threaded), then torch's BLAS GEMM ------------------------------------
+# ---- CPU: the C++ kernels over cached CPU layouts ---------------------------------------------------
 
-def _cpu_w8a16(x, qweight, scales, bias):
-    _check_w8a16(x, qweight, scales, bias)
-    w = torch.empty(qweight.shape, dtype=torch.float32)
-    extension().dequantize_int8(
-        qweight.contiguous().numpy(), scales.float().contiguous().numpy(), w.numpy(), torch.get_num_threads()
-    )
-    return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+_cache: dict[int, tuple[weakref.ref, dict]] = {}
+_cache_lock = threading.Lock()
 
 
-def _cpu_w4a16(x, qweight, scales, zeros, group_size, bias):
+def _version(t: torch.Tensor | None) -> tuple:
+    if t is None:
+        return (None,)
+    try:
+        return (t.data_ptr(), t._version)
+    except RuntimeError:  # inference tensors have no version counter (and cannot be changed in place)
+        return (t.data_ptr(), -1)
+
+
+def _packed(t: torch.Tensor, kind: object, versions: tuple, build: Callable[[], object]) -> object:
+    """The CPU layout ``kind`` of tensor ``t``, built once and rebuilt when ``versions`` change.
+
+    Entries live as long as ``t`` (a weak reference drops them with it)."""
+    ident = id(t)
+    with _cache_lock:
+        hit = _cache.get(ident)
+        if hit is not None and hit[0]() is t:
+            entry = hit[1].get(kind)
+            if entry is not None and entry[0] == versions:
+                return entry[1]
+    value = build()
+    with _cache_lock:
+        hit = _cache.get(ident)
+        if hit is None or hit[0]() is not t:
+            hit = (weakref.ref(t, lambda _, ident=ident: _cache.pop(ident, None)), {})
+            _cache[ident] = hit
+        hit[1][kind] = (versions, value)
+    return value
+
+
+def _bias_array(bias: torch.Tensor | None):
+    """float32 bias padded to the 32-channel blocks, as a numpy array (cached per bias tensor)."""
+    if bias is None:
+        return None
+    return _packed(bias, "bias", (_version(bias), bias.dtype), lambda: pad_channels(bias).numpy())
+
+
+def _out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x as contiguous float32, float32 output [M, n])."""
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    return xf, torch.empty((x.shape[0], n), dtype=torch.float32)
+
+
+def cpu_w8a16(x, qweight, scales, bias):
+    """The ``cpu`` kernel of :func:`w8a16_linear` (C++)."""
+    _check_int8(x, qweight, scales, bias)
+    n = qweight.shape[0]
+    p = _packed(qweight, "w8a16", (_version(qweight), _version(scales)), lambda: _np(cpu_int8(qweight.contiguous(), scales, 16)))
+    xf, out = _out(x, n)
+    if x.shape[0]:
+        extension().w8a16_gemm(xf.numpy(), p["panels"], p["scales"], _bias_array(bias), n, out.numpy(), torch.get_num_threads())
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def cpu_w8a8(x, qweight, scales, bias):
+    """The ``cpu`` kernel of :func:`w8a8_linear` (C++)."""
+    _check_int8(x, qweight, scales, bias)
+    n = qweight.shape[0]
+    p = _packed(qweight, "w8a8", (_version(qweight), _version(scales)), lambda: _np(cpu_int8(qweight.contiguous(), scales, 8)))
+    xf, out = _out(x, n)
+    if x.shape[0]:
+        extension().w8a8_gemm(
+            xf.numpy(), p["vnni"], p["wsum"], p["scales"], _bias_array(bias), n, out.numpy(), torch.get_num_threads()
+        )
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def cpu_w4a16(x, qweight, scales, zeros, group_size, bias):
+    """The ``cpu`` kernel of :func:`w4a16_linear` (C++)."""
     _check_w4a16(x, qweight, scales, zeros, group_size, bias)
-    w = torch.empty((qweight.shape[0], x.shape[1]), dtype=torch.float32)
-    extension().dequantize_int4(
-        qweight.contiguous().numpy(),
-        scales.float().contiguous().numpy(),
-        None if zeros is None else zeros.contiguous().numpy(),
-        group_size,
-        w.numpy(),
-        torch.get_num_threads(),
+    n = qweight.shape[0]
+    key = (_version(qweight), _version(scales), _version(zeros))
+    p = _packed(qweight, "w4a16", key, lambda: _np(cpu_int4(qweight.contiguous(), scales, zeros)))
+    xf, out = _out(x, n)
+    if x.shape[0]:
+        extension().w4a16_gemm(
+            xf.numpy(), p["panels"], p["s"], p["zs"], group_size, _bias_array(bias), n, out.numpy(),
+            torch.get_num_threads(),
+        )
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def _np(layout) -> dict:
+    """The tensors of a CPU layout as numpy arrays (views: no copies), ready for the extension."""
+    return {k: v.numpy() for k, v in vars(layout).items() if isinstance(v, torch.Tensor)}
+
+
+CPU_KERNELS = extension() is not None
+if CPU_KERNELS:
+    w8a16_linear.register_kernel("cpu")(cpu_w8a16)
+    w8a8_linear.register_kernel("cpu")(cpu_w8a8)
+    w4a16_linear.register_kernel("cpu")(cpu_w4a16)
+
+
+def eager_cpu(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """True when a module may call the ``cpu`` kernels directly instead of through the dispatcher.
+
+    Same kernels, minus ~10 us of dispatch per call (it matters for small layers at decode). Only in
+    eager mode (not under torch.compile/export), on CPU tensors, and when no gradient is needed.
+    """
+    return (
+        CPU_KERNELS
+        and x.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+        and not torch.compiler.is_compiling()
     )
-    return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-if extension() is not None:
-    w8a16_linear.register_kernel("cpu")(_cpu_w8a16)
-    w4a16_linear.register_kernel("cpu")(_cpu_w4a16)
+# ---- which CPU path runs ---------------------------------------------------------------------------
+
+def cpu_isa() -> str | None:
+    """The ISA level the C++ kernels run (``"avx512_vnni"``, ``"avx2"``, ``"scalar"``), or None."""
+    ext = extension()
+    return None if ext is None else ext.isa()
+
+
+def supported_cpu_isas() -> list[str]:
+    """ISA levels this CPU can run (empty without the extension)."""
+    ext = extension()
+    return [] if ext is None else list(ext.supported_isas())
+
+
+def set_cpu_isa(name: str) -> None:
+    """Forces an ISA level for the C++ kernels; raises ValueError if unknown or unsupported here."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("set_cpu_isa: the C++ extension is not available (CPU ops use the reference)")
+    ext.set_isa(name)
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str) -> Iterator[None]:
+    """Runs the block with the C++ kernels forced to ``name``, then restores the previous level."""
+    previous = cpu_isa()
+    set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        set_cpu_isa(previous)
 
 
 def cpu_backend() -> str:
-    """Which implementation the CPU ops run: ``"cpp"`` (the extension) or ``"reference"``."""
-    return "cpp" if extension() is not None else "reference"
+    """Which implementation the CPU ops run: ``"cpp:<isa>"`` (the extension) or ``"reference"``."""
+    isa = cpu_isa()
+    return "reference" if isa is None else f"cpp:{isa}"

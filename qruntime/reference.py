@@ -41,3 +41,36 @@ def w4a16_linear(
     """
     w = dequantize_int4(qweight, scales, zeros, group_size, x.shape[-1]).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token (per-row) symmetric INT8 activations.
+
+    ``a = max_k |x[m, k]| / 127`` and ``xq = round_half_even(x * (127 / max)).clamp(-127, 127)`` in
+    float32 (a zero row gets ``a = 0``, codes 0). The C++ and Triton kernels compute exactly this.
+
+    Returns:
+        (xq int8 [M, K], a float32 [M]).
+    """
+    x32 = x.to(torch.float32)
+    amax = x32.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.round(x32 * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    return xq, amax / 127.0
+
+
+def w8a8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """y = a[m] * scales[n] * (xq @ qweight.T)[m, n] + bias, with ``xq, a = quantize_per_token(x)``.
+
+    Args:
+        x: float [M, K]; the output has its dtype. qweight: int8 [N, K]. scales: float32 [N].
+    The integer products are summed exactly (float64), as the int32 accumulators of the kernels.
+    """
+    xq, a = quantize_per_token(x)
+    acc = xq.to(torch.float64) @ qweight.to(torch.float64).T
+    y = acc * a.to(torch.float64)[:, None] * scales.to(torch.float64)[None, :]
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype)

@@ -1,0 +1,428 @@
+// The CPU GEMMs, written once over small SIMD traits and compiled per ISA level. Included by
+// gemm_<isa>.cpp after it defines, in namespace qruntime::cpu::QR_NS (anonymous inner namespace):
+//   F            float vectors: R, W (lanes), zero/load/store/set1/fma/mul/add, i8(p): W int8 -> float,
+//                u4(p, hi): low (hi=false) or high nibbles of W bytes -> float
+//   I            int8 dot products: R (W int32 lanes), kUnsignedA, A prep(int32 four_bytes), B loadb(p),
+//                dot(acc, A, B b): acc[j] += sum_{i<4} a_i * b[4j + i], sub/to_float/load
+//   kMrF, kMrI   rows per register tile for the float and int8 micro-kernels
+//   quantize_row(x, k, k4, q, a): per-token INT8 (see kernels.h), q padded to k4 with the zero code
+// Everything here has internal linkage, and no std:: templates are instantiated: objects built with
+// different -m flags must not share inline functions the linker could merge across ISA levels.
+#include <cstdlib>
+#include <cstring>
+
+namespace qruntime::cpu::QR_NS {
+namespace {
+
+constexpr int NV = kBlockN / F::W;  // vectors per 32-column block
+constexpr int64_t kPrefetch = 2048;
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <int N>
+struct Int {
+  static constexpr int value = N;
+};
+
+// Calls fn(Int<r>{}) for a run-time 1 <= r <= R.
+template <int R, class Fn>
+inline void with_rows(int r, Fn&& fn) {
+  if constexpr (R >= 1) {
+    if (r == R) {
+      fn(Int<R>{});
+    } else {
+      with_rows<R - 1>(r, fn);
+    }
+  }
+}
+
+// Per-thread scratch that only grows (no allocation per call once warm).
+struct Scratch {
+  void* ptr = nullptr;
+  size_t size = 0;
+};
+thread_local Scratch t_panel;
+thread_local Scratch t_act;
+
+void* scratch(Scratch& s, size_t bytes) {
+  if (s.size < bytes) {
+    std::free(s.ptr);
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    s.ptr = std::aligned_alloc(64, rounded);
+    if (s.ptr == nullptr) std::abort();
+    s.size = rounded;
+  }
+  return s.ptr;
+}
+
+__attribute__((always_inline)) inline void store_block(float* y, const typename F::R* r, int64_t valid) {
+  if (valid == kBlockN) {
+    for (int v = 0; v < NV; ++v) F::store(y + v * F::W, r[v]);
+    return;
+  }
+  alignas(64) float tmp[kBlockN];
+  for (int v = 0; v < NV; ++v) F::store(tmp + v * F::W, r[v]);
+  std::memcpy(y, tmp, sizeof(float) * valid);
+}
+
+// The micro-kernels are separate (noinline) functions whose accumulators are plain locals: GCC keeps
+// those in registers, while accumulators shared with surrounding code end up spilled every iteration.
+// Results go through a small tile in memory [MR][32] (float or int32), read by the epilogue.
+
+// tile[m][:] += sum_{kk in [k0, k1)} x[m, kk] * load(kk, :)
+template <int MR, class Load>
+__attribute__((noinline)) void fma_kernel(const float* x, int64_t ldx, int64_t k0, int64_t k1, const Load& load,
+                                          float* tile, const uint8_t* pf = nullptr, int64_t pf_row = 0) {
+  // pf: the packed rows streamed from memory (row kk at pf + kk * pf_row); prefetched kPrefetch bytes
+  // ahead, which the hardware prefetcher alone does not sustain for a cold weight stream.
+  // Few rows: independent accumulator sets over consecutive k hide the FMA latency.
+  constexpr int U = MR * NV >= 8 ? 1 : (8 + MR * NV - 1) / (MR * NV);
+  typename F::R acc[U][MR][NV];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 32
+      for (int v = 0; v < NV; ++v) acc[u][m][v] = u == 0 ? F::load(tile + m * kBlockN + v * F::W) : F::zero();
+  int64_t kk = k0;
+  for (; kk + U <= k1; kk += U) {
+    if (pf) __builtin_prefetch(pf + kk * pf_row + kPrefetch);
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      typename F::R w[NV];
+#pragma GCC unroll 32
+      for (int v = 0; v < NV; ++v) w[v] = load(kk + u, v);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const typename F::R xb = F::set1(x[m * ldx + kk + u]);
+#pragma GCC unroll 32
+        for (int v = 0; v < NV; ++v) acc[u][m][v] = F::fma(w[v], xb, acc[u][m][v]);
+      }
+    }
+  }
+  for (; kk < k1; ++kk) {
+    typename F::R w[NV];
+#pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) w[v] = load(kk, v);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const typename F::R xb = F::set1(x[m * ldx + kk]);
+#pragma GCC unroll 32
+      for (int v = 0; v < NV; ++v) acc[0][m][v] = F::fma(w[v], xb, acc[0][m][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) {
+      typename F::R r = acc[0][m][v];
+#pragma GCC unroll 8
+      for (int u = 1; u < U; ++u) r = F::add(r, acc[u][m][v]);
+      F::store(tile + m * kBlockN + v * F::W, r);
+    }
+}
+
+// y rows [0, rows) = tile * scale + bias (scale/bias may be null: 1 / 0)
+inline void store_tile(float* y, int64_t ldy, int rows, int64_t valid, const float* scale, const float* bias,
+                       const float* tile) {
+  for (int m = 0; m < rows; ++m) {
+    typename F::R r[NV];
+    for (int v = 0; v < NV; ++v) {
+      r[v] = F::load(tile + m * kBlockN + v * F::W);
+      if (scale) r[v] = F::mul(r[v], F::load(scale + v * F::W));
+      if (bias) r[v] = F::add(r[v], F::load(bias + v * F::W));
+    }
+    store_block(y + m * ldy, r, valid);
+  }
+}
+
+// The float GEMM of one 32-column block: directly over the packed codes when all rows fit one register
+// tile (every weight is converted once either way), else over a dequantized panel P [k, 32].
+// direct(rows_tag, tile) accumulates into the tile; pack(panel) fills P.
+template <class Direct, class Pack>
+void a16_block(const float* x, int64_t m, int64_t k, int64_t n, int64_t blk, const float* scale,
+               const float* bias, float* y, const Direct& direct, const Pack& pack) {
+  const int64_t valid = imin(kBlockN, n - blk * kBlockN);
+  float* yb = y + blk * kBlockN;
+  alignas(64) float tile[kMrF * kBlockN];
+  if (m <= kMrF) {
+    std::memset(tile, 0, sizeof(float) * kBlockN * m);
+    with_rows<kMrF>(static_cast<int>(m), [&](auto rows) { direct(rows, tile); });
+    store_tile(yb, n, static_cast<int>(m), valid, scale, bias, tile);
+    return;
+  }
+  float* panel = static_cast<float*>(scratch(t_panel, sizeof(float) * kBlockN * k));
+  pack(panel);
+  const auto load = [panel](int64_t kk, int v) { return F::load(panel + kk * kBlockN + v * F::W); };
+  for (int64_t m0 = 0; m0 < m; m0 += kMrF) {
+    const int rows = static_cast<int>(imin(kMrF, m - m0));
+    std::memset(tile, 0, sizeof(float) * kBlockN * rows);
+    with_rows<kMrF>(rows, [&](auto r) {
+      fma_kernel<decltype(r)::value>(x + m0 * k, k, 0, k, load, tile);
+    });
+    store_tile(yb + m0 * n, n, rows, valid, scale, bias, tile);
+  }
+}
+
+// ---- W8A16 ---------------------------------------------------------------------------------------
+
+struct W8A16Args {
+  const float* x;
+  int64_t m, k;
+  const int8_t* wp;
+  const float* scales;
+  const float* bias;
+  int64_t n;
+  float* y;
+};
+
+void w8a16_task(void* ctx, int64_t b0, int64_t b1) {
+  const auto& a = *static_cast<const W8A16Args*>(ctx);
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int8_t* bp = a.wp + blk * a.k * kBlockN;
+    const auto load = [bp](int64_t kk, int v) { return F::i8(bp + kk * kBlockN + v * F::W); };
+    a16_block(
+        a.x, a.m, a.k, a.n, blk, a.scales + blk * kBlockN, a.bias ? a.bias + blk * kBlockN : nullptr, a.y,
+        [&](auto rows, float* tile) {
+          fma_kernel<decltype(rows)::value>(a.x, a.k, 0, a.k, load, tile, reinterpret_cast<const uint8_t*>(bp),
+                                            kBlockN);
+        },
+        [&](float* panel) {
+          for (int64_t kk = 0; kk < a.k; ++kk)
+            for (int v = 0; v < NV; ++v) F::store(panel + kk * kBlockN + v * F::W, load(kk, v));
+        });
+  }
+}
+
+// ---- W4A16 ---------------------------------------------------------------------------------------
+
+struct W4A16Args {
+  const float* x;
+  int64_t m, k;
+  const uint8_t* wp;
+  int64_t kp;
+  const float* s;
+  const float* zs;
+  int64_t group;
+  const float* bias;
+  int64_t n;
+  float* y;
+  const float* xsum;  // [m, groups]: sum of x over each group (rows m <= kMrF only)
+};
+
+inline typename F::R u4_col(const uint8_t* row16, int v) {
+  return F::u4(row16 + (v * F::W) % 16, v * F::W >= 16);
+}
+
+void w4a16_task(void* ctx, int64_t b0, int64_t b1) {
+  const auto& a = *static_cast<const W4A16Args*>(ctx);
+  const int64_t ldg = (a.n + kBlockN - 1) / kBlockN * kBlockN;  // row stride of s / zs
+  const int64_t groups = (a.k + a.group - 1) / a.group;
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const uint8_t* bp = a.wp + blk * a.kp * (kBlockN / 2);
+    // One group at a time: its scales and zero terms live in registers.
+    const auto for_groups = [&](auto&& body) {
+      for (int64_t g = 0; g < groups; ++g) {
+        typename F::R s[NV], z[NV];
+        for (int v = 0; v < NV; ++v) {
+          s[v] = F::load(a.s + g * ldg + blk * kBlockN + v * F::W);
+          z[v] = F::load(a.zs + g * ldg + blk * kBlockN + v * F::W);
+        }
+        const auto load = [&](int64_t kk, int v) {
+          return F::fma(u4_col(bp + kk * (kBlockN / 2), v), s[v], z[v]);
+        };
+        body(g * a.group, imin(a.k, (g + 1) * a.group), load);
+      }
+    };
+    a16_block(
+        a.x, a.m, a.k, a.n, blk, nullptr, a.bias ? a.bias + blk * kBlockN : nullptr, a.y,
+        [&](auto rows, float* tile) {
+          if (a.xsum == nullptr) {  // more than 512 groups: dequantize in the loop
+            for_groups([&](int64_t k0, int64_t k1, const auto& load) {
+              fma_kernel<decltype(rows)::value>(a.x, a.k, k0, k1, load, tile);
+            });
+            return;
+          }
+          // Few rows: sum x * code over the group, then scale once: tile += s * acc + zs * sum(x).
+          constexpr int MR = decltype(rows)::value;
+          alignas(64) float gtile[MR * kBlockN];
+          const auto codes = [bp](int64_t kk, int v) { return u4_col(bp + kk * (kBlockN / 2), v); };
+          for (int64_t g = 0; g < groups; ++g) {
+            const int64_t k0 = g * a.group, k1 = imin(a.k, (g + 1) * a.group);
+            std::memset(gtile, 0, sizeof(gtile));
+            fma_kernel<MR>(a.x, a.k, k0, k1, codes, gtile, bp, kBlockN / 2);
+            const float* sg = a.s + g * ldg + blk * kBlockN;
+            const float* zg = a.zs + g * ldg + blk * kBlockN;
+            for (int r = 0; r < MR; ++r) {
+              const typename F::R xsv = F::set1(a.xsum[r * groups + g]);
+              for (int v = 0; v < NV; ++v) {
+                float* t = tile + r * kBlockN + v * F::W;
+                const typename F::R acc = F::fma(xsv, F::load(zg + v * F::W), F::load(t));
+                F::store(t, F::fma(F::load(gtile + r * kBlockN + v * F::W), F::load(sg + v * F::W), acc));
+              }
+            }
+          }
+        },
+        [&](float* panel) {
+          for_groups([&](int64_t k0, int64_t k1, const auto& load) {
+            for (int64_t kk = k0; kk < k1; ++kk)
+              for (int v = 0; v < NV; ++v) F::store(panel + kk * kBlockN + v * F::W, load(kk, v));
+          });
+        });
+  }
+}
+
+// ---- W8A8 ----------------------------------------------------------------------------------------
+
+constexpr int NVI = kBlockN / I::W;
+
+struct W8A8Args {
+  const uint8_t* xq;  // [m, k4], signed or offset-128 codes (I::kUnsignedA)
+  const float* xa;    // [m]
+  int64_t m, k4;
+  const int8_t* wp;
+  const int32_t* wsum;
+  const float* scales;
+  const float* bias;
+  int64_t n;
+  float* y;
+};
+
+inline int32_t load_word(const uint8_t* p) {
+  int32_t w;
+  std::memcpy(&w, p, 4);
+  return w;
+}
+
+// tile[r][:] = sum_s dot(x codes of row r at step s, weights of step s)   (int32)
+template <int MR>
+__attribute__((noinline)) void i8_kernel(const uint8_t* xr, int64_t lda, const int8_t* bp, int64_t steps,
+                                         int32_t* tile) {
+  typename I::R acc[MR][NVI];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 32
+    for (int v = 0; v < NVI; ++v) acc[r][v] = I::zero();
+  for (int64_t s = 0; s < steps; ++s) {
+    const int8_t* b = bp + s * (4 * kBlockN);
+    __builtin_prefetch(b + kPrefetch);  // one step = 128 bytes = two cache lines
+    __builtin_prefetch(b + kPrefetch + 64);
+    typename I::B bv[NVI];
+#pragma GCC unroll 32
+    for (int v = 0; v < NVI; ++v) bv[v] = I::loadb(b + v * I::W * 4);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const auto ap = I::prep(load_word(xr + r * lda + 4 * s));
+#pragma GCC unroll 32
+      for (int v = 0; v < NVI; ++v) acc[r][v] = I::dot(acc[r][v], ap, bv[v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 32
+    for (int v = 0; v < NVI; ++v) I::store(tile + r * kBlockN + v * I::W, acc[r][v]);
+}
+
+void w8a8_task(void* ctx, int64_t b0, int64_t b1) {
+  const auto& a = *static_cast<const W8A8Args*>(ctx);
+  const int64_t steps = a.k4 / 4;
+  alignas(64) int32_t tile[kMrI * kBlockN];
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int8_t* bp = a.wp + blk * steps * (4 * kBlockN);
+    const int64_t valid = imin(kBlockN, a.n - blk * kBlockN);
+    const int32_t* ws = a.wsum + blk * kBlockN;
+    const float* sc = a.scales + blk * kBlockN;
+    const float* bi = a.bias ? a.bias + blk * kBlockN : nullptr;
+    for (int64_t m0 = 0; m0 < a.m; m0 += kMrI) {
+      const int rows = static_cast<int>(imin(kMrI, a.m - m0));
+      with_rows<kMrI>(rows, [&](auto r) { i8_kernel<decltype(r)::value>(a.xq + m0 * a.k4, a.k4, bp, steps, tile); });
+      for (int r = 0; r < rows; ++r) {
+        typename F::R out[NV];
+        const typename F::R xa = F::set1(a.xa[m0 + r]);
+        for (int v = 0; v < NVI; ++v) {
+          typename I::R t = I::load(tile + r * kBlockN + v * I::W);
+          if (I::kUnsignedA) t = I::sub(t, I::shl7(I::load(ws + v * I::W)));  // codes were offset by 128
+          const typename F::R f = I::to_float(t);
+          const typename F::R sv = F::mul(xa, F::load(sc + v * I::W));
+          out[v] = bi ? F::fma(f, sv, F::load(bi + v * I::W)) : F::mul(f, sv);
+        }
+        store_block(a.y + (m0 + r) * a.n + blk * kBlockN, out, valid);
+      }
+    }
+  }
+}
+
+// ---- entry points --------------------------------------------------------------------------------
+
+inline int clamp_threads(int threads, int64_t m, int64_t n, int64_t k) {
+  // Below ~64k multiply-adds the wake-up of a second thread costs more than it saves.
+  if (m * n * k < (int64_t{1} << 16)) return 1;
+  return threads < 1 ? 1 : threads;
+}
+
+void w8a16(const float* x, int64_t m, int64_t k, const int8_t* wp, const float* scales, const float* bias,
+           int64_t n, float* y, int threads) {
+  W8A16Args args{x, m, k, wp, scales, bias, n, y};
+  parallel_for((n + kBlockN - 1) / kBlockN, clamp_threads(threads, m, n, k), w8a16_task, &args);
+}
+
+void w4a16(const float* x, int64_t m, int64_t k, const uint8_t* wp, int64_t kp, const float* s, const float* zs,
+           int64_t group, const float* bias, int64_t n, float* y, int threads) {
+  const int64_t groups = (k + group - 1) / group;
+  float xsum[kMrF * 512];
+  const float* xs = nullptr;
+  if (m <= kMrF && groups <= 512) {  // the direct path's per-group sums of x, once per call
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        float t = 0.0f;
+        for (int64_t kk = g * group; kk < imin(k, (g + 1) * group); ++kk) t += x[r * k + kk];
+        xsum[r * groups + g] = t;
+      }
+    xs = xsum;
+  }
+  W4A16Args args{x, m, k, wp, kp, s, zs, group, bias, n, y, xs};
+  parallel_for((n + kBlockN - 1) / kBlockN, clamp_threads(threads, m, n, k), w4a16_task, &args);
+}
+
+struct QuantArgs {
+  const float* x;
+  int64_t k, k4;
+  uint8_t* q;
+  float* a;
+};
+
+void quantize_task(void* ctx, int64_t r0, int64_t r1) {
+  const auto& a = *static_cast<const QuantArgs*>(ctx);
+  for (int64_t r = r0; r < r1; ++r) quantize_row(a.x + r * a.k, a.k, a.k4, a.q + r * a.k4, a.a + r);
+}
+
+void w8a8(const float* x, int64_t m, int64_t k, const int8_t* wp, const int32_t* wsum, const float* scales,
+          const float* bias, int64_t n, float* y, int threads) {
+  const int64_t k4 = (k + 3) / 4 * 4;
+  auto* buf = static_cast<uint8_t*>(scratch(t_act, m * k4 + sizeof(float) * m + 64));
+  float* xa = reinterpret_cast<float*>(buf + (m * k4 + 63) / 64 * 64);
+  const int t = clamp_threads(threads, m, n, k);
+  QuantArgs qa{x, k, k4, buf, xa};
+  parallel_for(m, m * k >= (1 << 15) ? t : 1, quantize_task, &qa);
+  W8A8Args args{buf, xa, m, k4, wp, wsum, scales, bias, n, y};
+  parallel_for((n + kBlockN - 1) / kBlockN, t, w8a8_task, &args);
+}
+
+void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* xq, float* a) {
+  const int64_t k4 = (k + 3) / 4 * 4;
+  uint8_t row[64 + 4];
+  uint8_t* tmp = k4 <= 64 ? row : static_cast<uint8_t*>(std::malloc(k4));
+  for (int64_t r = 0; r < m; ++r) {
+    quantize_row(x + r * k, k, k4, tmp, a + r);
+    for (int64_t j = 0; j < k; ++j) xq[r * k + j] = static_cast<int8_t>(I::kUnsignedA ? tmp[j] - 128 : tmp[j]);
+  }
+  if (tmp != row) std::free(tmp);
+}
+
+}  // namespace
+
+const KernelTable kTable = {
+    QR_ISA_NAME, w8a16, w4a16, w8a8, quantize_rows,
+};
+
+}  // namespace qruntime::cpu::QR_NS

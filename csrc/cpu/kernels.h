@@ -1,0 +1,53 @@
+// CPU GEMM kernels over the CPU-packed weight layouts of docs/formats.md ("CPU layouts").
+// One implementation (gemm_impl.h) is compiled once per ISA level with that level's flags
+// (gemm_avx512.cpp, gemm_avx2.cpp, gemm_scalar.cpp); dispatch.cpp picks the table at run time from the
+// CPU that runs, never the one that built. No torch headers.
+#pragma once
+#include <cstdint>
+
+namespace qruntime::cpu {
+
+// Columns of one packed weight block: every CPU layout stores output channels in blocks of 32.
+constexpr int kBlockN = 32;
+
+struct KernelTable {
+  const char* name;
+  // y[m, n] = scales[n] * sum_k x[m, k] * q[n, k] + bias[n]
+  //   x: f32 [m, k]; wp: int8 [nb, k, 32]; scales, bias: f32 [nb * 32] (bias may be null); y: f32 [m, n]
+  void (*w8a16)(const float* x, int64_t m, int64_t k, const int8_t* wp, const float* scales,
+                const float* bias, int64_t n, float* y, int threads);
+  // y[m, n] = sum_k x[m, k] * (u[n, k] * s[g, n] + zs[g, n]) + bias[n],  g = k / group
+  //   wp: u8 [nb, kp, 16] (byte j: low nibble column j, high nibble column j + 16 of the block);
+  //   s, zs: f32 [kp / group, nb * 32] with zs = -zero * s; k <= kp columns of x are used.
+  void (*w4a16)(const float* x, int64_t m, int64_t k, const uint8_t* wp, int64_t kp, const float* s,
+                const float* zs, int64_t group, const float* bias, int64_t n, float* y, int threads);
+  // Dynamic per-token INT8 activations: a[m] = max_k |x[m, k]| / 127, xq = round_half_even(x * 127 / max)
+  // y[m, n] = a[m] * scales[n] * sum_k xq[m, k] * q[n, k] + bias[n]  (int32 accumulation)
+  //   wp: int8 [nb, k4 / 4, 32, 4] (k4 = k rounded up to 4); wsum: int32 [nb * 32], sum_k q[n, k]
+  void (*w8a8)(const float* x, int64_t m, int64_t k, const int8_t* wp, const int32_t* wsum,
+               const float* scales, const float* bias, int64_t n, float* y, int threads);
+  // The per-token quantization w8a8 applies, exposed for tests: xq int8 [m, k], a f32 [m].
+  void (*quantize_rows)(const float* x, int64_t m, int64_t k, int8_t* xq, float* a);
+};
+
+const KernelTable& table_scalar();
+const KernelTable& table_avx2();
+const KernelTable& table_avx512();
+
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+constexpr int kNumIsa = 3;
+
+const char* isa_name(Isa isa);
+bool isa_from_name(const char* name, Isa* out);
+bool isa_supported(Isa isa);   // can this CPU (and OS) run it?
+Isa best_isa();
+Isa current_isa();
+void set_isa(Isa isa);          // caller checks isa_supported first
+const KernelTable& current_table();
+
+// Runs fn(ctx, begin, end) over [0, n) split in `threads` contiguous slices on a persistent pool
+// (the calling thread takes the first slice). Calls are serialized; safe after fork.
+using TaskFn = void (*)(void* ctx, int64_t begin, int64_t end);
+void parallel_for(int64_t n, int threads, TaskFn fn, void* ctx);
+
+}  // namespace qruntime::cpu
