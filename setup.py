@@ -20,10 +20,34 @@ if X86:
     ]
 
 
+def _has_openmp(compiler, tmpdir) -> bool:
+    import os
+    import tempfile
+
+    src = os.path.join(tempfile.mkdtemp(dir=tmpdir), "omp.cpp")
+    with open(src, "w") as f:
+        f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+    try:
+        objs = compiler.compile([src], output_dir=os.path.dirname(src), extra_postargs=["-fopenmp"])
+        compiler.link_executable(objs, "omp", output_dir=os.path.dirname(src), extra_postargs=["-fopenmp"])
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: build without OpenMP
+        return False
+
+
 class BuildExt(build_ext):
-    """Compiles each ISA source with its own flags, then links everything into one module."""
+    """Compiles each ISA source with its own flags, then links everything into one module.
+
+    With OpenMP available the kernels' threads are torch's own OpenMP team (see csrc/cpu/parallel.cpp).
+    """
 
     def build_extension(self, ext):
+        import os
+
+        os.makedirs(self.build_temp, exist_ok=True)
+        if _has_openmp(self.compiler, self.build_temp):
+            ext.extra_compile_args = list(ext.extra_compile_args) + ["-fopenmp"]
+            ext.extra_link_args = list(ext.extra_link_args) + ["-fopenmp"]
         objects = []
         for source, flags in ISA_SOURCES.items():
             objects += self.compiler.compile(

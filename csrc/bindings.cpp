@@ -174,6 +174,12 @@ PYBIND11_MODULE(_C, m) {
       if (qc::isa_supported(static_cast<qc::Isa>(i))) out.emplace_back(qc::isa_name(static_cast<qc::Isa>(i)));
     return out;
   });
+  m.def("threading", [] { return std::string(qc::using_thread_pool() ? "pool" : "openmp"); },
+        "which threads run the kernels: 'openmp' (torch's OpenMP team) or 'pool' (qruntime's own)");
+  m.def("set_threading", [](const std::string& name) {
+    if (name != "openmp" && name != "pool") throw py::value_error("threading '" + name + "': expected 'openmp' or 'pool'");
+    if (!qc::use_thread_pool(name == "pool")) throw py::value_error("threading 'openmp': built without OpenMP");
+  }, py::arg("name"));
   m.def("set_isa", [](const std::string& name) {
     const qc::Isa isa = parse_isa(name);
     if (!qc::isa_supported(isa)) {

@@ -123,15 +123,14 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
-        direct = ops.eager_cpu(x2d, self.bias)  # the same CPU kernels the op runs, without the dispatcher
-        if self.quant.act_bits == 8:
-            y = (ops.cpu_w8a8 if direct else ops.w8a8_linear)(x2d, self.qweight, self.scales, self.bias)
+        if ops.eager_cpu(x2d, self.bias):  # the same CPU kernels the ops run, without the dispatcher
+            y = ops.run_checked_module(self, x2d)
+        elif self.quant.act_bits == 8:
+            y = ops.w8a8_linear(x2d, self.qweight, self.scales, self.bias)
         elif self.quant.bits == 8:
-            y = (ops.cpu_w8a16 if direct else ops.w8a16_linear)(x2d, self.qweight, self.scales, self.bias)
+            y = ops.w8a16_linear(x2d, self.qweight, self.scales, self.bias)
         else:
-            y = (ops.cpu_w4a16 if direct else ops.w4a16_linear)(
-                x2d, self.qweight, self.scales, self.zeros, self.group_size, self.bias
-            )
+            y = ops.w4a16_linear(x2d, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

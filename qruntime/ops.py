@@ -206,43 +206,56 @@ def _out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return xf, torch.empty((x.shape[0], n), dtype=torch.float32)
 
 
-def cpu_w8a16(x, qweight, scales, bias):
-    """The ``cpu`` kernel of :func:`w8a16_linear` (C++)."""
-    _check_int8(x, qweight, scales, bias)
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _run_int8(act_bits: int, x, qweight, scales, bias):
     n = qweight.shape[0]
-    p = _packed(qweight, "w8a16", (_version(qweight), _version(scales)), lambda: _np(cpu_int8(qweight.contiguous(), scales, 16)))
+    versions = (_version(qweight), _version(scales))
+    if act_bits == 8:
+        p = _packed(qweight, "w8a8", versions, lambda: _np(cpu_int8(qweight.contiguous(), scales, 8)))
+    else:
+        p = _packed(qweight, "w8a16", versions, lambda: _np(cpu_int8(qweight.contiguous(), scales, 16)))
     xf, out = _out(x, n)
     if x.shape[0]:
-        extension().w8a16_gemm(xf.numpy(), p["panels"], p["scales"], _bias_array(bias), n, out.numpy(), torch.get_num_threads())
+        if act_bits == 8:
+            extension().w8a8_gemm(
+                xf.numpy(), p["vnni"], p["wsum"], p["scales"], _bias_array(bias), n, out.numpy(), _threads()
+            )
+        else:
+            extension().w8a16_gemm(xf.numpy(), p["panels"], p["scales"], _bias_array(bias), n, out.numpy(), _threads())
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
-def cpu_w8a8(x, qweight, scales, bias):
-    """The ``cpu`` kernel of :func:`w8a8_linear` (C++)."""
-    _check_int8(x, qweight, scales, bias)
-    n = qweight.shape[0]
-    p = _packed(qweight, "w8a8", (_version(qweight), _version(scales)), lambda: _np(cpu_int8(qweight.contiguous(), scales, 8)))
-    xf, out = _out(x, n)
-    if x.shape[0]:
-        extension().w8a8_gemm(
-            xf.numpy(), p["vnni"], p["wsum"], p["scales"], _bias_array(bias), n, out.numpy(), torch.get_num_threads()
-        )
-    return out if x.dtype == torch.float32 else out.to(x.dtype)
-
-
-def cpu_w4a16(x, qweight, scales, zeros, group_size, bias):
-    """The ``cpu`` kernel of :func:`w4a16_linear` (C++)."""
-    _check_w4a16(x, qweight, scales, zeros, group_size, bias)
+def _run_w4a16(x, qweight, scales, zeros, group_size, bias):
     n = qweight.shape[0]
     key = (_version(qweight), _version(scales), _version(zeros))
     p = _packed(qweight, "w4a16", key, lambda: _np(cpu_int4(qweight.contiguous(), scales, zeros)))
     xf, out = _out(x, n)
     if x.shape[0]:
         extension().w4a16_gemm(
-            xf.numpy(), p["panels"], p["s"], p["zs"], group_size, _bias_array(bias), n, out.numpy(),
-            torch.get_num_threads(),
+            xf.numpy(), p["panels"], p["s"], p["zs"], group_size, _bias_array(bias), n, out.numpy(), _threads()
         )
     return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def cpu_w8a16(x, qweight, scales, bias):
+    """The ``cpu`` kernel of :func:`w8a16_linear` (C++)."""
+    _check_int8(x, qweight, scales, bias)
+    return _run_int8(16, x, qweight, scales, bias)
+
+
+def cpu_w8a8(x, qweight, scales, bias):
+    """The ``cpu`` kernel of :func:`w8a8_linear` (C++)."""
+    _check_int8(x, qweight, scales, bias)
+    return _run_int8(8, x, qweight, scales, bias)
+
+
+def cpu_w4a16(x, qweight, scales, zeros, group_size, bias):
+    """The ``cpu`` kernel of :func:`w4a16_linear` (C++)."""
+    _check_w4a16(x, qweight, scales, zeros, group_size, bias)
+    return _run_w4a16(x, qweight, scales, zeros, group_size, bias)
 
 
 def _np(layout) -> dict:
@@ -255,6 +268,18 @@ if CPU_KERNELS:
     w8a16_linear.register_kernel("cpu")(cpu_w8a16)
     w8a8_linear.register_kernel("cpu")(cpu_w8a8)
     w4a16_linear.register_kernel("cpu")(cpu_w4a16)
+
+
+def run_checked_module(module, x2d: torch.Tensor) -> torch.Tensor:
+    """The CPU kernel of a :class:`~qruntime.nn.QuantLinear` for ``x2d`` [M, in_features] (float).
+
+    The module's buffers were validated when it was built, and ``x2d`` comes from a reshape to
+    ``in_features``: the per-call argument checks of the public ops are skipped."""
+    if not x2d.is_floating_point():
+        raise TypeError(f"x: dtype {x2d.dtype} is not a floating-point dtype")
+    if module.quant.bits == 8:
+        return _run_int8(module.quant.act_bits, x2d, module.qweight, module.scales, module.bias)
+    return _run_w4a16(x2d, module.qweight, module.scales, module.zeros, module.group_size, module.bias)
 
 
 def eager_cpu(x: torch.Tensor, bias: torch.Tensor | None) -> bool:

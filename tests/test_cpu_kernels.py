@@ -117,6 +117,35 @@ def test_threads_give_identical_results(isa):
         assert all(np.array_equal(a, b) for a, b in zip(outs[0], o))
 
 
+def test_thread_pool_and_openmp_give_identical_results():
+    """The std::thread pool (the no-OpenMP fallback) and torch's OpenMP team split the same blocks."""
+    ext = extension()
+    q4, s4, z4, gs = quantize_int4(torch.randn(300, 260), 32, True)
+    q, s = quantize_int8_per_channel(torch.randn(300, 260))
+    x = torch.randn(33, 260)
+    before, threads_before = ext.threading(), torch.get_num_threads()
+    outs = {}
+    try:
+        for mode in ("pool", "openmp"):
+            try:
+                ext.set_threading(mode)
+            except ValueError:  # built without OpenMP
+                continue
+            outs[mode] = [ops.w8a8_linear(x, q, s, None), ops.w4a16_linear(x, q4, s4, z4, gs, None)]
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                again = [ops.w8a8_linear(x, q, s, None), ops.w4a16_linear(x, q4, s4, z4, gs, None)]
+                assert all(torch.equal(a, b) for a, b in zip(outs[mode], again))
+    finally:
+        torch.set_num_threads(threads_before)
+        ext.set_threading(before)
+    assert "pool" in outs
+    if "openmp" in outs:
+        assert all(torch.equal(a, b) for a, b in zip(outs["pool"], outs["openmp"]))
+    with pytest.raises(ValueError, match="threading 'fibers'"):
+        ext.set_threading("fibers")
+
+
 def test_isa_levels_agree_closely():
     q, s = quantize_int8_per_channel(torch.randn(90, 150))
     x = torch.randn(20, 150)

@@ -49,5 +49,8 @@ const KernelTable& current_table();
 // (the calling thread takes the first slice). Calls are serialized; safe after fork.
 using TaskFn = void (*)(void* ctx, int64_t begin, int64_t end);
 void parallel_for(int64_t n, int threads, TaskFn fn, void* ctx);
+bool openmp_available();        // built with OpenMP (then torch's OpenMP team runs the kernels)
+bool use_thread_pool(bool on);  // run on the std::thread pool instead; false if OpenMP is unavailable
+bool using_thread_pool();
 
 }  // namespace qruntime::cpu
