@@ -133,6 +133,12 @@ class QuantLinear(nn.Module):
             y = ops.w4a16_linear(x2d, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def __getstate__(self):
+        # the CPU kernels' cached arguments (ops.run_checked_module) are rebuilt on use, never saved
+        state = self.__dict__.copy()
+        state.pop("_cpu_plan", None)
+        return state
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, format={self.quant.name}, "

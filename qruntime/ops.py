@@ -270,16 +270,44 @@ if CPU_KERNELS:
     w4a16_linear.register_kernel("cpu")(cpu_w4a16)
 
 
+def _module_plan(module) -> tuple:
+    """(extension function name, the arguments between x and n) for a QuantLinear's CPU kernel."""
+    bias = _bias_array(module.bias) if module.bias is not None else None
+    if module.quant.bits == 4:
+        p = _np(cpu_int4(module.qweight.contiguous(), module.scales, module.zeros))
+        return "w4a16_gemm", (p["panels"], p["s"], p["zs"], module.group_size, bias)
+    if module.quant.act_bits == 8:
+        p = _np(cpu_int8(module.qweight.contiguous(), module.scales, 8))
+        return "w8a8_gemm", (p["vnni"], p["wsum"], p["scales"], bias)
+    p = _np(cpu_int8(module.qweight.contiguous(), module.scales, 16))
+    return "w8a16_gemm", (p["panels"], p["scales"], bias)
+
+
 def run_checked_module(module, x2d: torch.Tensor) -> torch.Tensor:
     """The CPU kernel of a :class:`~qruntime.nn.QuantLinear` for ``x2d`` [M, in_features] (float).
 
     The module's buffers were validated when it was built, and ``x2d`` comes from a reshape to
-    ``in_features``: the per-call argument checks of the public ops are skipped."""
+    ``in_features``: the per-call argument checks of the public ops are skipped, and the kernel's
+    arguments (the CPU layout included) are kept on the module, rebuilt when a buffer is replaced or
+    changed in place (e.g. by ``load_state_dict``)."""
     if not x2d.is_floating_point():
         raise TypeError(f"x: dtype {x2d.dtype} is not a floating-point dtype")
-    if module.quant.bits == 8:
-        return _run_int8(module.quant.act_bits, x2d, module.qweight, module.scales, module.bias)
-    return _run_w4a16(x2d, module.qweight, module.scales, module.zeros, module.group_size, module.bias)
+    q, s, z, b = module.qweight, module.scales, module.zeros, module.bias
+    try:
+        key = (q.data_ptr(), q._version, s.data_ptr(), s._version, None if z is None else (z.data_ptr(), z._version),
+               None if b is None else (b.data_ptr(), b._version, b.dtype))
+    except RuntimeError:  # inference tensors have no version counter: no plan is kept
+        key = None
+    plan = module.__dict__.get("_cpu_plan")
+    if plan is None or key is None or plan[0] != key:
+        plan = (key, *_module_plan(module))
+        if key is not None:
+            module.__dict__["_cpu_plan"] = plan
+    n = module.out_features
+    xf, out = _out(x2d, n)
+    if x2d.shape[0]:
+        getattr(extension(), plan[1])(xf.numpy(), *plan[2], n, out.numpy(), torch.get_num_threads())
+    return out if x2d.dtype == torch.float32 else out.to(x2d.dtype)
 
 
 def eager_cpu(x: torch.Tensor, bias: torch.Tensor | None) -> bool:

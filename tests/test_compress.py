@@ -201,3 +201,20 @@ def test_bf16_model_runs_quantized(tiny_llama):
     with torch.no_grad():
         out = model(ids).logits
     assert out.dtype == torch.bfloat16 and sqnr_db(ref, out.float()) > 20
+
+
+def test_module_kernel_arguments_follow_load_state_dict_and_pickle(tiny_llama, tmp_path):
+    """The module keeps its CPU kernel's arguments; a load_state_dict (in-place copy) must refresh them."""
+    compress(tiny_llama, "w8a8", progress=False)
+    layer = tiny_llama.model.layers[0].self_attn.q_proj
+    other = QuantLinear.from_linear(nn.Linear(layer.in_features, layer.out_features, bias=False), layer.quant)
+    x = torch.randn(4, layer.in_features)
+    with torch.no_grad():
+        before = layer(x)
+        layer.load_state_dict(other.state_dict())
+        after, expected = layer(x), other(x)
+    assert torch.equal(after, expected) and not torch.equal(after, before)
+    torch.save(tiny_llama, tmp_path / "m.pt")  # the cached arguments are not pickled
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.layers[0].self_attn.q_proj(x), expected)
