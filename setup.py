@@ -13,26 +13,34 @@ X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 # source -> the flags of its ISA level (added to the extension's common flags)
 ISA_SOURCES = {"csrc/cpu/gemm_scalar.cpp": []}
+# (-Wno-*uninitialized: GCC 12's AVX-512 headers trip these warnings on their own code)
+AVX512 = ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+          "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
+AMX = AVX512 + ["-mamx-tile", "-mamx-int8"]
 if X86:
     ISA_SOURCES["csrc/cpu/gemm_avx2.cpp"] = ["-mavx2", "-mfma"]
-    ISA_SOURCES["csrc/cpu/gemm_avx512.cpp"] = [
-        "-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
-    ]
+    ISA_SOURCES["csrc/cpu/gemm_avx512.cpp"] = AVX512
+    ISA_SOURCES["csrc/cpu/gemm_amx.cpp"] = AMX  # dropped if the compiler has no AMX intrinsics (GCC < 11)
 
 
-def _has_openmp(compiler, tmpdir) -> bool:
+def _compiles(compiler, tmpdir, code: str, flags: list[str], link: bool = False) -> bool:
     import os
     import tempfile
 
-    src = os.path.join(tempfile.mkdtemp(dir=tmpdir), "omp.cpp")
+    src = os.path.join(tempfile.mkdtemp(dir=tmpdir), "probe.cpp")
     with open(src, "w") as f:
-        f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        f.write(code)
     try:
-        objs = compiler.compile([src], output_dir=os.path.dirname(src), extra_postargs=["-fopenmp"])
-        compiler.link_executable(objs, "omp", output_dir=os.path.dirname(src), extra_postargs=["-fopenmp"])
+        objs = compiler.compile([src], output_dir=os.path.dirname(src), extra_postargs=flags)
+        if link:
+            compiler.link_executable(objs, "probe", output_dir=os.path.dirname(src), extra_postargs=flags)
         return True
-    except Exception:  # noqa: BLE001 - any failure means: build without OpenMP
+    except Exception:  # noqa: BLE001 - any failure means: build without this feature
         return False
+
+
+OPENMP_PROBE = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+AMX_PROBE = "#include <immintrin.h>\nvoid f(const void* p) { _tile_loadd(2, p, 64); _tile_dpbusd(0, 2, 3); }\n"
 
 
 class BuildExt(build_ext):
@@ -45,11 +53,17 @@ class BuildExt(build_ext):
         import os
 
         os.makedirs(self.build_temp, exist_ok=True)
-        if _has_openmp(self.compiler, self.build_temp):
+        if _compiles(self.compiler, self.build_temp, OPENMP_PROBE, ["-fopenmp"], link=True):
             ext.extra_compile_args = list(ext.extra_compile_args) + ["-fopenmp"]
             ext.extra_link_args = list(ext.extra_link_args) + ["-fopenmp"]
+        sources = dict(ISA_SOURCES)
+        if "csrc/cpu/gemm_amx.cpp" in sources:
+            if _compiles(self.compiler, self.build_temp, AMX_PROBE, AMX):
+                ext.define_macros = list(ext.define_macros or []) + [("QR_HAVE_AMX", "1")]
+            else:
+                del sources["csrc/cpu/gemm_amx.cpp"]
         objects = []
-        for source, flags in ISA_SOURCES.items():
+        for source, flags in sources.items():
             objects += self.compiler.compile(
                 [source],
                 output_dir=self.build_temp,

@@ -4,9 +4,10 @@
 
 For each recipe (default: fp32, w8a8, w8a16, w4a16-g128, and torch.ao dynamic int8 on the same layers
 as a peer), measured in one run on the same machine:
-  prefill: one forward over --prefill tokens (median of --repeats), tokens/s, with logits for the last
-           position only (logits_to_keep=1, as generate() does); the top-1 check below uses a full pass;
+  prefill: one forward over --prefill tokens, tokens/s, with logits for the last position only
+           (logits_to_keep=1, as generate() does);
   decode:  --decode greedy steps with the KV cache after a --prompt-token prompt, tokens/s;
+  both measured in --rounds interleaved rounds (each round runs every recipe once), medians reported;
   top-1 agreement: share of the prefill positions whose next-token argmax equals the fp32 model's
   (a sanity check on the same text; bench/eval_causal_lm.py measures accuracy properly).
 Recipes use round-to-nearest weights (GPTQ changes codes, not speed). "+head" variants also quantize
@@ -27,19 +28,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, write_json  # noqa: E402
 
 
-def _prefill(model, ids: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
-    times = []
+def _prefill(model, ids: torch.Tensor) -> float:
+    """tokens/s of one prefill pass (logits of the last position only, as generate() does)."""
     with torch.no_grad():
-        model(ids[:, :32])
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(ids, use_cache=True, logits_to_keep=1)
-            times.append(time.perf_counter() - t0)
-        top1 = model(ids, use_cache=False).logits[0].argmax(-1)
-    return ids.shape[1] / statistics.median(times), top1
+        t0 = time.perf_counter()
+        model(ids, use_cache=True, logits_to_keep=1)
+        return ids.shape[1] / (time.perf_counter() - t0)
+
+
+def _top1(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        model(ids[:, :32])  # warm-up (first-call work such as the CPU layouts is not timed)
+        return model(ids, use_cache=False).logits[0].argmax(-1)
 
 
 def _decode(model, prompt: torch.Tensor, steps: int) -> float:
+    """tokens/s of greedy decoding with the KV cache after the prompt."""
     with torch.no_grad():
         out = model(prompt, use_cache=True)
         past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -47,8 +51,7 @@ def _decode(model, prompt: torch.Tensor, steps: int) -> float:
         for _ in range(steps):
             out = model(tok, past_key_values=past, use_cache=True)
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        dt = time.perf_counter() - t0
-    return steps / dt
+        return steps / (time.perf_counter() - t0)
 
 
 def main(argv=None) -> int:
@@ -58,8 +61,8 @@ def main(argv=None) -> int:
                     default=["fp32", "w8a8", "w8a16", "w4a16-g128", "w8a8+head", "torch.ao-int8"])
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--decode", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode", type=int, default=32, help="greedy steps per round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -75,32 +78,37 @@ def main(argv=None) -> int:
     prompt = ids[:, : args.prompt]
     env = environment()
     print(f"# {args.model}; {env['cpu']}; {torch.get_num_threads()} threads; torch {env['torch']}; "
-          f"{env['cpu_backend']}")
-    rows, ref_tokens = [], None
+          f"{env['cpu_backend']}; {args.rounds} interleaved rounds, medians")
+    models = {}
     for recipe in args.recipes:
         if recipe == "fp32":
-            model = base
+            models[recipe] = base
         elif recipe == "torch.ao-int8":
             names, _ = select_targets(base, resolve_config("w8a8"))
             spec = {name: torch.ao.quantization.default_dynamic_qconfig for name, _ in names}
-            model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), spec, dtype=torch.qint8)
+            models[recipe] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), spec, dtype=torch.qint8)
         else:
             preset, _, extra = recipe.partition("+")
             exclude = tuple(p for p in DEFAULT_EXCLUDE if "lm_head" not in p) if extra == "head" else DEFAULT_EXCLUDE
-            model, _ = compress(base, resolve_config(preset, exclude=exclude), inplace=False, progress=False)
-        model.eval()
-        prefill, top1 = _prefill(model, ids, args.repeats)
-        decode = _decode(model, prompt, args.decode)
-        if ref_tokens is None:
-            ref_tokens = top1
-        agree = (top1 == ref_tokens).float().mean().item()
-        rows.append({"recipe": recipe, "prefill_tok_s": prefill, "decode_tok_s": decode, "top1_agreement": agree})
+            models[recipe], _ = compress(base, resolve_config(preset, exclude=exclude), inplace=False, progress=False)
+        models[recipe].eval()
+    # The machine's speed drifts (shared cores): every round measures every recipe once, side by side.
+    prefill = {r: [] for r in models}
+    decode = {r: [] for r in models}
+    top1 = {r: _top1(m, ids) for r, m in models.items()}
+    for _ in range(args.rounds):
+        for recipe, model in models.items():
+            prefill[recipe].append(_prefill(model, ids))
+            decode[recipe].append(_decode(model, prompt, args.decode))
+    rows = []
+    for recipe in models:
+        p, d = statistics.median(prefill[recipe]), statistics.median(decode[recipe])
+        agree = (top1[recipe] == top1[args.recipes[0]]).float().mean().item()
+        rows.append({"recipe": recipe, "prefill_tok_s": p, "decode_tok_s": d, "top1_agreement": agree,
+                     "prefill_tok_s_all": prefill[recipe], "decode_tok_s_all": decode[recipe]})
         r0 = rows[0]
-        print(f"{recipe:<16} prefill {prefill:8.1f} tok/s (x{prefill / r0['prefill_tok_s']:.2f})   "
-              f"decode {decode:7.2f} tok/s (x{decode / r0['decode_tok_s']:.2f})   top-1 agreement {agree:.3f}",
-              flush=True)
-        if model is not base:
-            del model
+        print(f"{recipe:<16} prefill {p:8.1f} tok/s (x{p / r0['prefill_tok_s']:.2f})   "
+              f"decode {d:7.2f} tok/s (x{d / r0['decode_tok_s']:.2f})   top-1 agreement {agree:.3f}", flush=True)
     write_json(args.json, {"environment": env, "args": vars(args), "rows": rows})
     return 0
 

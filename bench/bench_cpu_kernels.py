@@ -10,7 +10,8 @@ For every (K, N) layer shape, batch rows M and thread count, times (median of re
     w8a16 / w8a8 / w4a16-g128
                 qruntime QuantLinear modules (what compress() puts in a model; round-to-nearest codes)
 
-Weights are "cold" by default: each call uses the next of several copies whose total size is well
+Every cell is measured in --rounds interleaved rounds (each round times every method once; medians over
+rounds), so a drift in the machine's speed hits all methods alike. Weights are "cold" by default: each call uses the next of several copies whose total size is well
 above the last-level cache, as in a model forward where every layer's weights are read once per step
 (`--warm` reuses one copy). Ratios are speedups over fp32 measured in the same run.
 
@@ -143,7 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--m", type=int, nargs="+", default=None)
     ap.add_argument("--shapes", nargs="+", default=None, help="substrings of shape names")
     ap.add_argument("--warm", action="store_true", help="one weight copy (cache-resident when it fits)")
-    ap.add_argument("--budget", type=float, default=0.25, help="seconds per measurement (about)")
+    ap.add_argument("--budget", type=float, default=0.3, help="seconds per method and cell (about)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per cell; medians reported")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args(argv)
 
@@ -175,12 +177,23 @@ def main(argv=None) -> int:
             torch.set_num_threads(threads)
             for m in ms:
                 x = torch.randn(m, k)
-                base, _ = _time(fns["fp32"], x, args.budget, float("inf"))
-                timed = {meth: _time(f, x, args.budget, max(0.5, 20 * base)) for meth, f in fns.items() if meth != "fp32"}
-                times = {"fp32": base, **{meth: t for meth, (t, _) in timed.items()}}
+                # The machine's speed drifts (shared cores): --rounds interleaved rounds, each timing
+                # every method once, and the median over rounds.
+                per = {meth: [] for meth in fns}
+                calls = {meth: 0 for meth in fns}
+                slow = float("inf")
+                for _ in range(args.rounds):
+                    for meth, f in fns.items():
+                        t, c = _time(f, x, args.budget / args.rounds, slow if meth != "fp32" else float("inf"))
+                        per[meth].append(t)
+                        calls[meth] += c
+                        if meth == "fp32":
+                            slow = max(0.5, 20 * t)
+                times = {meth: statistics.median(v) for meth, v in per.items()}
+                base = times["fp32"]
                 row = {"shape": name, "K": k, "N": n, "M": m, "threads": threads,
                        "ms": {meth: t * 1e3 for meth, t in times.items()},
-                       "calls_timed": {meth: c for meth, (_, c) in timed.items()},
+                       "calls_timed": calls,
                        "speedup_vs_fp32": {meth: base / t for meth, t in times.items()}}
                 rows.append(row)
                 print(f"{name:30s} M={m:<4d} t={threads}  fp32 {base * 1e3:8.3f} ms  " + "  ".join(

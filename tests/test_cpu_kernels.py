@@ -159,15 +159,21 @@ def test_isa_levels_agree_closely():
 
 def test_isa_selection_errors_and_restore():
     before = ops.cpu_isa()
-    with pytest.raises(ValueError, match="'avx9000': unknown; expected one of scalar, avx2, avx512_vnni"):
+    with pytest.raises(ValueError, match="'avx9000': unknown; expected one of scalar, avx2, avx512_vnni, amx_int8"):
         ops.set_cpu_isa("avx9000")
-    for isa in ("scalar", "avx2", "avx512_vnni"):
+    for isa in ("scalar", "avx2", "avx512_vnni", "amx_int8"):
         if isa not in ISAS:
             with pytest.raises(ValueError, match="not supported by this CPU"):
                 ops.set_cpu_isa(isa)
     with ops.use_cpu_isa("scalar"):
         assert ops.cpu_backend() == "cpp:scalar"
     assert ops.cpu_isa() == before
+
+
+def test_amx_is_opt_in_until_validated():
+    """AMX is dispatched only when named (QRUNTIME_CPU_ISA=amx_int8): it has not run on AMX hardware yet.
+    On an AMX machine every test above runs it too (ISAS lists it), which is how it gets validated."""
+    assert extension().best_isa() != "amx_int8"
 
 
 def test_forced_isa_environment(tmp_path):

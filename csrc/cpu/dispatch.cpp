@@ -2,6 +2,11 @@
 // on the Python side (qruntime/_ext.py) and applied through set_isa.
 #include <atomic>
 #include <cstring>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "kernels.h"
 
@@ -15,6 +20,7 @@ const char* isa_name(Isa isa) {
     case Isa::kScalar: return "scalar";
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512Vnni: return "avx512_vnni";
+    case Isa::kAmxInt8: return "amx_int8";
   }
   return "unknown";
 }
@@ -29,6 +35,33 @@ bool isa_from_name(const char* name, Isa* out) {
   return false;
 }
 
+#if defined(__x86_64__)
+namespace {
+// AMX: CPUID.(7,0):EDX bits 24 (AMX-TILE) and 25 (AMX-INT8), the OS enables the tile state in XCR0
+// (bits 17, 18), and Linux grants this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM).
+bool amx_available() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 24) & 1) || !((d >> 25) & 1)) return false;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if (((lo >> 17) & 3) != 3) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+}  // namespace
+#endif
+
+bool isa_verified(Isa isa) {
+  // The AMX level is built and dispatchable but has not yet run on AMX hardware (none where it was
+  // written): until a test run there validates it, it is used only when asked for by name.
+  return isa != Isa::kAmxInt8;
+}
+
 bool isa_supported(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
   // __builtin_cpu_supports also checks that the OS saves the register state (XCR0).
@@ -39,6 +72,12 @@ bool isa_supported(Isa isa) {
     case Isa::kAvx512Vnni:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    case Isa::kAmxInt8:
+#if defined(QR_HAVE_AMX) && defined(__x86_64__)
+      return isa_supported(Isa::kAvx512Vnni) && amx_available();
+#else
+      return false;
+#endif
   }
   return false;
 #else
@@ -48,7 +87,7 @@ bool isa_supported(Isa isa) {
 
 Isa best_isa() {
   for (int i = kNumIsa - 1; i > 0; --i) {
-    if (isa_supported(static_cast<Isa>(i))) return static_cast<Isa>(i);
+    if (isa_verified(static_cast<Isa>(i)) && isa_supported(static_cast<Isa>(i))) return static_cast<Isa>(i);
   }
   return Isa::kScalar;
 }
@@ -66,6 +105,9 @@ void set_isa(Isa isa) { g_isa.store(static_cast<int>(isa), std::memory_order_rel
 
 const KernelTable& current_table() {
   switch (current_isa()) {
+#if defined(QR_HAVE_AMX)
+    case Isa::kAmxInt8: return table_amx();
+#endif
 #if defined(__x86_64__) || defined(__i386__)
     case Isa::kAvx512Vnni: return table_avx512();
     case Isa::kAvx2: return table_avx2();

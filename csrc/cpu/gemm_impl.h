@@ -294,15 +294,15 @@ inline int32_t load_word(const uint8_t* p) {
   return w;
 }
 
-// tile[r][:] = sum_s dot(x codes of row r at step s, weights of step s)   (int32)
-template <int MR>
+// tile[r][:] (+)= sum_s dot(x codes of row r at step s, weights of step s)   (int32)
+template <int MR, bool kAccumulate = false>
 __attribute__((noinline)) void i8_kernel(const uint8_t* xr, int64_t lda, const int8_t* bp, int64_t steps,
                                          int32_t* tile) {
   typename I::R acc[MR][NVI];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 32
-    for (int v = 0; v < NVI; ++v) acc[r][v] = I::zero();
+    for (int v = 0; v < NVI; ++v) acc[r][v] = kAccumulate ? I::load(tile + r * kBlockN + v * I::W) : I::zero();
   for (int64_t s = 0; s < steps; ++s) {
     const int8_t* b = bp + s * (4 * kBlockN);
     __builtin_prefetch(b + kPrefetch);  // one step = 128 bytes = two cache lines
@@ -323,19 +323,77 @@ __attribute__((noinline)) void i8_kernel(const uint8_t* xr, int64_t lda, const i
     for (int v = 0; v < NVI; ++v) I::store(tile + r * kBlockN + v * I::W, acc[r][v]);
 }
 
+#ifdef QR_AMX
+// AMX: tile registers 0-1 = C (16 rows x 16 int32 columns each), 2 = A (16 rows x 64 activation bytes),
+// 3-4 = B (16 k-steps x 16 columns x 4 bytes: exactly 64 bytes of our VNNI layout's 128-byte steps).
+struct TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+static_assert(sizeof(TileConfig) == 64, "AMX tile configuration is 64 bytes");
+
+void amx_configure() {
+  alignas(64) TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 5; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// tile [16][32] int32 = sum over `chunks` x 16 steps (64 k each) for 16 rows of xr (row stride lda)
+void amx_16x32(const uint8_t* xr, int64_t lda, const int8_t* bp, int64_t chunks, int32_t* tile) {
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int8_t* b = bp + c * 16 * (4 * kBlockN);
+    _tile_loadd(2, xr + 64 * c, lda);
+    _tile_loadd(3, b, 4 * kBlockN);
+    _tile_loadd(4, b + 64, 4 * kBlockN);
+    _tile_dpbusd(0, 2, 3);
+    _tile_dpbusd(1, 2, 4);
+  }
+  _tile_stored(0, tile, 4 * kBlockN);
+  _tile_stored(1, tile + 16, 4 * kBlockN);
+}
+#endif
+
 void w8a8_task(void* ctx, int64_t b0, int64_t b1) {
   const auto& a = *static_cast<const W8A8Args*>(ctx);
   const int64_t steps = a.k4 / 4;
-  alignas(64) int32_t tile[kMrI * kBlockN];
+  alignas(64) int32_t tile[(kMrI > 16 ? kMrI : 16) * kBlockN];
+#ifdef QR_AMX
+  amx_configure();  // tile state is per thread
+#endif
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int8_t* bp = a.wp + blk * steps * (4 * kBlockN);
     const int64_t valid = imin(kBlockN, a.n - blk * kBlockN);
     const int32_t* ws = a.wsum + blk * kBlockN;
     const float* sc = a.scales + blk * kBlockN;
     const float* bi = a.bias ? a.bias + blk * kBlockN : nullptr;
-    for (int64_t m0 = 0; m0 < a.m; m0 += kMrI) {
-      const int rows = static_cast<int>(imin(kMrI, a.m - m0));
-      with_rows<kMrI>(rows, [&](auto r) { i8_kernel<decltype(r)::value>(a.xq + m0 * a.k4, a.k4, bp, steps, tile); });
+    for (int64_t m0 = 0; m0 < a.m;) {
+      int rows = static_cast<int>(imin(kMrI, a.m - m0));
+#ifdef QR_AMX
+      if (a.m - m0 >= 16 && steps >= 16) {  // full AMX tiles; the K remainder (< 64) by VNNI
+        rows = 16;
+        const int64_t full = steps / 16 * 16;
+        const uint8_t* xr = a.xq + m0 * a.k4;
+        amx_16x32(xr, a.k4, bp, full / 16, tile);
+        if (full < steps) {
+          const int8_t* rest = bp + full * (4 * kBlockN);
+          i8_kernel<12, true>(xr + 4 * full, a.k4, rest, steps - full, tile);
+          i8_kernel<4, true>(xr + 12 * a.k4 + 4 * full, a.k4, rest, steps - full, tile + 12 * kBlockN);
+        }
+      } else
+#endif
+      {
+        with_rows<kMrI>(rows, [&](auto r) { i8_kernel<decltype(r)::value>(a.xq + m0 * a.k4, a.k4, bp, steps, tile); });
+      }
       for (int r = 0; r < rows; ++r) {
         typename F::R out[NV];
         const typename F::R xa = F::set1(a.xa[m0 + r]);
@@ -348,8 +406,12 @@ void w8a8_task(void* ctx, int64_t b0, int64_t b1) {
         }
         store_block(a.y + (m0 + r) * a.n + blk * kBlockN, out, valid);
       }
+      m0 += rows;
     }
   }
+#ifdef QR_AMX
+  _tile_release();
+#endif
 }
 
 // ---- entry points --------------------------------------------------------------------------------

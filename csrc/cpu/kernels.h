@@ -33,13 +33,15 @@ struct KernelTable {
 const KernelTable& table_scalar();
 const KernelTable& table_avx2();
 const KernelTable& table_avx512();
+const KernelTable& table_amx();  // only when built with QR_HAVE_AMX
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
-constexpr int kNumIsa = 3;
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmxInt8 = 3 };
+constexpr int kNumIsa = 4;
 
 const char* isa_name(Isa isa);
 bool isa_from_name(const char* name, Isa* out);
 bool isa_supported(Isa isa);   // can this CPU (and OS) run it?
+bool isa_verified(Isa isa);    // validated on real hardware: only those are chosen automatically
 Isa best_isa();
 Isa current_isa();
 void set_isa(Isa isa);          // caller checks isa_supported first
