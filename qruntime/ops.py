@@ -200,67 +200,52 @@ def _bias_array(bias: torch.Tensor | None):
     return _packed(bias, "bias", (_version(bias), bias.dtype), lambda: pad_channels(bias).numpy())
 
 
-def _out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x as contiguous float32, float32 output [M, n])."""
+def _np(layout) -> dict:
+    """The tensors of a CPU layout as numpy arrays (views: no copies), ready for the extension."""
+    return {k: v.numpy() for k, v in vars(layout).items() if isinstance(v, torch.Tensor)}
+
+
+def _kernel_call(kind: str, qweight, scales, zeros, group_size, bias) -> tuple[str, tuple]:
+    """(extension function, its arguments between x and n) for ``kind`` in w8a16 / w8a8 / w4a16.
+
+    The CPU layout comes from the per-weight cache, so the op and the module paths share one copy."""
+    versions = (_version(qweight), _version(scales), _version(zeros))
+    b = _bias_array(bias)
+    if kind == "w4a16":
+        p = _packed(qweight, kind, versions, lambda: _np(cpu_int4(qweight.contiguous(), scales, zeros)))
+        return "w4a16_gemm", (p["panels"], p["s"], p["zs"], group_size, b)
+    act_bits = 8 if kind == "w8a8" else 16
+    p = _packed(qweight, kind, versions, lambda: _np(cpu_int8(qweight.contiguous(), scales, act_bits)))
+    if kind == "w8a8":
+        return "w8a8_gemm", (p["vnni"], p["wsum"], p["scales"], b)
+    return "w8a16_gemm", (p["panels"], p["scales"], b)
+
+
+def _launch(call: tuple[str, tuple], x: torch.Tensor, n: int) -> torch.Tensor:
+    """Runs a :func:`_kernel_call` on ``x`` [M, K]; the output has x's dtype."""
     xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-    return xf, torch.empty((x.shape[0], n), dtype=torch.float32)
-
-
-def _threads() -> int:
-    return torch.get_num_threads()
-
-
-def _run_int8(act_bits: int, x, qweight, scales, bias):
-    n = qweight.shape[0]
-    versions = (_version(qweight), _version(scales))
-    if act_bits == 8:
-        p = _packed(qweight, "w8a8", versions, lambda: _np(cpu_int8(qweight.contiguous(), scales, 8)))
-    else:
-        p = _packed(qweight, "w8a16", versions, lambda: _np(cpu_int8(qweight.contiguous(), scales, 16)))
-    xf, out = _out(x, n)
+    out = torch.empty((x.shape[0], n), dtype=torch.float32)
     if x.shape[0]:
-        if act_bits == 8:
-            extension().w8a8_gemm(
-                xf.numpy(), p["vnni"], p["wsum"], p["scales"], _bias_array(bias), n, out.numpy(), _threads()
-            )
-        else:
-            extension().w8a16_gemm(xf.numpy(), p["panels"], p["scales"], _bias_array(bias), n, out.numpy(), _threads())
-    return out if x.dtype == torch.float32 else out.to(x.dtype)
-
-
-def _run_w4a16(x, qweight, scales, zeros, group_size, bias):
-    n = qweight.shape[0]
-    key = (_version(qweight), _version(scales), _version(zeros))
-    p = _packed(qweight, "w4a16", key, lambda: _np(cpu_int4(qweight.contiguous(), scales, zeros)))
-    xf, out = _out(x, n)
-    if x.shape[0]:
-        extension().w4a16_gemm(
-            xf.numpy(), p["panels"], p["s"], p["zs"], group_size, _bias_array(bias), n, out.numpy(), _threads()
-        )
+        getattr(extension(), call[0])(xf.numpy(), *call[1], n, out.numpy(), torch.get_num_threads())
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def cpu_w8a16(x, qweight, scales, bias):
     """The ``cpu`` kernel of :func:`w8a16_linear` (C++)."""
     _check_int8(x, qweight, scales, bias)
-    return _run_int8(16, x, qweight, scales, bias)
+    return _launch(_kernel_call("w8a16", qweight, scales, None, 0, bias), x, qweight.shape[0])
 
 
 def cpu_w8a8(x, qweight, scales, bias):
     """The ``cpu`` kernel of :func:`w8a8_linear` (C++)."""
     _check_int8(x, qweight, scales, bias)
-    return _run_int8(8, x, qweight, scales, bias)
+    return _launch(_kernel_call("w8a8", qweight, scales, None, 0, bias), x, qweight.shape[0])
 
 
 def cpu_w4a16(x, qweight, scales, zeros, group_size, bias):
     """The ``cpu`` kernel of :func:`w4a16_linear` (C++)."""
     _check_w4a16(x, qweight, scales, zeros, group_size, bias)
-    return _run_w4a16(x, qweight, scales, zeros, group_size, bias)
-
-
-def _np(layout) -> dict:
-    """The tensors of a CPU layout as numpy arrays (views: no copies), ready for the extension."""
-    return {k: v.numpy() for k, v in vars(layout).items() if isinstance(v, torch.Tensor)}
+    return _launch(_kernel_call("w4a16", qweight, scales, zeros, group_size, bias), x, qweight.shape[0])
 
 
 CPU_KERNELS = extension() is not None
@@ -270,44 +255,28 @@ if CPU_KERNELS:
     w4a16_linear.register_kernel("cpu")(cpu_w4a16)
 
 
-def _module_plan(module) -> tuple:
-    """(extension function name, the arguments between x and n) for a QuantLinear's CPU kernel."""
-    bias = _bias_array(module.bias) if module.bias is not None else None
-    if module.quant.bits == 4:
-        p = _np(cpu_int4(module.qweight.contiguous(), module.scales, module.zeros))
-        return "w4a16_gemm", (p["panels"], p["s"], p["zs"], module.group_size, bias)
-    if module.quant.act_bits == 8:
-        p = _np(cpu_int8(module.qweight.contiguous(), module.scales, 8))
-        return "w8a8_gemm", (p["vnni"], p["wsum"], p["scales"], bias)
-    p = _np(cpu_int8(module.qweight.contiguous(), module.scales, 16))
-    return "w8a16_gemm", (p["panels"], p["scales"], bias)
-
-
 def run_checked_module(module, x2d: torch.Tensor) -> torch.Tensor:
     """The CPU kernel of a :class:`~qruntime.nn.QuantLinear` for ``x2d`` [M, in_features] (float).
 
     The module's buffers were validated when it was built, and ``x2d`` comes from a reshape to
-    ``in_features``: the per-call argument checks of the public ops are skipped, and the kernel's
-    arguments (the CPU layout included) are kept on the module, rebuilt when a buffer is replaced or
-    changed in place (e.g. by ``load_state_dict``)."""
+    ``in_features``: the per-call argument checks of the public ops are skipped, and the kernel call
+    is kept on the module, rebuilt when a buffer is replaced or changed in place (e.g. by
+    ``load_state_dict``)."""
     if not x2d.is_floating_point():
         raise TypeError(f"x: dtype {x2d.dtype} is not a floating-point dtype")
     q, s, z, b = module.qweight, module.scales, module.zeros, module.bias
     try:
         key = (q.data_ptr(), q._version, s.data_ptr(), s._version, None if z is None else (z.data_ptr(), z._version),
                None if b is None else (b.data_ptr(), b._version, b.dtype))
-    except RuntimeError:  # inference tensors have no version counter: no plan is kept
+    except RuntimeError:  # inference tensors have no version counter: nothing is kept on the module
         key = None
     plan = module.__dict__.get("_cpu_plan")
     if plan is None or key is None or plan[0] != key:
-        plan = (key, *_module_plan(module))
+        kind = "w4a16" if module.quant.bits == 4 else ("w8a8" if module.quant.act_bits == 8 else "w8a16")
+        plan = (key, _kernel_call(kind, q, s, z, module.group_size, b))
         if key is not None:
             module.__dict__["_cpu_plan"] = plan
-    n = module.out_features
-    xf, out = _out(x2d, n)
-    if x2d.shape[0]:
-        getattr(extension(), plan[1])(xf.numpy(), *plan[2], n, out.numpy(), torch.get_num_threads())
-    return out if x2d.dtype == torch.float32 else out.to(x2d.dtype)
+    return _launch(plan[1], x2d, module.out_features)
 
 
 def eager_cpu(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
