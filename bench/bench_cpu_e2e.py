@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -28,30 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, write_json  # noqa: E402
 
 
-def _prefill(model, ids: torch.Tensor) -> float:
-    """tokens/s of one prefill pass (logits of the last position only, as generate() does)."""
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        model(ids, use_cache=True, logits_to_keep=1)
-        return ids.shape[1] / (time.perf_counter() - t0)
-
-
 def _top1(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         model(ids[:, :32])  # warm-up (first-call work such as the CPU layouts is not timed)
         return model(ids, use_cache=False).logits[0].argmax(-1)
-
-
-def _decode(model, prompt: torch.Tensor, steps: int) -> float:
-    """tokens/s of greedy decoding with the KV cache after the prompt."""
-    with torch.no_grad():
-        out = model(prompt, use_cache=True)
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            out = model(tok, past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        return steps / (time.perf_counter() - t0)
 
 
 def main(argv=None) -> int:
@@ -72,10 +50,10 @@ def main(argv=None) -> int:
     from qruntime.data import split_text
     from qruntime.evaluate import tokenize_text
     from qruntime.models import load_causal_lm
+    from qruntime.speed import compare_causal_lm
 
     base, tok = load_causal_lm(args.model)
     ids = tokenize_text(tok, split_text("eval"), args.prefill)[None, :]
-    prompt = ids[:, : args.prompt]
     env = environment()
     print(f"# {args.model}; {env['cpu']}; {torch.get_num_threads()} threads; torch {env['torch']}; "
           f"{env['cpu_backend']}; {args.rounds} interleaved rounds, medians")
@@ -93,19 +71,13 @@ def main(argv=None) -> int:
             models[recipe], _ = compress(base, resolve_config(preset, exclude=exclude), inplace=False, progress=False)
         models[recipe].eval()
     # The machine's speed drifts (shared cores): every round measures every recipe once, side by side.
-    prefill = {r: [] for r in models}
-    decode = {r: [] for r in models}
     top1 = {r: _top1(m, ids) for r, m in models.items()}
-    for _ in range(args.rounds):
-        for recipe, model in models.items():
-            prefill[recipe].append(_prefill(model, ids))
-            decode[recipe].append(_decode(model, prompt, args.decode))
+    speed = compare_causal_lm(models, ids, prompt_len=args.prompt, decode_steps=args.decode, rounds=args.rounds)
     rows = []
     for recipe in models:
-        p, d = statistics.median(prefill[recipe]), statistics.median(decode[recipe])
+        p, d = speed[recipe]["prefill_tok_s"], speed[recipe]["decode_tok_s"]
         agree = (top1[recipe] == top1[args.recipes[0]]).float().mean().item()
-        rows.append({"recipe": recipe, "prefill_tok_s": p, "decode_tok_s": d, "top1_agreement": agree,
-                     "prefill_tok_s_all": prefill[recipe], "decode_tok_s_all": decode[recipe]})
+        rows.append({"recipe": recipe, **speed[recipe], "top1_agreement": agree})
         r0 = rows[0]
         print(f"{recipe:<16} prefill {p:8.1f} tok/s (x{p / r0['prefill_tok_s']:.2f})   "
               f"decode {d:7.2f} tok/s (x{d / r0['decode_tok_s']:.2f})   top-1 agreement {agree:.3f}", flush=True)

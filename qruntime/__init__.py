@@ -7,8 +7,10 @@ HuggingFace Transformers, behind one call::
 Importing qruntime never touches CUDA and compiles nothing.
 """
 from .api import compress, select_targets
+from .checkpoint import CheckpointError, load, save
 from .config import CompressConfig, QuantConfig, PRESETS
-from .nn import QuantLinear
+from .export import export_compressed_tensors
+from .nn import QuantEmbedding, QuantLinear
 from .ops import cpu_backend
 from .report import CompressReport
 
@@ -21,6 +23,11 @@ __all__ = [
     "QuantConfig",
     "PRESETS",
     "QuantLinear",
+    "QuantEmbedding",
+    "save",
+    "load",
+    "CheckpointError",
+    "export_compressed_tensors",
     "CompressReport",
     "cpu_backend",
     "__version__",

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import collect_hessians
 from .config import CompressConfig, QuantConfig, resolve_config
-from .nn import QuantLinear, is_conv1d, linear_weight
+from .nn import QuantEmbedding, QuantLinear, is_conv1d, linear_weight
 from .ops import cpu_backend
 from .report import CompressReport, LayerReport, SkippedLayer
 
@@ -82,6 +82,58 @@ def _weight_error(original: torch.Tensor, q: QuantLinear) -> tuple[float, float]
     return rel, sqnr
 
 
+def _output_error(original: torch.Tensor, q: QuantLinear, hessian: torch.Tensor) -> float:
+    """||X (W - Q)^T||_F / ||X W^T||_F over the calibration inputs X, from H = X^T X / rows."""
+    w = original.detach().to(torch.float32)
+    h = hessian.to(device=w.device, dtype=torch.float32)
+    d = w - q.dequantized_weight().to(w.device)
+    err = ((d @ h) * d).sum().item()
+    ref = ((w @ h) * w).sum().item()
+    return math.sqrt(max(err, 0.0) / ref) if ref > 0 else 0.0
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str | None:
+    return next((name for name, m in model.named_modules() if m is module), None)
+
+
+def _quantize_embeddings(
+    model: nn.Module,
+    quant: QuantConfig,
+    replacements: list[tuple[str, nn.Module]],
+    layers: list[LayerReport],
+    skipped: list[SkippedLayer],
+) -> None:
+    """Adds the input embedding (and an output head tied to it) to ``replacements`` and the report."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    if not isinstance(emb, nn.Embedding):
+        found = type(emb).__name__ if emb is not None else "no get_input_embeddings()"
+        skipped.append(SkippedLayer("<input embedding>", "Embedding", f"embeddings={quant.name} asked, but the model has {found}, not an nn.Embedding"))
+        return
+    name = _module_name(model, emb)
+    if not torch.isfinite(emb.weight).all():
+        raise ValueError(f"embedding {name!r}: weight has NaN/Inf values; refusing to quantize")
+    with torch.no_grad():
+        q = QuantEmbedding.from_embedding(emb, quant)
+        rel, sqnr = _weight_error(emb.weight, q)
+    replacements.append((name, q))
+    nbytes = emb.weight.numel() * emb.weight.element_size()
+    layers.append(LayerReport(name, "Embedding", q.embedding_dim, q.num_embeddings, quant.name, nbytes,
+                              q.packed_bytes(), rel, sqnr, method="rtn"))
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if isinstance(head, nn.Linear) and head.weight is emb.weight:
+        head_name = _module_name(model, head)
+        replacements[:] = [(n, m) for n, m in replacements if n != head_name]
+        layers[:] = [l for l in layers if l.name != head_name]
+        skipped[:] = [s for s in skipped if s.name != head_name]
+        with torch.no_grad():
+            replacements.append((head_name, QuantLinear.tied_to(q, head.bias)))
+        # stored once, with the embedding: no bytes of its own
+        layers.append(LayerReport(head_name, "Linear", q.embedding_dim, q.num_embeddings, quant.name, 0, 0, rel,
+                                  sqnr, method=f"tied to {name} (shares its packed weight)"))
+
+
 def compress(
     model: nn.Module,
     config: CompressConfig | QuantConfig | str | None = "w8a16",
@@ -123,19 +175,23 @@ def compress(
     for name, module in targets:
         _validate_target(name, module)
     hessians: dict[str, tuple[torch.Tensor, int]] = {}
+    stages: dict[str, float] = {}
     if cfg.quant.needs_calibration:
         if calib_data is None:
             raise ValueError(
                 f"recipe {cfg.name!r} needs calib_data: an iterable of input-id tensors or dicts of model "
                 "inputs, e.g. qruntime.calibrate.calibration_batches(tokenizer)"
             )
+        t0 = time.perf_counter()
         hessians = collect_hessians(model, dict(targets), calib_data, progress=progress)
+        stages["calibration"] = time.perf_counter() - t0
 
     bytes_before = model_bytes(model)
     if not inplace:
         model = copy.deepcopy(model)
         targets = [(name, model.get_submodule(name)) for name, _ in targets]
 
+    t0 = time.perf_counter()
     replacements: list[tuple[str, QuantLinear]] = []
     layers: list[LayerReport] = []
     for name, module in tqdm(targets, desc=f"quantize {cfg.name}", unit="layer", disable=not progress):
@@ -148,6 +204,7 @@ def compress(
         with torch.no_grad():
             q = QuantLinear.from_linear(module, cfg.quant, hessian=hessian)
             rel, sqnr = _weight_error(weight, q)
+            out_err = _output_error(weight, q, hessian) if hessian is not None else None
         replacements.append((name, q))
         layers.append(
             LayerReport(
@@ -161,10 +218,14 @@ def compress(
                 rel_error=rel,
                 sqnr_db=sqnr,
                 method=method,
+                output_rel_error=out_err,
             )
         )
+    if cfg.embeddings is not None:
+        _quantize_embeddings(model, cfg.embeddings, replacements, layers, skipped)
     for name, q in replacements:
         model.set_submodule(name, q)
+    stages["quantization"] = time.perf_counter() - t0
 
     report = CompressReport(
         config=cfg.name,
@@ -174,5 +235,6 @@ def compress(
         model_bytes_after=model_bytes(model),
         seconds=time.perf_counter() - start,
         cpu_backend=cpu_backend(),
+        stages=stages,
     )
     return model, report

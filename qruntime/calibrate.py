@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["calibration_batches", "collect_hessians"]
+__all__ = ["calibration_batches", "text_batches", "collect_hessians"]
 
 
 def calibration_batches(tokenizer, num_samples: int = 16, seq_len: int = 512, split: str = "calibration") -> list[torch.Tensor]:
@@ -19,12 +19,18 @@ def calibration_batches(tokenizer, num_samples: int = 16, seq_len: int = 512, sp
     :mod:`qruntime.data` (default: the calibration split), each a LongTensor [1, seq_len]."""
     from .data import split_text
 
+    return text_batches(tokenizer, split_text(split), num_samples, seq_len, source=f"split {split!r}")
+
+
+def text_batches(tokenizer, text: str, num_samples: int = 16, seq_len: int = 512, source: str = "text") -> list[torch.Tensor]:
+    """``num_samples`` consecutive, non-overlapping windows of ``seq_len`` tokens of ``text``, each a
+    LongTensor [1, seq_len] (for calibrating on your own text)."""
     if num_samples < 1 or seq_len < 2:
         raise ValueError(f"num_samples={num_samples}, seq_len={seq_len}: need num_samples >= 1, seq_len >= 2")
-    ids = tokenizer(split_text(split), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     if len(ids) < num_samples * seq_len:
         raise ValueError(
-            f"split {split!r} has {len(ids)} tokens, fewer than num_samples * seq_len = {num_samples * seq_len}"
+            f"{source} has {len(ids)} tokens, fewer than num_samples * seq_len = {num_samples * seq_len}"
         )
     return list(torch.tensor(ids[: num_samples * seq_len]).reshape(num_samples, 1, seq_len))
 

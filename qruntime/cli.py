@@ -1,17 +1,57 @@
 """The ``qruntime`` command line.
 
-``qruntime demo``: compress the default model (SmolLM2-135M) and print what was gained and lost.
+    qruntime demo                                   compress the default model, print what was gained and lost
+    qruntime compress MODEL --recipe R --out DIR    compress and save a checkpoint
+    qruntime eval DIR|MODEL [--ppl] [--acc]         perplexity / accuracy (vs the base model when known)
+    qruntime bench DIR|MODEL [--reference MODEL]    prefill and decode tokens/s, side by side
+    qruntime info DIR [--verify]                    what a checkpoint holds
+    qruntime export DIR --out OUT                   write a compressed-tensors checkpoint (transformers, vLLM)
+    qruntime presets                                the recipe names
+
+MODEL is a default-model alias (smollm2-135m, minilm-l6), a local folder or an HF hub name (online).
+Every command takes ``--json [FILE]`` (JSON to FILE, or to stdout without FILE). On failure a command
+prints one line ``qruntime: error: ...`` and exits with 2 (bad input) or 1 (anything else); set
+QRUNTIME_DEBUG=1 for the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 
 def _fmt_bytes(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
+
+
+def _emit_json(target: str | None, payload: dict) -> None:
+    """``--json`` without a file prints to stdout; with one writes it."""
+    if target is None:
+        return
+    text = json.dumps(payload, indent=2)
+    if target == "-":
+        print(text)
+    else:
+        with open(target, "w") as f:
+            f.write(text + "\n")
+        print(f"wrote {target}", file=sys.stderr)
+
+
+def _say(args, *lines: str) -> None:
+    """Human-readable output; with ``--json`` to stdout it goes to stderr so stdout stays JSON."""
+    stream = sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
+    for line in lines:
+        print(line, file=stream)
+
+
+def _versions() -> dict:
+    import torch
+
+    from . import __version__
+
+    return {"qruntime": __version__, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def run_demo(
@@ -78,23 +118,301 @@ def run_demo(
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def cmd_compress(args) -> dict:
+    from . import compress
+    from .calibrate import calibration_batches, text_batches
+    from .checkpoint import save
+    from .config import resolve_config
+    from .models import load_model
+
+    cfg = resolve_config(args.recipe)  # a bad recipe fails before the model is loaded
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: exists and is not a folder")
+    t0 = time.perf_counter()
+    model, tokenizer, kind = load_model(args.model)
+    load_s = time.perf_counter() - t0
+    calib = None
+    if cfg.quant.needs_calibration:
+        if tokenizer is None:
+            raise ValueError(f"{args.model}: no tokenizer to tokenize the calibration text with")
+        if args.calib == "wiki":
+            calib = calibration_batches(tokenizer, num_samples=args.calib_samples, seq_len=args.seq_len)
+        else:
+            with open(args.calib, encoding="utf-8") as f:
+                text = f.read()
+            calib = text_batches(tokenizer, text, args.calib_samples, args.seq_len, source=args.calib)
+    model, report = compress(model, cfg, calib, progress=not args.quiet)
+    t1 = time.perf_counter()
+    folder = save(model, args.out, tokenizer=tokenizer, report=report, base_model=args.model)
+    save_s = time.perf_counter() - t1
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    _say(args, report.table(max_layers=None if args.all_layers else 12))
+    _say(args, f"saved {folder} ({_fmt_bytes(size)} on disk; load {load_s:.1f} s, save {save_s:.1f} s)")
+    return {"model": args.model, "kind": kind, "out": str(folder), "bytes_on_disk": size,
+            "load_seconds": load_s, "save_seconds": save_s, "report": report.to_dict(), "versions": _versions()}
+
+
+def _reference_name(target: str, reference: str | None) -> str | None:
+    """--reference: a model, 'none', or (default) the base model a checkpoint records."""
+    if reference is not None:
+        return None if reference.lower() == "none" else reference
+    from .checkpoint import MANIFEST, read_manifest
+
+    if os.path.exists(os.path.join(target, MANIFEST)):
+        return read_manifest(target).get("base_model")
+    return None
+
+
+def cmd_eval(args) -> dict:
+    from .data import movie_reviews, split_text
+    from .evaluate import evaluate_causal_lm, evaluate_encoder, tokenize_text
+    from .models import load_model
+
+    want_ppl, want_acc = args.ppl, args.acc
+    if not (want_ppl or want_acc):
+        want_ppl = want_acc = True
+    model, tokenizer, kind = load_model(args.target)
+    ref_name = _reference_name(args.target, args.reference)
+    reference, ref_tok = (None, None)
+    if ref_name is not None:
+        reference, ref_tok, ref_kind = load_model(ref_name)
+        if ref_kind != kind:
+            raise ValueError(f"--reference {ref_name} is a {ref_kind}, {args.target} is a {kind}")
+    tokenizer = tokenizer or ref_tok
+    if tokenizer is None:
+        raise ValueError(f"{args.target}: no tokenizer saved with it and no --reference to take one from")
+    out: dict = {"target": args.target, "kind": kind, "reference": ref_name, "versions": _versions()}
+    if kind == "causal-lm":
+        ids = tokenize_text(tokenizer, split_text("eval"), max_tokens=args.eval_tokens)
+        res = evaluate_causal_lm(model, ids, reference=reference, window=args.window, progress=not args.quiet)
+        out["causal_lm"] = res.to_dict()
+        lines = [f"{args.target} ({kind}); protocol: Wikipedia eval split, {res.protocol}"]
+        if want_ppl:
+            lines.append(f"perplexity {res.perplexity:.4f}")
+            if reference is not None:
+                lines.append(f"reference perplexity {res.reference_perplexity:.4f} ({ref_name}); ratio {res.perplexity_ratio:.4f}")
+        if want_acc:
+            lines.append(f"next-token accuracy {100 * res.token_accuracy:.2f} %")
+            if reference is not None:
+                lines.append(f"top-1 agreement with the reference {100 * res.top1_agreement:.2f} %; "
+                             f"KL(reference || model) {res.kl_divergence:.5f} nats/token")
+    else:
+        if args.ppl:
+            raise ValueError(f"--ppl: {args.target} is an encoder ({type(model).__name__}); perplexity needs a causal LM")
+        reviews = movie_reviews()
+        sentences, labels = [s for s, _ in reviews], [y for _, y in reviews]
+        res = evaluate_encoder(model, reference if reference is not None else model, tokenizer, sentences, labels)
+        out["encoder"] = res.to_dict()
+        lines = [f"{args.target} ({kind}); protocol: movie-review sentences, {res.protocol}",
+                 f"linear-probe accuracy {100 * res.probe_accuracy_model:.2f} %"]
+        if reference is not None:
+            lines += [f"reference probe accuracy {100 * res.probe_accuracy_reference:.2f} % ({ref_name})",
+                      f"embedding cosine to the reference: mean {res.cosine_mean:.5f}, min {res.cosine_min:.5f}"]
+    _say(args, *lines)
+    return out
+
+
+def cmd_bench(args) -> dict:
+    import torch
+
+    from .data import movie_reviews, split_text
+    from .evaluate import tokenize_text
+    from .models import load_model
+    from .speed import compare_causal_lm, compare_encoder
+
+    model, tokenizer, kind = load_model(args.target)
+    models = {args.target: model.eval()}
+    ref_name = _reference_name(args.target, args.reference)
+    if ref_name is not None:
+        reference, ref_tok, ref_kind = load_model(ref_name)
+        if ref_kind != kind:
+            raise ValueError(f"--reference {ref_name} is a {ref_kind}, {args.target} is a {kind}")
+        models[ref_name] = reference.eval()
+        tokenizer = tokenizer or ref_tok
+    if tokenizer is None:
+        raise ValueError(f"{args.target}: no tokenizer saved with it and no --reference to take one from")
+    names = list(models)
+    header = f"# {kind}; torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} interleaved rounds, medians"
+    if kind == "causal-lm":
+        ids = tokenize_text(tokenizer, split_text("eval"), max_tokens=args.prefill)[None, :]
+        res = compare_causal_lm(models, ids, prompt_len=min(args.prompt, ids.shape[1]), decode_steps=args.decode, rounds=args.rounds)
+        lines = [header + f"; prefill {ids.shape[1]} tokens, decode {args.decode} steps after {args.prompt}"]
+        for name in names:
+            r = res[name]
+            ratio = ""
+            if len(names) > 1 and name == names[0]:
+                ref = res[names[1]]
+                ratio = f"   (x{r['prefill_tok_s'] / ref['prefill_tok_s']:.2f} prefill, x{r['decode_tok_s'] / ref['decode_tok_s']:.2f} decode vs reference)"
+            lines.append(f"{name}: prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.2f} tok/s{ratio}")
+    else:
+        sentences = [s for s, _ in movie_reviews()][: args.batch]
+        batch = tokenizer(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        res = compare_encoder(models, dict(batch), rounds=args.rounds)
+        lines = [header + f"; batch of {len(sentences)} sentences"]
+        for name in names:
+            ratio = f" (x{res[name]['sentences_s'] / res[names[1]]['sentences_s']:.2f} vs reference)" if len(names) > 1 and name == names[0] else ""
+            lines.append(f"{name}: {res[name]['sentences_s']:.1f} sentences/s{ratio}")
+    _say(args, *lines)
+    return {"target": args.target, "reference": ref_name, "kind": kind, "results": res, "versions": _versions()}
+
+
+def cmd_info(args) -> dict:
+    from collections import Counter
+    from pathlib import Path
+
+    from .checkpoint import read_manifest, verify_files
+
+    manifest = read_manifest(args.dir)
+    if args.verify:
+        verify_files(args.dir, manifest)
+    folder = Path(args.dir)
+    tensor_bytes = sum(
+        _numel(m["shape"]) * _itemsize(m["dtype"]) for m in manifest["tensors"].values()
+    )
+    file_bytes = sum(m["bytes"] for m in manifest["files"].values())
+    formats = Counter(m["format"] for m in manifest["modules"].values())
+    report = manifest.get("report") or {}
+    lines = [
+        f"{folder}: qruntime checkpoint v{manifest['format_version']} ({manifest['model_class']}), written by "
+        + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items()),
+        f"base model: {manifest.get('base_model') or '-'}; recipe: {manifest.get('recipe') or '-'}",
+        f"quantized modules: {sum(formats.values())} (" + ", ".join(f"{n} {f}" for f, n in formats.items()) + ")",
+        f"tensors: {len(manifest['tensors'])}, {_fmt_bytes(tensor_bytes)}; tensor files {_fmt_bytes(file_bytes)} "
+        f"({file_bytes / max(1, tensor_bytes):.4f}x the tensor bytes); tied: {manifest['tied'] or '-'}",
+    ]
+    if report:
+        lines.append(
+            f"compression: {report.get('weight_compression', 0):.2f}x on {len(report.get('layers', []))} layers, "
+            f"{len(report.get('skipped', []))} skipped; stages: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in (report.get("stages") or {}).items())
+        )
+    if args.verify:
+        lines.append("checksums: OK (" + ", ".join(manifest["files"]) + ")")
+    _say(args, *lines)
+    return {"dir": str(folder), "tensor_bytes": tensor_bytes, "file_bytes": file_bytes,
+            "verified": bool(args.verify), "manifest": manifest}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: str) -> int:
+    import torch
+
+    return getattr(torch, dtype).itemsize
+
+
+def cmd_export(args) -> dict:
+    from .export import export_compressed_tensors
+    from .models import load_model
+
+    model, tokenizer, _ = load_model(args.dir)
+    summary = export_compressed_tensors(model, args.out, tokenizer=tokenizer)
+    groups = "; ".join(
+        f"{g['format']} {g['weights']['num_bits']}-bit {g['weights']['strategy']}" for g in summary["config_groups"].values()
+    )
+    _say(args, f"wrote {args.out} (compressed-tensors: {groups}; ignored: {summary['ignore'] or '-'}"
+         + (f"; embeddings written as float: {summary['embeddings_as_float']}" if summary["embeddings_as_float"] else "") + ")")
+    return summary
+
+
+def cmd_presets(args) -> dict:
+    from .config import PRESETS
+
+    _say(args, *(f"{name:<20} {text}" for name, text in PRESETS.items()))
+    return {"presets": PRESETS}
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qruntime", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                       help="JSON output: to FILE, or to stdout (human output then goes to stderr)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        return p
+
     demo = sub.add_parser("demo", help="compress the default model and report size and accuracy")
     demo.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m), local folder or HF name")
-    demo.add_argument("--preset", default="w8a16-gptq", help="w8a16-gptq, w8a16, w4a16-g128, ... (see qruntime.config)")
+    demo.add_argument("--preset", default="w8a16-gptq", help="w8a16-gptq, w8a16, w4a16-g128, ... (qruntime presets)")
     demo.add_argument("--calib-samples", type=int, default=16, help="calibration windows (of --window tokens)")
     demo.add_argument("--eval-tokens", type=int, default=16384, help="tokens of the Wikipedia eval split")
     demo.add_argument("--window", type=int, default=512, help="perplexity window (non-overlapping)")
     demo.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
+
+    p = add("compress", "compress a model and save it as a qruntime checkpoint")
+    p.add_argument("model", help="alias (smollm2-135m, minilm-l6), local folder or HF name")
+    p.add_argument("--recipe", default="w8a16", help="a preset (qruntime presets), e.g. w4a16-g128-gptq")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--calib", default="wiki", help="calibration text: 'wiki' (the Wikipedia calibration split) or a UTF-8 text file")
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--all-layers", action="store_true", help="list every layer in the report table")
+
+    p = add("eval", "perplexity (causal LMs) and accuracy of a checkpoint or model")
+    p.add_argument("target", help="checkpoint folder, alias, local folder or HF name")
+    p.add_argument("--ppl", action="store_true", help="perplexity on the Wikipedia eval split (causal LMs)")
+    p.add_argument("--acc", action="store_true",
+                   help="next-token accuracy and agreement with the reference (causal LMs); linear-probe "
+                        "accuracy on the movie-review sentences and embedding cosine (encoders)")
+    p.add_argument("--reference", default=None, help="model to compare with; default: a checkpoint's base model; 'none' for no comparison")
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--window", type=int, default=512)
+
+    p = add("bench", "prefill/decode tokens/s (causal LMs) or sentences/s (encoders), vs the reference, interleaved")
+    p.add_argument("target", help="checkpoint folder, alias, local folder or HF name")
+    p.add_argument("--reference", default=None, help="model measured side by side; default: a checkpoint's base model; 'none'")
+    p.add_argument("--prefill", type=int, default=256, help="prefill tokens")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
+    p.add_argument("--decode", type=int, default=32, help="greedy decode steps")
+    p.add_argument("--batch", type=int, default=64, help="sentences per encoder batch")
+    p.add_argument("--rounds", type=int, default=3)
+
+    p = add("info", "what a checkpoint holds (recipe, formats, bytes, versions)")
+    p.add_argument("dir", help="checkpoint folder")
+    p.add_argument("--verify", action="store_true", help="also check every tensor file's size and SHA-256")
+
+    p = add("export", "write a qruntime checkpoint in the compressed-tensors format (transformers, vLLM)")
+    p.add_argument("dir", help="qruntime checkpoint folder")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
+
+    add("presets", "list the recipe names")
+    return parser
+
+
+_COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info, "export": cmd_export,
+             "presets": cmd_presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for name in ("calib_samples", "seq_len", "eval_tokens", "window", "prefill", "prompt", "decode", "batch", "rounds"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            print(f"qruntime: error: --{name.replace('_', '-')}={value}: must be >= 1", file=sys.stderr)
+            return 2
     try:
         if args.command == "demo":
             run_demo(args.model, args.preset, args.eval_tokens, args.window, args.calib_samples, args.json)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"qruntime: error: {exc}", file=sys.stderr)
+        else:
+            _emit_json(args.json, _COMMANDS[args.command](args))
+    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        if os.environ.get("QRUNTIME_DEBUG"):
+            raise
+        print(f"qruntime: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a command line reports, it does not dump a traceback
+        if os.environ.get("QRUNTIME_DEBUG"):
+            raise
+        print(f"qruntime: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,6 +8,8 @@ A preset string is parsed into a :class:`CompressConfig`; grammar::
     w4a16-g64-sym         ... symmetric (no zero points)
     w8a8                  INT8 weights per channel + INT8 activations quantized per token at run time
     w8a16-gptq            any of the above with GPTQ rounding (needs calibration data)
+    w4a16-g128-emb8       any of the above, plus the input embedding (and an output head tied to it)
+                          in INT8 per row; "-emb4": INT4, in the recipe's groups (default 128), asymmetric
 
 Group sizes are powers of two >= 16. With "a16" the activations stay in the model's float dtype;
 "a8" (INT8 weights only) quantizes each token's activations to INT8 with its own scale at run time.
@@ -120,15 +122,27 @@ class CompressConfig:
             only if it matches one of them.
         exclude: patterns of layers to leave alone; checked after ``include``. Defaults to the output
             head, embeddings and classifier heads (:data:`DEFAULT_EXCLUDE`).
+        embeddings: when set, the input embedding (``model.get_input_embeddings()``) is stored in this
+            format (round to nearest, rows = tokens), and an output head tied to it becomes a
+            QuantLinear sharing the same packed tensors; None keeps them in float.
     """
 
     quant: QuantConfig = field(default_factory=QuantConfig)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    embeddings: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.quant, QuantConfig):
             raise TypeError(f"quant={self.quant!r}: must be a QuantConfig")
+        if self.embeddings is not None:
+            if not isinstance(self.embeddings, QuantConfig):
+                raise TypeError(f"embeddings={self.embeddings!r}: must be a QuantConfig or None")
+            if self.embeddings.act_bits != 16 or self.embeddings.method != "rtn":
+                raise ValueError(
+                    f"embeddings={self.embeddings.name}: embeddings are quantized round-to-nearest with "
+                    "float activations (act_bits=16, method='rtn')"
+                )
         for attr in ("include", "exclude"):
             value = getattr(self, attr)
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
@@ -139,11 +153,13 @@ class CompressConfig:
 
     @property
     def name(self) -> str:
-        return self.quant.name
+        if self.embeddings is None:
+            return self.quant.name
+        return f"{self.quant.name}-emb{self.embeddings.bits}"
 
 
 _PRESET_RE = re.compile(
-    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?$"
+    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?(?:-emb(?P<emb>8|4))?$"
 )
 
 PRESETS: dict[str, str] = {
@@ -156,6 +172,8 @@ PRESETS: dict[str, str] = {
     "w4a16-g64": "INT4 weights, groups of 64 along K, asymmetric",
     "w4a16-g32": "INT4 weights, groups of 32 along K, asymmetric",
     "w4a16-g128-gptq": "INT4 weights, groups of 128, asymmetric, GPTQ rounding (calibrated)",
+    "w4a16-g128-gptq-emb4": "w4a16-g128-gptq, plus the token embedding (and a tied lm_head) in INT4 g128",
+    "w8a16-emb8": "w8a16, plus the token embedding (and a tied lm_head) in INT8 per row",
 }
 
 
@@ -177,10 +195,19 @@ def parse_preset(name: str) -> CompressConfig:
     if bits == 8:
         if sym == "asym":
             raise ValueError(f"preset {name!r}: INT8 weights are symmetric only")
-        return CompressConfig(
-            quant=QuantConfig(bits=8, group_size=group, symmetric=True, method=method, act_bits=act_bits)
-        )
-    return CompressConfig(quant=QuantConfig(bits=4, group_size=group, symmetric=(sym == "sym"), method=method))
+        quant = QuantConfig(bits=8, group_size=group, symmetric=True, method=method, act_bits=act_bits)
+    else:
+        quant = QuantConfig(bits=4, group_size=group, symmetric=(sym == "sym"), method=method)
+    return CompressConfig(quant=quant, embeddings=embedding_config(int(m["emb"]), quant) if m["emb"] else None)
+
+
+def embedding_config(bits: int, quant: QuantConfig) -> QuantConfig:
+    """The embedding format of "-emb8" / "-emb4": INT8 per row, or INT4 asymmetric in the recipe's
+    groups (128 when the recipe has none)."""
+    if bits == 8:
+        return QuantConfig(bits=8)
+    group = quant.group_size if quant.bits == 4 and quant.group_size is not None else 128
+    return QuantConfig(bits=4, group_size=group, symmetric=False)
 
 
 def resolve_config(config: CompressConfig | QuantConfig | str | None, **overrides) -> CompressConfig:

@@ -48,6 +48,7 @@ class CausalLMEval:
     protocol: str
     tokens_scored: int
     perplexity: float
+    token_accuracy: float = 0.0  # share of positions whose argmax is the next token of the text
     reference_perplexity: float | None = None
     perplexity_ratio: float | None = None
     top1_agreement: float | None = None
@@ -95,7 +96,7 @@ def evaluate_causal_lm(
     device = next(model.parameters(), torch.empty(0)).device
     start = time.perf_counter()
     nll = ref_nll = kl = 0.0
-    agree = scored = 0
+    agree = scored = correct = 0
     spans = list(_windows(len(token_ids), window, stride))
     for begin, end, first in tqdm(spans, desc="eval windows", disable=not progress):
         ids = token_ids[begin:end].unsqueeze(0).to(device)
@@ -103,6 +104,7 @@ def evaluate_causal_lm(
         targets = ids[0, first - begin :]
         logp = F.log_softmax(model(ids).logits[0, first - begin - 1 : end - begin - 1].float(), dim=-1)
         nll += -logp.gather(1, targets[:, None]).sum().item()
+        correct += (logp.argmax(-1) == targets).sum().item()
         if reference is not None:
             ref_logp = F.log_softmax(reference(ids).logits[0, first - begin - 1 : end - begin - 1].float(), dim=-1)
             ref_nll += -ref_logp.gather(1, targets[:, None]).sum().item()
@@ -113,7 +115,9 @@ def evaluate_causal_lm(
         f"{len(token_ids)} tokens, {len(spans)} windows of {window} tokens, stride {stride}, "
         f"{scored} positions scored"
     )
-    result = CausalLMEval(protocol=protocol, tokens_scored=scored, perplexity=math.exp(nll / scored))
+    result = CausalLMEval(
+        protocol=protocol, tokens_scored=scored, perplexity=math.exp(nll / scored), token_accuracy=correct / scored
+    )
     if reference is not None:
         result.reference_perplexity = math.exp(ref_nll / scored)
         result.perplexity_ratio = result.perplexity / result.reference_perplexity

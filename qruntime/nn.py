@@ -14,10 +14,14 @@ from .formats import (
     int4_params,
     int8_codes,
     int8_scales,
+    quantize_int4,
+    quantize_int8_per_channel,
+    unpack_int4,
+    INT4_SYM_ZERO,
 )
 from .gptq import column_quantizer, gptq_quantize
 
-__all__ = ["QuantLinear", "linear_weight", "is_conv1d"]
+__all__ = ["QuantLinear", "QuantEmbedding", "linear_weight", "is_conv1d"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -111,6 +115,16 @@ class QuantLinear(nn.Module):
             out.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         return out
 
+    @classmethod
+    def tied_to(cls, embedding: "QuantEmbedding", bias: torch.Tensor | None = None) -> "QuantLinear":
+        """An output head ``x @ E^T`` that shares the packed tensors of ``embedding`` (stored once)."""
+        out = cls(embedding.embedding_dim, embedding.num_embeddings, embedding.quant, bias=bias is not None,
+                  dtype=embedding.out_dtype, device="meta")
+        out.qweight, out.scales, out.zeros = embedding.qweight, embedding.scales, embedding.zeros
+        if bias is not None:
+            out.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        return out
+
     def dequantized_weight(self) -> torch.Tensor:
         """float32 [out_features, in_features]."""
         if self.quant.bits == 8:
@@ -144,3 +158,69 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, format={self.quant.name}, "
             f"bias={self.bias is not None}"
         )
+
+
+class QuantEmbedding(nn.Module):
+    """An ``nn.Embedding`` whose table [num_embeddings, embedding_dim] is stored packed, one token per
+    row, in the same formats as :class:`QuantLinear` (N = num_embeddings, K = embedding_dim); the
+    looked-up rows are dequantized to ``out_dtype``. Buffers: ``qweight``, ``scales``, ``zeros``.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        quant: QuantConfig,
+        padding_idx: int | None = None,
+        out_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if num_embeddings <= 0 or embedding_dim <= 0:
+            raise ValueError(f"num_embeddings={num_embeddings}, embedding_dim={embedding_dim}: must be positive")
+        if quant.act_bits != 16:
+            raise ValueError(f"quant={quant.name}: an embedding has no activations to quantize (act_bits must be 16)")
+        self.num_embeddings, self.embedding_dim, self.quant = num_embeddings, embedding_dim, quant
+        self.padding_idx, self.out_dtype = padding_idx, out_dtype
+        shell = QuantLinear(embedding_dim, num_embeddings, quant, bias=False, device=device)
+        self.group_size = shell.group_size
+        self.register_buffer("qweight", shell.qweight)
+        self.register_buffer("scales", shell.scales)
+        self.register_buffer("zeros", shell.zeros)
+
+    @classmethod
+    def from_embedding(cls, module: nn.Embedding, quant: QuantConfig) -> "QuantEmbedding":
+        """Round-to-nearest quantization of an ``nn.Embedding``'s table, row = token."""
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"{type(module).__name__}: not an nn.Embedding")
+        w = module.weight
+        out = cls(module.num_embeddings, module.embedding_dim, quant, module.padding_idx, w.dtype, device=w.device)
+        if quant.bits == 8:
+            out.qweight, out.scales = quantize_int8_per_channel(w)
+        else:
+            out.qweight, out.scales, zeros, _ = quantize_int4(w, quant.group_size, quant.symmetric)
+            if zeros is not None:
+                out.zeros = zeros
+        return out
+
+    # the table is stored as a QuantLinear weight with N = num_embeddings, K = embedding_dim
+    in_features = property(lambda self: self.embedding_dim)
+    dequantized_weight = QuantLinear.dequantized_weight  # float32 [num_embeddings, embedding_dim]
+    packed_bytes = QuantLinear.packed_bytes
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"ids: dtype {ids.dtype}, expected an integer tensor (torch.long)")
+        flat = ids.reshape(-1)
+        if self.quant.bits == 8:
+            rows = self.qweight[flat].to(torch.float32) * self.scales[flat, None]
+        else:
+            codes = unpack_int4(self.qweight[flat]).to(torch.float32)  # [T, Kp]
+            g = self.scales.shape[0]
+            s = self.scales[:, flat].t()[..., None]  # [T, G, 1]
+            z = self.zeros[:, flat].t()[..., None].to(torch.float32) if self.zeros is not None else INT4_SYM_ZERO
+            rows = ((codes.reshape(len(flat), g, -1) - z) * s).reshape(len(flat), -1)[:, : self.embedding_dim]
+        return rows.to(self.out_dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.quant.name}, out_dtype={self.out_dtype}"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -17,6 +17,9 @@ class LayerReport:
     rel_error: float  # ||W - dequant(Q)||_F / ||W||_F
     sqnr_db: float  # 20 log10(||W|| / ||W - dequant(Q)||)
     method: str = "rtn"  # how the codes were chosen, e.g. "gptq (8192 calibration rows)"
+    # ||X (W - Q)^T|| / ||X W^T|| on the calibration inputs X: the layer's own output error, a measure
+    # of its sensitivity (None without calibration data)
+    output_rel_error: float | None = None
 
 
 @dataclass
@@ -35,6 +38,17 @@ class CompressReport:
     model_bytes_after: int = 0
     seconds: float = 0.0
     cpu_backend: str = ""
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage ("calibration", ...)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompressReport":
+        """The inverse of :meth:`to_dict` (derived totals are recomputed, unknown keys ignored)."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        layer_names = {f.name for f in fields(LayerReport)}
+        kw["layers"] = [LayerReport(**{k: v for k, v in l.items() if k in layer_names}) for l in d.get("layers", [])]
+        kw["skipped"] = [SkippedLayer(**s) for s in d.get("skipped", [])]
+        return cls(**kw)
 
     @property
     def weight_bytes_before(self) -> int:
@@ -62,16 +76,20 @@ class CompressReport:
         return json.dumps(self.to_dict(), indent=indent)
 
     def table(self, max_layers: int | None = 12) -> str:
-        """A plain-text table: the converted layers (first ``max_layers``), skipped ones, totals."""
+        """A plain-text table: the converted layers (first ``max_layers``), skipped ones, totals.
+
+        "rel err" is the weight's relative Frobenius error, "out err" the layer's relative output error
+        on the calibration inputs (calibrated recipes only): the larger, the more sensitive the layer."""
         lines = [f"qruntime.compress: {self.config}  ({len(self.layers)} layers converted, {len(self.skipped)} skipped, {self.seconds:.1f} s, CPU backend: {self.cpu_backend})"]
-        header = f"{'layer':<44} {'kind':<7} {'shape (N x K)':>14} {'format':<14} {'KiB before':>11} {'KiB after':>10} {'rel err':>9} {'SQNR dB':>8}"
+        header = f"{'layer':<44} {'kind':<7} {'shape (N x K)':>14} {'format':<20} {'KiB before':>11} {'KiB after':>10} {'rel err':>9} {'SQNR dB':>8} {'out err':>9}"
         lines += [header, "-" * len(header)]
         shown = self.layers if max_layers is None else self.layers[:max_layers]
         for l in shown:
             shape = f"{l.out_features}x{l.in_features}"
             lines.append(
-                f"{l.name[-44:]:<44} {l.kind:<7} {shape:>14} {l.format:<14} {l.bytes_before / 1024:>11.1f} "
-                f"{l.bytes_after / 1024:>10.1f} {l.rel_error:>9.2e} {l.sqnr_db:>8.1f}"
+                f"{l.name[-44:]:<44} {l.kind:<7} {shape:>14} {l.format:<20} {l.bytes_before / 1024:>11.1f} "
+                f"{l.bytes_after / 1024:>10.1f} {l.rel_error:>9.2e} {l.sqnr_db:>8.1f} "
+                + (f"{l.output_rel_error:>9.2e}" if l.output_rel_error is not None else f"{'-':>9}")
             )
         if len(shown) < len(self.layers):
             lines.append(f"... {len(self.layers) - len(shown)} more converted layers (report.to_json() lists all)")
@@ -80,6 +98,8 @@ class CompressReport:
             lines.append(f"round-to-nearest fallback (no calibration data reached them): {', '.join(fallbacks)}")
         for s in self.skipped:
             lines.append(f"skipped {s.name} ({s.kind}): {s.reason}")
+        if self.stages:
+            lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items()))
         lines.append(
             f"converted weights: {self.weight_bytes_before / 2**20:.2f} MiB -> {self.weight_bytes_after / 2**20:.2f} MiB "
             f"({self.weight_compression:.2f}x); whole model: {self.model_bytes_before / 2**20:.2f} MiB -> "

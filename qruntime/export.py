@@ -1,0 +1,204 @@
+"""Export to the ``compressed-tensors`` checkpoint format (HF transformers, vLLM).
+
+``export_compressed_tensors(model, folder)`` writes ``config.json`` (the model's config plus a
+``quantization_config`` with ``quant_method: compressed-tensors``) and ``model.safetensors``. Each
+quantized Linear becomes (N = out_features, K = in_features; field names and packing as the
+``compressed-tensors`` package defines them, see docs/formats.md "compressed-tensors export"):
+
+* W8A8 (``int-quantized``): ``weight`` int8 [N, K], ``weight_scale`` float32 [N, 1]; activations are
+  quantized per token at run time by the engine (``input_activations: dynamic, strategy token``).
+* W8A16 and W4A16 (``pack-quantized``): ``weight_packed`` int32 [N, ceil(K * bits / 32)], codes
+  ``q + 2^(bits-1)`` packed least significant first (column j of INT4 in bits 4 (j % 8) of word j // 8,
+  which is exactly qruntime's nibble order); ``weight_scale`` float32 [N, G] (group) or [N, 1] (channel);
+  ``weight_shape`` int64 [2]; asymmetric INT4 adds ``weight_zero_point`` int32 [ceil(N / 8), G], zero
+  points ``z`` (qruntime's 0..15 = signed zp + 8) packed along N.
+
+Scales stay float32, so the decompressed weights equal qruntime's dequantized weights bit for bit.
+Quantized embeddings (``-emb8`` / ``-emb4``) have no compressed-tensors form: they are written as float
+tables (their dequantized values) and a head tied to them stays tied; the returned summary lists them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["export_compressed_tensors"]
+
+
+def _pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8/int codes [R, C] (each < 2^bits) -> int32 [R, ceil(C * bits / 32)], least significant first."""
+    per_word = 32 // bits
+    rows, cols = codes.shape
+    words = -(-cols // per_word)
+    padded = torch.zeros(rows, words * per_word, dtype=torch.int64, device=codes.device)
+    padded[:, :cols] = codes.to(torch.int64)
+    padded = padded.reshape(rows, words, per_word)
+    out = torch.zeros(rows, words, dtype=torch.int64, device=codes.device)
+    for i in range(per_word):
+        out |= padded[..., i] << (bits * i)
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def _scheme(module) -> tuple:
+    q = module.quant
+    return (q.bits, q.group_size, q.symmetric, q.act_bits)
+
+
+def _scheme_json(scheme: tuple) -> dict:
+    bits, group, symmetric, act_bits = scheme
+    fmt = "int-quantized" if act_bits == 8 else "pack-quantized"
+    weights = {
+        "num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False,
+        "strategy": "group" if group is not None else "channel", "group_size": group,
+    }
+    acts = None
+    if act_bits == 8:
+        acts = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token", "group_size": None}
+    return {"format": fmt, "weights": weights, "input_activations": acts, "output_activations": None}
+
+
+def _linear_tensors(name: str, m) -> dict[str, torch.Tensor]:
+    n, k = m.out_features, m.in_features
+    out: dict[str, torch.Tensor] = {}
+    if m.quant.bits == 8:
+        scale = m.scales.detach().to(torch.float32).reshape(n, 1).contiguous()
+        if m.quant.act_bits == 8:
+            out[f"{name}.weight"] = m.qweight.detach().contiguous()
+        else:
+            codes = (m.qweight.detach().to(torch.int16) + 128).to(torch.uint8)
+            out[f"{name}.weight_packed"] = _pack_int32(codes, 8)
+            out[f"{name}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+    else:
+        from .formats import unpack_int4
+
+        codes = unpack_int4(m.qweight.detach())[:, :k]
+        out[f"{name}.weight_packed"] = _pack_int32(codes, 4)
+        out[f"{name}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+        scale = m.scales.detach().to(torch.float32).t().contiguous()  # [G, N] -> [N, G]
+        if m.zeros is not None:
+            out[f"{name}.weight_zero_point"] = _pack_int32(m.zeros.detach(), 4).t().contiguous()  # [ceil(N/8), G]
+    out[f"{name}.weight_scale"] = scale
+    if m.bias is not None:
+        out[f"{name}.bias"] = m.bias.detach().contiguous()
+    return out
+
+
+def _original_kinds(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """The module type each quantized layer had in the base architecture (built on the meta device)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        base = type(model)(model.config)
+    kinds = {}
+    for name in names:
+        try:
+            kinds[name] = type(base.get_submodule(name)).__name__
+        except AttributeError:
+            kinds[name] = "?"
+    return kinds
+
+
+def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, tokenizer=None) -> dict:
+    """Writes ``model`` (from :func:`qruntime.compress` or :func:`qruntime.load`) as a compressed-tensors
+    checkpoint folder that ``transformers`` and vLLM load.
+
+    Raises:
+        ValueError: the model is not a ``transformers`` model, has no quantized Linear, has GPT-2 style
+            ``Conv1D`` layers (no compressed-tensors layout), or a grouped layer whose in_features is not a
+            multiple of its group size (compressed-tensors and vLLM's kernels need whole groups; qruntime
+            pads K instead): the error names the layers and the group sizes that would work.
+
+    Returns:
+        A summary: the folder, the config groups, the ignored layers, and the embeddings written as float.
+    """
+    from .checkpoint import _dedupe, save_hf_files, write_safetensors
+    from .nn import QuantEmbedding, QuantLinear
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise ValueError(f"{type(model).__name__}: not a transformers model (no .config); compressed-tensors needs one")
+    embeddings = {n: m for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
+    shared = {id(m.qweight) for m in embeddings.values()}
+    linears = {
+        n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and id(m.qweight) not in shared
+    }
+    tied_heads = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and id(m.qweight) in shared]
+    if not linears:
+        raise ValueError(f"{type(model).__name__}: no quantized Linear to export; compress the model first")
+    conv1d = [n for n, kind in _original_kinds(model, list(linears)).items() if kind == "Conv1D"]
+    if conv1d:
+        raise ValueError(
+            f"{len(conv1d)} layers were transformers Conv1D ({conv1d[0]}, ...): compressed-tensors has no layout "
+            "for them (GPT-2 family); save with qruntime.save instead"
+        )
+    ragged = [
+        (n, m.in_features, m.quant.group_size)
+        for n, m in linears.items()
+        if m.quant.group_size is not None and m.in_features % m.quant.group_size
+    ]
+    if ragged:
+        n, k, g = ragged[0]
+        fits = [s for s in (128, 64, 32, 16) if all(kk % s == 0 for _, kk, _ in ragged)]
+        raise ValueError(
+            f"{len(ragged)} layers have in_features not a multiple of their group size (e.g. {n}: K={k}, "
+            f"group_size={g}); compressed-tensors needs whole groups. Compress with "
+            + (f"group size {fits[0]}" if fits else "per-channel INT4") + " to export this model"
+        )
+
+    schemes: dict[tuple, list[str]] = {}
+    for n, m in linears.items():
+        schemes.setdefault(_scheme(m), []).append(n)
+    groups = {}
+    for i, (scheme, names) in enumerate(schemes.items()):
+        targets = ["Linear"] if len(schemes) == 1 else sorted(names)
+        groups[f"group_{i}"] = {"targets": targets, **_scheme_json(scheme)}
+    formats = {g["format"] for g in groups.values()}
+
+    state = {}
+    quantized = set(linears) | set(tied_heads) | set(embeddings)
+    for key, t in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner not in quantized:
+            state[key] = t
+    for n, m in linears.items():
+        state.update(_linear_tensors(n, m))
+    for n, m in embeddings.items():
+        state[f"{n}.weight"] = m.dequantized_weight().to(m.out_dtype)
+    if tied_heads and not getattr(config, "tie_word_embeddings", False):
+        raise ValueError(f"{tied_heads}: tied to a quantized embedding, but config.tie_word_embeddings is False")
+    tensors, _ = _dedupe(state)
+
+    ignore = sorted(
+        n for n, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and n not in linears
+    ) + sorted(tied_heads)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_hf_files(model, folder, tokenizer)
+    quantization_config = {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
+    cfg_file = folder / "config.json"
+    cfg_json = json.loads(cfg_file.read_text())
+    cfg_json["quantization_config"] = quantization_config
+    cfg_file.write_text(json.dumps(cfg_json, indent=2) + "\n")
+    write_safetensors(tensors, folder / "model.safetensors", {"format": "pt"})
+    return {
+        "folder": str(folder),
+        "config_groups": groups,
+        "ignore": ignore,
+        "embeddings_as_float": sorted(embeddings),
+        "tensors": len(tensors),
+    }

@@ -1,0 +1,95 @@
+"""End-to-end speed of (compressed) models, measured side by side.
+
+The machines this runs on are shared and drift: every round measures every model once, and medians
+over the rounds are reported, so ratios between models are meaningful even when absolute times are not.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["prefill_tokens_per_s", "decode_tokens_per_s", "encode_sentences_per_s", "compare_causal_lm", "compare_encoder"]
+
+
+@torch.no_grad()
+def prefill_tokens_per_s(model: nn.Module, ids: torch.Tensor) -> float:
+    """tokens/s of one prefill pass over ``ids`` [1, T] (logits of the last position only, as generate() does)."""
+    t0 = time.perf_counter()
+    model(ids, use_cache=True, logits_to_keep=1)
+    return ids.shape[1] / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, steps: int) -> float:
+    """tokens/s of ``steps`` greedy decoding steps with the KV cache after ``prompt`` [1, P]."""
+    out = model(prompt, use_cache=True)
+    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = model(tok, past_key_values=past, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return steps / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def encode_sentences_per_s(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
+    """sentences/s of one encoder forward over a tokenized batch."""
+    t0 = time.perf_counter()
+    model(**batch)
+    return len(batch["input_ids"]) / (time.perf_counter() - t0)
+
+
+def _check(models: Mapping[str, nn.Module], rounds: int) -> None:
+    if not models:
+        raise ValueError("models: nothing to measure")
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: must be >= 1")
+
+
+def compare_causal_lm(
+    models: Mapping[str, nn.Module], ids: torch.Tensor, prompt_len: int = 32, decode_steps: int = 32, rounds: int = 3
+) -> dict[str, dict]:
+    """Prefill (over ``ids`` [1, T]) and decode tokens/s of each model, in interleaved rounds.
+
+    Returns ``{name: {"prefill_tok_s", "decode_tok_s", "prefill_tok_s_all", "decode_tok_s_all"}}``
+    (medians, then every round's value).
+    """
+    _check(models, rounds)
+    if ids.dim() != 2 or ids.shape[0] != 1 or not 0 < prompt_len <= ids.shape[1]:
+        raise ValueError(f"ids: shape {tuple(ids.shape)}, prompt_len={prompt_len}: need [1, T] with 0 < prompt_len <= T")
+    prompt = ids[:, :prompt_len]
+    with torch.no_grad():
+        for model in models.values():  # first-call work (CPU layouts, caches) is not timed
+            model(ids[:, : min(8, ids.shape[1])])
+    prefill: dict[str, list[float]] = {name: [] for name in models}
+    decode: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            prefill[name].append(prefill_tokens_per_s(model, ids))
+            decode[name].append(decode_tokens_per_s(model, prompt, decode_steps))
+    return {
+        name: {
+            "prefill_tok_s": statistics.median(prefill[name]),
+            "decode_tok_s": statistics.median(decode[name]),
+            "prefill_tok_s_all": prefill[name],
+            "decode_tok_s_all": decode[name],
+        }
+        for name in models
+    }
+
+
+def compare_encoder(models: Mapping[str, nn.Module], batch: Mapping[str, torch.Tensor], rounds: int = 3) -> dict[str, dict]:
+    """Forward sentences/s of each encoder on one tokenized batch, in interleaved rounds (medians)."""
+    _check(models, rounds)
+    with torch.no_grad():
+        for model in models.values():
+            model(**batch)
+    runs: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            runs[name].append(encode_sentences_per_s(model, batch))
+    return {name: {"sentences_s": statistics.median(v), "sentences_s_all": v} for name, v in runs.items()}

@@ -1,0 +1,103 @@
+"""The qruntime command line on a tiny local model (offline, seconds): compress -> info -> eval -> bench
+-> export, --json output, and one-line errors with non-zero exit codes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qruntime.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama with a word-level tokenizer, saved like any HF model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from qruntime.data import split_text
+
+    words = split_text("calibration")[:20000].split()
+    vocab = {"[UNK]": 0}
+    for w in words:
+        if len(vocab) < 256 and w not in vocab:
+            vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compress_info_eval_bench_export(tiny_folder, tmp_path, capsys):
+    out_dir = tmp_path / "ckpt"
+    code, out, err = _run(capsys, "compress", tiny_folder, "--recipe", "w4a16-g32-gptq", "--calib-samples", "2",
+                          "--seq-len", "32", "--out", out_dir, "--quiet", "--json")
+    assert code == 0, err
+    result = json.loads(out)  # stdout is only JSON with --json
+    assert result["report"]["config"] == "w4a16-g32-asym-gptq" and result["bytes_on_disk"] > 0
+    assert "saved" in err and "calibration" in err  # the human report went to stderr
+
+    code, out, err = _run(capsys, "info", out_dir, "--verify")
+    assert code == 0, err
+    assert "checksums: OK" in out and "14 w4a16-g32-asym-gptq" in out
+
+    code, out, err = _run(capsys, "eval", out_dir, "--eval-tokens", "300", "--window", "64", "--quiet", "--json")
+    assert code == 0, err
+    ev = json.loads(out)["causal_lm"]
+    assert ev["perplexity"] > 1 and ev["reference_perplexity"] > 1 and 0 <= ev["top1_agreement"] <= 1
+    assert json.loads(out)["reference"] == str(tiny_folder)  # the base model the checkpoint records
+
+    code, out, err = _run(capsys, "bench", out_dir, "--prefill", "16", "--prompt", "8", "--decode", "2", "--rounds", "1", "--json")
+    assert code == 0, err
+    res = json.loads(out)["results"]
+    assert set(res) == {str(out_dir), str(tiny_folder)} and all(r["decode_tok_s"] > 0 for r in res.values())
+
+    code, out, err = _run(capsys, "export", out_dir, "--out", tmp_path / "ct")
+    assert code == 0, err
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+
+
+def test_presets_and_json_file(tmp_path, capsys):
+    code, out, _ = _run(capsys, "presets", "--json", tmp_path / "p.json")
+    assert code == 0 and "w4a16-g128" in out
+    assert "w8a8" in json.loads((tmp_path / "p.json").read_text())["presets"]
+
+
+@pytest.mark.parametrize(
+    "argv, match, code",
+    [
+        (["compress", "x", "--recipe", "w3a16", "--out", "o"], "unknown preset 'w3a16'", 2),
+        (["info", "/nonexistent/ckpt"], "not a folder", 2),
+        (["eval", "{tmp}", "--eval-tokens", "0"], "--eval-tokens=0: must be >= 1", 2),
+        (["info", "{tmp}"], "no qruntime.json", 2),
+    ],
+)
+def test_errors_are_one_line_with_exit_code(argv, match, code, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    rc, out, err = _run(capsys, *argv)
+    assert rc == code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qruntime: error: ") and match in lines[0], err
+
+
+def test_eval_of_encoder_rejects_ppl(tiny_folder, tmp_path, capsys):
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=256, max_position_embeddings=64)).save_pretrained(tmp_path / "bert")
+    PreTrainedTokenizerFast.from_pretrained(tiny_folder).save_pretrained(tmp_path / "bert")
+    rc, out, err = _run(capsys, "eval", tmp_path / "bert", "--ppl")
+    assert rc == 2 and "perplexity needs a causal LM" in err
