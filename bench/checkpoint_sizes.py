@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
 
     from qruntime import compress, load, save
-    from qruntime.checkpoint import _dedupe, read_manifest
+    from qruntime.checkpoint import dedupe_tensors, read_manifest, tensor_bytes
     from qruntime.data import split_text
     from qruntime.evaluate import tokenize_text
     from qruntime.models import load_causal_lm
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     ids = tokenize_text(tok, split_text("eval"), max_tokens=128)[None, :]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tensors, _ = _dedupe(model.state_dict())
+        tensors, _ = dedupe_tensors(model.state_dict())
         fp16 = {k: (v.half() if v.is_floating_point() else v) for k, v in tensors.items()}
         save_file(fp16, os.path.join(tmp, "fp16.safetensors"))
         fp16_bytes = os.path.getsize(os.path.join(tmp, "fp16.safetensors"))
@@ -55,11 +55,10 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 identical = torch.equal(loaded(ids).logits, qmodel(ids).logits)
             manifest = read_manifest(folder)
-            tensor_bytes = sum(torch.Size(m["shape"]).numel() * getattr(torch, m["dtype"]).itemsize
-                               for m in manifest["tensors"].values())
+            stored = tensor_bytes(manifest)
             file_bytes = os.path.getsize(os.path.join(folder, "model.safetensors"))
-            row = {"preset": report.config, "file_bytes": file_bytes, "tensor_bytes": tensor_bytes,
-                   "file_over_tensors": file_bytes / tensor_bytes, "vs_fp16": file_bytes / fp16_bytes,
+            row = {"preset": report.config, "file_bytes": file_bytes, "tensor_bytes": stored,
+                   "file_over_tensors": file_bytes / stored, "vs_fp16": file_bytes / fp16_bytes,
                    "save_s": t1 - t0, "load_s": t2 - t1, "logits_identical": identical}
             rows.append(row)
             print(f"{row['preset']:<26} {file_bytes / 2**20:8.1f} MiB  x{row['vs_fp16']:.3f} of fp16  "

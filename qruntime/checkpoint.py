@@ -30,7 +30,7 @@ from torch import nn
 
 from .config import QuantConfig
 
-__all__ = ["save", "load", "read_manifest", "verify_files", "CheckpointError", "FORMAT_VERSION"]
+__all__ = ["save", "load", "read_manifest", "verify_files", "tensor_bytes", "CheckpointError", "FORMAT_VERSION"]
 
 FORMAT = "qruntime-checkpoint"
 FORMAT_VERSION = 1
@@ -85,7 +85,7 @@ def _module_entry(module: nn.Module) -> dict:
     }
 
 
-def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def dedupe_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Stores each tensor once: an identical view of an earlier entry becomes an alias of it."""
     out: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -203,7 +203,7 @@ def save(
         raise ValueError(f"{path}: exists and is not a folder")
     path.mkdir(parents=True, exist_ok=True)
 
-    tensors, aliases = _dedupe(model.state_dict())
+    tensors, aliases = dedupe_tensors(model.state_dict())
     write_safetensors(tensors, path / WEIGHTS, {"format": "pt", "producer": FORMAT})
     config = save_hf_files(model, path, tokenizer)
 
@@ -265,6 +265,13 @@ def read_manifest(path: str | os.PathLike) -> dict:
             f"(written by qruntime {manifest.get('versions', {}).get('qruntime', '?')}; upgrade qruntime)"
         )
     return manifest
+
+
+def tensor_bytes(manifest: dict) -> int:
+    """Bytes of the tensors a manifest lists (what the tensor files hold, headers aside)."""
+    return sum(
+        torch.Size(meta["shape"]).numel() * getattr(torch, meta["dtype"]).itemsize for meta in manifest["tensors"].values()
+    )
 
 
 def verify_files(path: str | os.PathLike, manifest: dict | None = None) -> None:

@@ -260,15 +260,13 @@ def cmd_info(args) -> dict:
     from collections import Counter
     from pathlib import Path
 
-    from .checkpoint import read_manifest, verify_files
+    from .checkpoint import read_manifest, tensor_bytes, verify_files
 
     manifest = read_manifest(args.dir)
     if args.verify:
         verify_files(args.dir, manifest)
     folder = Path(args.dir)
-    tensor_bytes = sum(
-        _numel(m["shape"]) * _itemsize(m["dtype"]) for m in manifest["tensors"].values()
-    )
+    tensors = tensor_bytes(manifest)
     file_bytes = sum(m["bytes"] for m in manifest["files"].values())
     formats = Counter(m["format"] for m in manifest["modules"].values())
     report = manifest.get("report") or {}
@@ -277,8 +275,8 @@ def cmd_info(args) -> dict:
         + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items()),
         f"base model: {manifest.get('base_model') or '-'}; recipe: {manifest.get('recipe') or '-'}",
         f"quantized modules: {sum(formats.values())} (" + ", ".join(f"{n} {f}" for f, n in formats.items()) + ")",
-        f"tensors: {len(manifest['tensors'])}, {_fmt_bytes(tensor_bytes)}; tensor files {_fmt_bytes(file_bytes)} "
-        f"({file_bytes / max(1, tensor_bytes):.4f}x the tensor bytes); tied: {manifest['tied'] or '-'}",
+        f"tensors: {len(manifest['tensors'])}, {_fmt_bytes(tensors)}; tensor files {_fmt_bytes(file_bytes)} "
+        f"({file_bytes / max(1, tensors):.4f}x the tensor bytes); tied: {manifest['tied'] or '-'}",
     ]
     if report:
         lines.append(
@@ -289,21 +287,8 @@ def cmd_info(args) -> dict:
     if args.verify:
         lines.append("checksums: OK (" + ", ".join(manifest["files"]) + ")")
     _say(args, *lines)
-    return {"dir": str(folder), "tensor_bytes": tensor_bytes, "file_bytes": file_bytes,
+    return {"dir": str(folder), "tensor_bytes": tensors, "file_bytes": file_bytes,
             "verified": bool(args.verify), "manifest": manifest}
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: str) -> int:
-    import torch
-
-    return getattr(torch, dtype).itemsize
 
 
 def cmd_export(args) -> dict:

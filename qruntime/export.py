@@ -115,7 +115,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, toke
     Returns:
         A summary: the folder, the config groups, the ignored layers, and the embeddings written as float.
     """
-    from .checkpoint import _dedupe, save_hf_files, write_safetensors
+    from .checkpoint import dedupe_tensors, save_hf_files, write_safetensors
     from .nn import QuantEmbedding, QuantLinear
 
     config = getattr(model, "config", None)
@@ -170,7 +170,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, toke
         state[f"{n}.weight"] = m.dequantized_weight().to(m.out_dtype)
     if tied_heads and not getattr(config, "tie_word_embeddings", False):
         raise ValueError(f"{tied_heads}: tied to a quantized embedding, but config.tie_word_embeddings is False")
-    tensors, _ = _dedupe(state)
+    tensors, _ = dedupe_tensors(state)
 
     ignore = sorted(
         n for n, mod in model.named_modules()
