@@ -1,4 +1,72 @@
 """Triton GPU kernels of qruntime, imported as ``qruntime.kernels`` (the top-level name ``kernels`` is
-taken on PyPI). One file per kernel family; each registers itself as the ``cuda`` implementation of
-its op in :mod:`qruntime.ops`. No kernel has landed yet: on CUDA the ops run their PyTorch reference.
+taken on PyPI). One file per kernel family, launcher beside its kernel:
+
+* :mod:`~qruntime.kernels.w8a16`: fp16/bf16 x INT8 per-channel weights;
+* :mod:`~qruntime.kernels.w4a16`: fp16/bf16 x INT4 weights, per-channel or group-wise, sym / asym;
+* :mod:`~qruntime.kernels.w8a8`: fused per-token activation quantization + int8 x int8 GEMM;
+* :mod:`~qruntime.kernels.dispatch`: the path (split-K / GEMM / dequantize + cuBLAS) chosen by M;
+* :mod:`~qruntime.kernels.aot`: ahead-of-time compile of every config for sm_80 / sm_90 (no GPU needed).
+
+See docs/kernels.md.
+
+Importing this package registers each launcher as the ``cuda`` implementation of its op in
+:mod:`qruntime.ops`, and does nothing else: Triton and the kernel modules are imported on the first CUDA
+call (no CUDA query, no compilation at import). Without Triton, CUDA calls run the PyTorch reference,
+with one warning.
 """
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+from types import ModuleType
+
+from qruntime import ops, reference
+
+FAMILIES = ("w8a16", "w4a16", "w8a8")
+
+
+@functools.lru_cache(maxsize=None)
+def load(family: str) -> ModuleType | None:
+    """The kernel module of ``family``, or None (with one warning) when Triton cannot be imported."""
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}: expected one of {FAMILIES}")
+    try:
+        return importlib.import_module(f"{__name__}.{family}")
+    except ImportError as exc:
+        warnings.warn(
+            f"qruntime: Triton kernels unavailable ({exc}); CUDA ops run the PyTorch reference "
+            "(dequantize + matmul). Install triton (it ships with CUDA builds of torch).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _cuda_w8a16(x, qweight, scales, bias):
+    module = load("w8a16")
+    if module is None:
+        ops._check_int8(x, qweight, scales, bias)
+        return reference.w8a16_linear(x, qweight, scales, bias)
+    return module.w8a16_linear(x, qweight, scales, bias)
+
+
+def _cuda_w4a16(x, qweight, scales, zeros, group_size, bias):
+    module = load("w4a16")
+    if module is None:
+        ops._check_w4a16(x, qweight, scales, zeros, group_size, bias)
+        return reference.w4a16_linear(x, qweight, scales, zeros, group_size, bias)
+    return module.w4a16_linear(x, qweight, scales, zeros, group_size, bias)
+
+
+def _cuda_w8a8(x, qweight, scales, bias):
+    module = load("w8a8")
+    if module is None:
+        ops._check_int8(x, qweight, scales, bias)
+        return reference.w8a8_linear(x, qweight, scales, bias)
+    return module.w8a8_linear(x, qweight, scales, bias)
+
+
+ops.w8a16_linear.register_kernel("cuda")(_cuda_w8a16)
+ops.w4a16_linear.register_kernel("cuda")(_cuda_w4a16)
+ops.w8a8_linear.register_kernel("cuda")(_cuda_w8a8)

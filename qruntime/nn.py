@@ -42,12 +42,31 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     raise TypeError(f"{type(module).__name__}: not an nn.Linear or transformers Conv1D")
 
 
+def _keep_scales_float32(module: nn.Module, fn, recurse: bool) -> torch.dtype | None:
+    """``nn.Module._apply`` that converts everything but keeps ``scales`` in float32 (the format's
+    dtype: ``model.half()`` or ``model.to("cuda", torch.bfloat16)`` must not round the scales). The
+    scales still follow a device move. Returns the floating dtype ``fn`` converted to, or None."""
+    scales = module._buffers.get("scales")
+    nn.Module._apply(module, fn, recurse)
+    moved = module._buffers.get("scales")
+    if scales is None or moved is None or moved.dtype == scales.dtype:
+        return None
+    module._buffers["scales"] = scales.to(device=moved.device)
+    return moved.dtype
+
+
 class QuantLinear(nn.Module):
     """y = x @ dequant(W).T + b with W stored packed (docs/formats.md).
 
     Buffers: ``qweight`` (int8 [N, K] or uint8 [N, Kp / 2]), ``scales`` (float32 [N] or [G, N]),
     ``zeros`` (uint8 [G, N], asymmetric INT4 only); ``bias`` is a parameter in the original dtype.
+    ``.to(dtype)`` / ``.half()`` convert the bias and leave the scales in float32; the output always has
+    the input's dtype.
     """
+
+    def _apply(self, fn, recurse=True):
+        _keep_scales_float32(self, fn, recurse)
+        return self
 
     def __init__(
         self,
@@ -202,6 +221,12 @@ class QuantEmbedding(nn.Module):
             if zeros is not None:
                 out.zeros = zeros
         return out
+
+    def _apply(self, fn, recurse=True):
+        dtype = _keep_scales_float32(self, fn, recurse)
+        if dtype is not None:  # model.half(): the looked-up rows follow the model's dtype
+            self.out_dtype = dtype
+        return self
 
     # the table is stored as a QuantLinear weight with N = num_embeddings, K = embedding_dim
     in_features = property(lambda self: self.embedding_dim)

@@ -2,7 +2,7 @@
 
 * default: the PyTorch reference (:mod:`qruntime.reference`), used on any device without a kernel;
 * ``cpu``: the C++ kernels (csrc/, AVX-512 VNNI / AVX2 / scalar chosen at run time) when built;
-* ``cuda``: Triton kernels, registered by :mod:`qruntime.kernels` when they exist;
+* ``cuda``: the Triton kernels, registered by :mod:`qruntime.kernels` (the reference without Triton);
 * fake: shape functions, so ``torch.compile`` and ``torch.export`` trace compressed models.
 
 Call them as ``qruntime.ops.w8a16_linear(...)`` or ``torch.ops.qruntime.w8a16_linear(...)``.

@@ -1,8 +1,15 @@
 """Shared fixtures: tiny random-weight HF models built from configs (no download), tolerances."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors. Set before any kernel
+# module is imported: @triton.jit reads it when it decorates.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Relative error bounds ||y - y_ref|| / ||y_ref|| against the float64 reference, per activation dtype.
 # fp32: accumulation-order noise; fp16/bf16: the dequantized weight and the output are rounded to the

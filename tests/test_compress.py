@@ -169,12 +169,14 @@ def test_not_a_module():
         compress({"weight": torch.ones(2, 2)})
 
 
-def test_compressed_model_traces_with_torch_compile(tiny_llama):
-    compress(tiny_llama, "w4a16-g32", progress=False)
+@pytest.mark.parametrize("preset", ["w8a16", "w8a8", "w4a16-g32"])
+def test_compressed_model_traces_with_torch_compile(tiny_llama, preset):
+    compress(tiny_llama, preset, progress=False)
     ids = torch.randint(0, 128, (1, 8))
     with torch.no_grad():
         eager = tiny_llama(ids).logits
-        compiled = torch.compile(tiny_llama, backend="eager", fullgraph=False)(ids).logits
+        # fullgraph: the quantized layers' ops trace through their fake kernels, no graph break
+        compiled = torch.compile(tiny_llama, backend="eager", fullgraph=True)(ids).logits
     assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-4)
 
 
@@ -218,3 +220,18 @@ def test_module_kernel_arguments_follow_load_state_dict_and_pickle(tiny_llama, t
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     with torch.no_grad():
         assert torch.equal(loaded.model.layers[0].self_attn.q_proj(x), expected)
+
+
+@pytest.mark.parametrize("preset", ["w8a16", "w4a16-g32-emb4"])
+def test_half_keeps_scales_float32(tiny_llama, preset):
+    """model.half() after compress: bias and the model follow, the scales stay float32 (exact)."""
+    compress(tiny_llama, preset, progress=False)
+    layer = tiny_llama.model.layers[0].mlp.up_proj
+    scales = layer.scales.clone()
+    model = tiny_llama.half()
+    assert layer.scales.dtype == torch.float32 and torch.equal(layer.scales, scales)
+    emb = model.get_input_embeddings()
+    ids = torch.randint(0, 128, (1, 6))
+    assert emb(ids).dtype == torch.float16  # nn.Embedding or QuantEmbedding alike
+    with torch.no_grad():
+        assert model(ids).logits.dtype == torch.float16

@@ -1,0 +1,222 @@
+"""W4A16: fp16 / bf16 (or fp32) activations x INT4 weights (per-channel or group-wise, symmetric or
+asymmetric), dequantized in registers inside the K loop.
+
+Contract (the ``cuda`` implementation of ``qruntime.ops.w4a16_linear``; format in docs/formats.md)::
+
+    y [M, N] = x [M, K] @ W.T + bias,   W[n, k] = (code(n, k) - zero[k // group_size, n]) * scales[k // group_size, n]
+    qweight uint8 [N, Kp / 2] (column k in byte k // 2, low nibble for even k), scales float32 [G, N],
+    zeros uint8 [G, N] or None (symmetric: zero point 8), Kp = G * group_size >= K.
+
+Group-wise (G > 1): each K tile lies inside one group (the configs are pruned to BLOCK_K dividing the
+group size), so a tile loads one row of scales / zero points; the codes are dequantized to x's dtype in
+float32 math (the reference's rounding, bit for bit) and multiplied on Tensor Cores with fp32
+accumulation. Per-channel (G == 1): the tile multiplies ``code - zero`` (small integers, exact in
+fp16/bf16) and the scale is applied once in the epilogue. The padded columns K..Kp are never read.
+
+Paths as in :mod:`qruntime.kernels.w8a16` (``splitk``, ``gemm``, ``dequant``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from qruntime.ops import _check_w4a16
+
+from . import dispatch
+from ._common import config, dot_mode, fits, keep, m_bucket, mma, smem_limit, tile_ids, to_dtype, tuned
+
+# ---- configs -----------------------------------------------------------------------------------------
+
+# (BLOCK_N, BLOCK_K, warps) of the 16-row split-K tiles; BLOCK_K down to 16 for group_size=16
+SPLITK_TILES = ((32, 128, 2), (64, 128, 4), (64, 64, 4), (128, 128, 4), (128, 64, 4), (64, 32, 2), (64, 16, 2))
+SPLITK_CONFIGS = [
+    config(16, bn, bk, sk, warps=w, stages=4)
+    for bn, bk, w in SPLITK_TILES
+    for sk in (1, 2, 4, 8)
+]
+GEMM_CONFIGS = [
+    config(128, 256, 64, warps=8, stages=3),
+    config(128, 128, 64, warps=8, stages=3),
+    config(128, 128, 32, warps=4, stages=4),
+    config(64, 256, 32, warps=4, stages=4),
+    config(64, 128, 64, warps=4, stages=4),
+    config(64, 128, 32, warps=4, stages=4),
+    config(64, 64, 64, warps=4, stages=4),
+    config(32, 128, 64, warps=4, stages=4),
+    config(32, 64, 32, warps=4, stages=5),
+    config(64, 64, 16, warps=4, stages=4),
+    config(32, 64, 16, warps=4, stages=4),
+]
+INTERPRET_SPLITK = [config(16, 128, 64, 2), config(16, 128, 32, 2), config(16, 128, 16, 2)]
+INTERPRET_GEMM = [config(32, 128, 64), config(32, 128, 32), config(32, 128, 16)]
+
+
+def _prune(configs, named, **launch_kwargs):
+    named = {**named, **launch_kwargs}
+    x = named["x_ptr"]
+    limit = smem_limit(x)
+    group = None if named["PER_CHANNEL"] else named["group_size"]
+    bucket = named["m_bucket"]
+    return keep(
+        configs,
+        lambda c: c.kwargs["BLOCK_M"] <= max(32, bucket)
+        and fits(c, x_bytes=x.element_size(), w_bytes=1, k=named["K"], group_size=group, smem_limit=limit),
+        f"w4a16 M={named['M']} N={named['N']} K={named['K']} group_size={named['group_size']}",
+    )
+
+
+# ---- kernels -----------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["M", "m_bucket"])  # one compile for every M
+def _w4a16_kernel(
+    # pointers
+    x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    # sizes (m_bucket: M's autotuning key, unused in the body)
+    M, N, K, m_bucket, group_size,
+    # strides, in elements (qweight's K stride is 1: one byte holds columns 2j and 2j+1)
+    stride_xm, stride_xk, stride_wn, stride_om, stride_on,
+    # meta-parameters
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[M, N] = x @ dequant(qweight).T (+ bias). SPLIT_K > 1: out is float32 and zeroed, partial
+    sums are added atomically (the bias once, by split 0)."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    zero = tl.full((BLOCK_N,), 8.0, tl.float32)  # symmetric codes are q + 8
+    if PER_CHANNEL:
+        scale = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0)
+        if HAS_ZEROS:
+            zero = tl.load(zeros_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        k = k0 + offs_k
+        mask_k = k < K
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k // 2)[:, None],
+                         mask=mask_k[:, None] & mask_n[None, :], other=0)
+        code = ((packed.to(tl.int32) >> ((k & 1) * 4)[:, None]) & 0xF).to(tl.float32)
+        if PER_CHANNEL:
+            w = (code - zero[None, :]).to(a.dtype)  # integers in [-15, 15]: exact
+        else:
+            g = k0 // group_size  # the whole tile is in group g (BLOCK_K divides group_size)
+            scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)
+            if HAS_ZEROS:
+                zero = tl.load(zeros_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+            w = to_dtype((code - zero[None, :]) * scale[None, :], a.dtype)
+        acc = mma(acc, a, w, DOT)
+
+    if PER_CHANNEL:
+        acc = acc * scale[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, to_dtype(acc, out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out, acc, mask=mask)
+
+
+@triton.jit
+def _dequant_int4_kernel(
+    w_ptr, scales_ptr, zeros_ptr, out_ptr,
+    N, K, group_size, stride_wn,
+    HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[N, K] = (code - zero) * scale in float32, rounded once to out's dtype (the reference's
+    dequantize_int4(...).to(dtype), bit for bit)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + (offs_k // 2)[None, :], mask=mask, other=0)
+    code = ((packed.to(tl.int32) >> ((offs_k & 1) * 4)[None, :]) & 0xF).to(tl.float32)
+    gidx = (offs_k // group_size)[None, :] * N + offs_n[:, None]
+    scale = tl.load(scales_ptr + gidx, mask=mask, other=0.0)
+    if HAS_ZEROS:
+        zero = tl.load(zeros_ptr + gidx, mask=mask, other=0).to(tl.float32)
+    else:
+        zero = 8.0
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], to_dtype((code - zero) * scale, out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+_KEY = ["m_bucket", "N", "K", "group_size"]
+_splitk = tuned(_w4a16_kernel, SPLITK_CONFIGS, INTERPRET_SPLITK, key=_KEY, prune=_prune, reset_to_zero=["out_ptr"])
+_gemm = tuned(_w4a16_kernel, GEMM_CONFIGS, INTERPRET_GEMM, key=_KEY, prune=_prune)
+
+
+# ---- launchers ---------------------------------------------------------------------------------------
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+               in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [N, Kp/2] codes + scales/zeros [G, N] -> ``dtype`` [N, in_features] on qweight's device."""
+    n = qweight.shape[0]
+    out = torch.empty((n, in_features), dtype=dtype, device=qweight.device)
+    qweight = qweight.contiguous()
+    grid = (triton.cdiv(n, 64), triton.cdiv(in_features, 128))
+    _dequant_int4_kernel[grid](
+        qweight, scales.contiguous(), scales if zeros is None else zeros.contiguous(), out,
+        n, in_features, group_size, qweight.stride(0),
+        HAS_ZEROS=zeros is not None, BLOCK_N=64, BLOCK_K=128,
+    )
+    return out
+
+
+def _gemm_path(x, qweight, scales, zeros, group_size, bias, path):
+    m, k = x.shape
+    n = qweight.shape[0]
+    if path == "dequant":
+        w = dequantize(qweight, scales, zeros, group_size, k, x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    split = path == "splitk"
+    out = (torch.zeros if split else torch.empty)((m, n), device=x.device, dtype=torch.float32 if split else x.dtype)
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    (_splitk if split else _gemm)[grid](
+        x, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias, out,
+        m, n, k, m_bucket(m), group_size,
+        x.stride(0), x.stride(1), qweight.stride(0), out.stride(0), out.stride(1),
+        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, PER_CHANNEL=scales.shape[0] == 1,
+        DOT=dot_mode(x.dtype),
+    )
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 group_size: int, bias: torch.Tensor | None, *, path: str | None = None) -> torch.Tensor:
+    """y = x @ dequant_int4(qweight, scales, zeros, group_size).T + bias, on the GPU (or CPU tensors
+    under TRITON_INTERPRET).
+
+    Args:
+        x: float16 / bfloat16 / float32 [M, K] (any strides), K <= Kp. qweight: uint8 [N, Kp / 2].
+        scales: float32 [Kp / group_size, N]. zeros: uint8 [Kp / group_size, N] or None (symmetric).
+        group_size: columns per group (Kp for per-channel). bias: [N] or None.
+        path: ``"splitk"``, ``"gemm"`` or ``"dequant"``; None lets :mod:`dispatch` choose by M.
+    Returns:
+        [M, N] in x's dtype.
+    """
+    _check_w4a16(x, qweight, scales, zeros, group_size, bias)
+    dispatch.check_devices("w4a16_linear", x, qweight=qweight, scales=scales, zeros=zeros, bias=bias)
+    if x.shape[0] == 0:
+        return x.new_empty((0, qweight.shape[0]))
+    if path is None:
+        key = (tuple(qweight.shape), group_size, zeros is None, x.dtype)
+        path = dispatch.choose(
+            "w4a16", key, x, lambda p: _gemm_path(x, qweight, scales, zeros, group_size, bias, p)
+        )
+    dispatch.check_path("w4a16", path)
+    return _gemm_path(x, qweight, scales, zeros, group_size, bias, path)
