@@ -188,10 +188,11 @@ def e2e(args, device: str, payload: dict) -> None:
     for name, cfg in configs.items():
         for recipe in ("fp16", "w8a16", "w4a16-g128", "w8a8"):
             torch.manual_seed(0)
+            # built and compressed on the device (round-to-nearest runs where the weights are)
             model = LlamaForCausalLM(LlamaConfig(**cfg, max_position_embeddings=1024)).eval()
+            model = model.to(device, torch.float16)
             if recipe != "fp16":
                 model, _ = qruntime.compress(model, recipe, progress=False)
-            model = model.to(device, torch.float16)
             ids = torch.randint(0, cfg["vocab_size"], (1, 32), device=device)
             kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             with torch.no_grad():

@@ -3,8 +3,10 @@
 Triton lowers each kernel to PTX and a cubin with its bundled ptxas for the target architecture, so this
 catches, without a GPU: kernels that do not compile for real hardware (the interpreter accepts more than
 the compiler does), configs whose shared memory exceeds the target's limit (which the autotuning pruner
-must have dropped), and kernels that do not use the instructions they exist for: Tensor Core MMA on
-fp16 / bf16 / int8 operands, IEEE division and round-to-nearest-even in the activation quantizer.
+must have dropped), kernels that do not use the instructions they exist for (Tensor Core MMA on
+fp16 / bf16 / int8 operands, IEEE division and round-to-nearest-even in the activation quantizer), and
+weight tiles read one byte per instruction instead of through cp.async / vector loads. Kernels are
+specialized as the JIT does for a typical launch (aligned pointers, unit strides, sizes multiple of 16).
 
     python -m qruntime.kernels.aot                 # a representative config of each path, sm_80 and sm_90
     python -m qruntime.kernels.aot --all           # every autotuning config (~100 compiles)
@@ -63,16 +65,40 @@ def _variants(all_configs: bool):
             yield (f"w8a8 {path}", w8a8._w8a8_kernel, sig, dict(HAS_BIAS=True), cfg, r"mma\S*\.s8")
 
 
-def _signature(kernel, pointers: dict, constexprs: dict) -> dict:
-    sig = {}
-    for name in kernel.arg_names:
+UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_on")  # contiguous along K / N: the JIT makes them constants
+UNHINTED = ("M", "m_bucket")  # do_not_specialize
+
+
+def _specialize(kernel, pointers: dict, constexprs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as the JIT builds them for a typical launch: 16-byte aligned
+    pointers, unit strides as constants, sizes and other strides multiples of 16 (as in every model
+    shape benchmarked), M unspecialized. Without these hints the compiler could not vectorize loads and
+    the PTX would not be what runs."""
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(kernel.arg_names):
         if name in pointers:
             sig[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in constexprs:
             sig[name] = "constexpr"
+        elif name in UNIT_STRIDES:
+            sig[name] = "constexpr"
+            consts[name] = 1
         else:
-            sig[name] = "i32"  # sizes and strides
-    return sig
+            sig[name] = "i32"
+            if name not in UNHINTED:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def byte_loads(ptx: str) -> int:
+    """Global loads of one byte per instruction in ``ptx``: a weight tile read this way would run far
+    below the memory bandwidth (the tiles must go through cp.async or vector loads). A few are expected
+    for per-channel uint8 zero points."""
+    return len(re.findall(r"ld\.global(?:\.\w+)*\.[bsu]8\s", ptx))
+
+
+MAX_BYTE_LOADS = 4
 
 
 def compile_all(arch: int, all_configs: bool = False, log=print) -> list[dict]:
@@ -92,7 +118,8 @@ def compile_all(arch: int, all_configs: bool = False, log=print) -> list[dict]:
         row = {"arch": f"sm_{arch}", "kernel": label}
         t0 = time.perf_counter()
         try:
-            src = ASTSource(fn=kernel, signature=_signature(kernel, pointers, meta), constexprs=meta)
+            sig, consts, attrs = _specialize(kernel, pointers, meta)
+            src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         except Exception as exc:  # a compile error is a result to report, not a crash of the tool
             row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -110,11 +137,13 @@ def compile_all(arch: int, all_configs: bool = False, log=print) -> list[dict]:
             cfg, x_bytes=1 if name.startswith("w8a8") else 2, w_bytes=1, k=1 << 16,
             group_size=128 if "g128" in name else None, smem_limit=TARGETS[arch],
             min_block_k=32 if name.startswith("w8a8") else 16)
-        row["ok"] = row["instructions_ok"] and (row["shared_fits"] or row["pruned"])
+        row["byte_loads"] = byte_loads(ptx)
+        row["ok"] = (row["instructions_ok"] and (row["shared_fits"] or row["pruned"])
+                     and row["byte_loads"] <= MAX_BYTE_LOADS)
         results.append(row)
         flag = "ok  " if row["ok"] else "FAIL"
         note = "" if row["shared_fits"] else (" (over the limit; pruned)" if row["pruned"] else " (over the limit, NOT pruned)")
-        log(f"{flag}  sm_{arch} {label}: {shared} B shared{note}"
+        log(f"{flag}  sm_{arch} {label}: {shared} B shared{note}, {row['byte_loads']} byte loads"
             f"{'' if row['instructions_ok'] else ' (expected instructions missing: ' + pattern + ')'}")
     return results
 

@@ -7,8 +7,10 @@ Contract (the ``cuda`` implementation of ``qruntime.ops.w4a16_linear``; format i
     qweight uint8 [N, Kp / 2] (column k in byte k // 2, low nibble for even k), scales float32 [G, N],
     zeros uint8 [G, N] or None (symmetric: zero point 8), Kp = G * group_size >= K.
 
-Group-wise (G > 1): each K tile lies inside one group (the configs are pruned to BLOCK_K dividing the
-group size), so a tile loads one row of scales / zero points; the codes are dequantized to x's dtype in
+The packed bytes of a tile are loaded as [BLOCK_N, BLOCK_K / 2] (contiguous along K: vector loads of
+whole bytes) and the nibbles interleaved in registers into [BLOCK_N, BLOCK_K] codes, fed to the dot
+transposed. Group-wise (G > 1): each K tile lies inside one group (the configs are pruned to BLOCK_K
+dividing the group size), so a tile loads one row of scales / zero points; the codes are dequantized to x's dtype in
 float32 math (the reference's rounding, bit for bit) and multiplied on Tensor Cores with fp32
 accumulation. Per-channel (G == 1): the tile multiplies ``code - zero`` (small integers, exact in
 fp16/bf16) and the scale is applied once in the epilogue. The padded columns K..Kp are never read.
@@ -73,8 +75,8 @@ def _prune(configs, named, **launch_kwargs):
 def _w4a16_kernel(
     # pointers
     x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
-    # sizes (m_bucket: M's autotuning key, unused in the body)
-    M, N, K, m_bucket, group_size,
+    # sizes (m_bucket: M's autotuning key, unused in the body; K_packed = Kp / 2, bytes per weight row)
+    M, N, K, K_packed, m_bucket, group_size,
     # strides, in elements (qweight's K stride is 1: one byte holds columns 2j and 2j+1)
     stride_xm, stride_xk, stride_wn, stride_om, stride_on,
     # meta-parameters
@@ -98,24 +100,27 @@ def _w4a16_kernel(
         if HAS_ZEROS:
             zero = tl.load(zeros_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
 
+    offs_byte = tl.arange(0, BLOCK_K // 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         k = k0 + offs_k
-        mask_k = k < K
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k // 2)[:, None],
-                         mask=mask_k[:, None] & mask_n[None, :], other=0)
-        code = ((packed.to(tl.int32) >> ((k & 1) * 4)[:, None]) & 0xF).to(tl.float32)
+                    mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
+        # [BLOCK_N, BLOCK_K / 2] bytes, contiguous along K (vector loads); byte j holds columns 2j, 2j+1.
+        # Masked by the row length only: codes of columns K..Kp dequantize to 0 and meet x = 0 anyway.
+        byte = k0 // 2 + offs_byte
+        packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + byte[None, :],
+                         mask=mask_n[:, None] & (byte < K_packed)[None, :], other=0).to(tl.int32)
+        code = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)  # [BLOCK_N, BLOCK_K], k = 2j: low
         if PER_CHANNEL:
-            w = (code - zero[None, :]).to(a.dtype)  # integers in [-15, 15]: exact
+            w = (code - zero[:, None]).to(a.dtype)  # integers in [-15, 15]: exact
         else:
             g = k0 // group_size  # the whole tile is in group g (BLOCK_K divides group_size)
             scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)
             if HAS_ZEROS:
                 zero = tl.load(zeros_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-            w = to_dtype((code - zero[None, :]) * scale[None, :], a.dtype)
-        acc = mma(acc, a, w, DOT)
+            w = to_dtype((code - zero[:, None]) * scale[:, None], a.dtype)
+        acc = mma(acc, a, tl.trans(w), DOT)
 
     if PER_CHANNEL:
         acc = acc * scale[None, :]
@@ -133,16 +138,18 @@ def _w4a16_kernel(
 @triton.jit
 def _dequant_int4_kernel(
     w_ptr, scales_ptr, zeros_ptr, out_ptr,
-    N, K, group_size, stride_wn,
+    N, K, K_packed, group_size, stride_wn,
     HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[N, K] = (code - zero) * scale in float32, rounded once to out's dtype (the reference's
     dequantize_int4(...).to(dtype), bit for bit)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    byte = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + (offs_k // 2)[None, :], mask=mask, other=0)
-    code = ((packed.to(tl.int32) >> ((offs_k & 1) * 4)[None, :]) & 0xF).to(tl.float32)
+    packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + byte[None, :],
+                     mask=(offs_n[:, None] < N) & (byte < K_packed)[None, :], other=0).to(tl.int32)
+    code = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)  # [BLOCK_N, BLOCK_K]
     gidx = (offs_k // group_size)[None, :] * N + offs_n[:, None]
     scale = tl.load(scales_ptr + gidx, mask=mask, other=0.0)
     if HAS_ZEROS:
@@ -169,7 +176,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
     grid = (triton.cdiv(n, 64), triton.cdiv(in_features, 128))
     _dequant_int4_kernel[grid](
         qweight, scales.contiguous(), scales if zeros is None else zeros.contiguous(), out,
-        n, in_features, group_size, qweight.stride(0),
+        n, in_features, qweight.shape[1], group_size, qweight.stride(0),
         HAS_ZEROS=zeros is not None, BLOCK_N=64, BLOCK_K=128,
     )
     return out
@@ -188,7 +195,7 @@ def _gemm_path(x, qweight, scales, zeros, group_size, bias, path):
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     (_splitk if split else _gemm)[grid](
         x, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias, out,
-        m, n, k, m_bucket(m), group_size,
+        m, n, k, qweight.shape[1], m_bucket(m), group_size,
         x.stride(0), x.stride(1), qweight.stride(0), out.stride(0), out.stride(1),
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, PER_CHANNEL=scales.shape[0] == 1,
         DOT=dot_mode(x.dtype),
