@@ -51,7 +51,7 @@ GEMM_CONFIGS = [
     config(64, 64, 16, warps=4, stages=4),
     config(32, 64, 16, warps=4, stages=4),
 ]
-INTERPRET_SPLITK = [config(16, 128, 64, 2), config(16, 128, 32, 2), config(16, 128, 16, 2)]
+INTERPRET_SPLITK = [config(16, 128, 64, 2), config(16, 128, 32, 2), config(16, 128, 16, 2), config(16, 128, 16)]  # the last: K below two tiles
 INTERPRET_GEMM = [config(32, 128, 64), config(32, 128, 32), config(32, 128, 16)]
 
 

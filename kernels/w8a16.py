@@ -47,7 +47,7 @@ GEMM_CONFIGS = [
     config(32, 64, 64, warps=4, stages=5),
 ]
 # Under TRITON_INTERPRET: large tiles (few programs) and SPLIT_K=2, so the atomic path is exercised.
-INTERPRET_SPLITK = [config(16, 128, 128, 2), config(16, 128, 64, 2), config(16, 128, 32, 2)]
+INTERPRET_SPLITK = [config(16, 128, 128, 2), config(16, 128, 64, 2), config(16, 128, 32, 2), config(16, 128, 32)]  # the last: K below two tiles
 INTERPRET_GEMM = [config(32, 128, 128), config(32, 128, 64), config(32, 128, 32)]
 
 

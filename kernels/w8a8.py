@@ -41,7 +41,7 @@ GEMM_CONFIGS = [
     config(32, 128, 128, warps=4, stages=4),
     config(32, 64, 64, warps=4, stages=5),
 ]
-INTERPRET_SPLITK = [config(16, 128, 128, 2), config(16, 128, 64, 2), config(16, 128, 32, 2)]
+INTERPRET_SPLITK = [config(16, 128, 128, 2), config(16, 128, 64, 2), config(16, 128, 32, 2), config(16, 128, 32)]  # the last: K below two tiles
 INTERPRET_GEMM = [config(32, 128, 128), config(32, 128, 64)]
 QUANT_BLOCK_K = 1024
 
@@ -74,17 +74,22 @@ def _quantize_per_token_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_K,), dtype=tl.int32)  # NaN / Inf seen (max would drop a NaN)
     for k0 in range(0, K, BLOCK_K):
         v = tl.load(x_ptr + row * stride_xm + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
-        amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
+        v = tl.abs(v.to(tl.float32))
+        bad = tl.maximum(bad, tl.where(v <= 3.4028234663852886e38, 0, 1))
+        amax = tl.maximum(amax, v)
     row_max = tl.max(amax, axis=0)
+    finite = tl.max(bad, axis=0) == 0
     c127 = tl.full((), 127.0, tl.float32)
-    inv = tl.where(row_max > 0, tl.math.div_rn(c127, tl.where(row_max > 0, row_max, 1.0)), 0.0)
-    tl.store(a_ptr + row, tl.math.div_rn(row_max, c127))
+    inv = tl.where((row_max > 0) & finite, tl.math.div_rn(c127, tl.where(row_max > 0, row_max, 1.0)), 0.0)
+    # a row holding a NaN / Inf: scale NaN and codes 0, so its outputs are NaN (the reference's rule)
+    tl.store(a_ptr + row, tl.where(finite, tl.math.div_rn(row_max, c127), float("nan")))
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + offs < K
         v = tl.load(x_ptr + row * stride_xm + (k0 + offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        t = v * inv
+        t = tl.where(finite, v, 0.0) * inv
         if USE_RINT:
             r = libdevice.rint(t)
         else:

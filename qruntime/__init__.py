@@ -12,7 +12,7 @@ from .config import CompressConfig, QuantConfig, PRESETS
 from .export import export_compressed_tensors
 from .nn import QuantEmbedding, QuantLinear
 from .ops import cpu_backend
-from . import kernels  # registers the Triton kernels as the ops' CUDA implementations (imports no Triton)
+from . import kernels  # noqa: F401  registers the Triton kernels as the ops' CUDA implementations (imports no Triton)
 from .report import CompressReport
 
 __version__ = "0.1.0"

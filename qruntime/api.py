@@ -176,6 +176,7 @@ def compress(
         _validate_target(name, module)
     hessians: dict[str, tuple[torch.Tensor, int]] = {}
     stages: dict[str, float] = {}
+    calibration: dict = {}
     if cfg.quant.needs_calibration:
         if calib_data is None:
             raise ValueError(
@@ -183,7 +184,7 @@ def compress(
                 "inputs, e.g. qruntime.calibrate.calibration_batches(tokenizer)"
             )
         t0 = time.perf_counter()
-        hessians = collect_hessians(model, dict(targets), calib_data, progress=progress)
+        hessians = collect_hessians(model, dict(targets), calib_data, progress=progress, fingerprint=calibration)
         stages["calibration"] = time.perf_counter() - t0
 
     bytes_before = model_bytes(model)
@@ -236,5 +237,6 @@ def compress(
         seconds=time.perf_counter() - start,
         cpu_backend=cpu_backend(),
         stages=stages,
+        calibration=calibration,
     )
     return model, report

@@ -5,6 +5,7 @@ removed on every exit path, and the model's weights are never modified here.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -48,12 +49,35 @@ def _run(model: nn.Module, batch, device: torch.device) -> None:
         )
 
 
+def _digest(batch, h) -> int:
+    """Feeds a calibration batch (keys, dtypes, shapes, bytes) into the hash ``h``; returns its token
+    count: batch x sequence of ``input_ids``, else of its first tensor."""
+    items = sorted(batch.items()) if isinstance(batch, Mapping) else [("input_ids", batch)]
+    tokens = None
+    for key, value in items:
+        h.update(str(key).encode())
+        if not isinstance(value, torch.Tensor):
+            h.update(repr(value).encode())
+            continue
+        t = value.detach().cpu().contiguous().reshape(-1) if value.dim() else value.detach().cpu().reshape(1)
+        h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+        if tokens is None or key == "input_ids":
+            tokens = value.shape[0] * value.shape[1] if value.dim() >= 2 else value.numel()
+    return tokens or 0
+
+
 @torch.no_grad()
 def collect_hessians(
-    model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable, progress: bool = True
+    model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable, progress: bool = True,
+    fingerprint: dict | None = None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """Runs ``batches`` through ``model`` and returns, for each named layer, ``(H, rows)``: H float64
     [K, K] = X^T X / rows over every input row the layer saw. Layers the data never reached are absent.
+
+    ``fingerprint``, if given, is filled with what identifies the data: ``batches``, ``tokens`` and the
+    ``sha256`` of every batch's tensors (dtype, shape, bytes) in order, so a report says which data
+    produced a model.
 
     Raises:
         ValueError: no batch at all, or a non-finite activation (named by layer).
@@ -77,14 +101,18 @@ def collect_hessians(
 
     device = next(model.parameters()).device
     handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
-    n_batches = 0
+    n_batches = tokens = 0
+    digest = hashlib.sha256()
     try:
         for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
             _run(model, batch, device)
+            tokens += _digest(batch, digest)
             n_batches += 1
     finally:
         for h in handles:
             h.remove()
     if n_batches == 0:
         raise ValueError("calib_data yielded no batches")
+    if fingerprint is not None:
+        fingerprint.update(batches=n_batches, tokens=tokens, sha256=digest.hexdigest())
     return {name: (sums[name].to(torch.float64) / rows[name], rows[name]) for name in sums}

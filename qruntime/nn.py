@@ -155,6 +155,8 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x: shape {tuple(x.shape)}, expected [..., {self.in_features}] (in_features)")
         x2d = x.reshape(-1, self.in_features)
         if ops.eager_cpu(x2d, self.bias):  # the same CPU kernels the ops run, without the dispatcher
             y = ops.run_checked_module(self, x2d)

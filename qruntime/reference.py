@@ -47,8 +47,9 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token (per-row) symmetric INT8 activations.
 
     ``a = max_k |x[m, k]| / 127`` and ``xq = round_half_even(x * (127 / max)).clamp(-127, 127)`` in
-    float32 with IEEE divisions (a zero row gets ``a = 0``, codes 0). The C++ and Triton kernels compute
-    exactly this.
+    float32 with IEEE divisions (a zero row gets ``a = 0``, codes 0; a row holding a NaN or an Inf gets
+    ``a = NaN``, codes 0, so that its outputs are NaN rather than finite and wrong). The C++ and Triton
+    kernels compute exactly this.
 
     Returns:
         (xq int8 [M, K], a float32 [M]).
@@ -58,9 +59,11 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # tensor / tensor: one IEEE division, as the kernels do (torch evaluates ``127.0 / t`` as
     # ``127 * (1 / t)``, two roundings, which flips a code now and then)
     c127 = torch.full_like(amax, 127.0)
-    inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
-    xq = torch.round(x32 * inv[:, None]).clamp_(-127, 127).to(torch.int8)
-    return xq, amax / c127
+    finite = torch.isfinite(x32).all(dim=-1)
+    inv = torch.where((amax > 0) & finite, c127 / amax, torch.zeros_like(amax))
+    xq = torch.round(torch.where(finite[:, None], x32, 0.0) * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    # a row holding a NaN or an Inf has scale NaN (and codes 0): every output of that row is NaN
+    return xq, torch.where(finite, amax / c127, torch.full_like(amax, float("nan")))
 
 
 def w8a8_linear(

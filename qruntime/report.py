@@ -39,6 +39,10 @@ class CompressReport:
     seconds: float = 0.0
     cpu_backend: str = ""
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage ("calibration", ...)
+    # calibrated recipes: {"batches", "tokens", "sha256"} of the data. compress() draws no random
+    # numbers (windows are consecutive, GPTQ's order is by the Hessian), so there is no seed to record:
+    # the same model, recipe and data give bit-identical weights on the same machine and thread count.
+    calibration: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CompressReport":
@@ -100,6 +104,10 @@ class CompressReport:
             lines.append(f"skipped {s.name} ({s.kind}): {s.reason}")
         if self.stages:
             lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items()))
+        if self.calibration:
+            c = self.calibration
+            lines.append(f"calibration data: {c.get('batches')} batches, {c.get('tokens')} tokens, "
+                         f"sha256 {str(c.get('sha256', ''))[:16]}")
         lines.append(
             f"converted weights: {self.weight_bytes_before / 2**20:.2f} MiB -> {self.weight_bytes_after / 2**20:.2f} MiB "
             f"({self.weight_compression:.2f}x); whole model: {self.model_bytes_before / 2**20:.2f} MiB -> "

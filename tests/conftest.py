@@ -18,8 +18,35 @@ REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.to(torch.float64)
-    return (torch.linalg.vector_norm(y.to(torch.float64) - ref) / torch.linalg.vector_norm(ref)).item()
+    ref = ref.to(torch.float64).cpu()
+    return (torch.linalg.vector_norm(y.to(torch.float64).cpu() - ref) / torch.linalg.vector_norm(ref)).item()
+
+
+# float64 oracles of the ops, written from docs/formats.md (independent of qruntime.formats' dequantize)
+def w8a16_oracle(x, qweight, scales, bias):
+    w = qweight.cpu().double() * scales.cpu().double()[:, None]
+    y = x.cpu().double() @ w.t()
+    return y if bias is None else y + bias.cpu().double()
+
+
+def w4a16_oracle(x, qweight, scales, zeros, group_size, bias):
+    from qruntime.formats import unpack_int4
+
+    k = x.shape[1]
+    codes = unpack_int4(qweight.cpu()).double()[:, :k]
+    g = torch.arange(k) // group_size
+    z = 8.0 if zeros is None else zeros.cpu().double()[g].t()
+    w = (codes - z) * scales.cpu().double()[g].t()
+    y = x.cpu().double() @ w.t()
+    return y if bias is None else y + bias.cpu().double()
+
+
+def w8a8_oracle(x, qweight, scales, bias):
+    from qruntime import reference
+
+    xq, a = reference.quantize_per_token(x.cpu())  # the op's definition: per-token INT8 in float32
+    y = (xq.double() @ qweight.cpu().double().t()) * a.double()[:, None] * scales.cpu().double()
+    return y if bias is None else y + bias.cpu().double()
 
 
 @pytest.fixture

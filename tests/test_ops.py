@@ -3,29 +3,16 @@ import pytest
 import torch
 
 from conftest import REL_TOL, rel_error
+from conftest import w4a16_oracle as _w4_oracle
+from conftest import w8a8_oracle as _w8a8_oracle
+from conftest import w8a16_oracle as _w8_oracle
 from qruntime import ops, reference
 from qruntime._ext import extension
-from qruntime.formats import quantize_int4, quantize_int8_per_channel, unpack_int4
+from qruntime.formats import quantize_int4, quantize_int8_per_channel
 
 BACKENDS = ["dispatch", "reference"]  # dispatch = whatever torch.ops picks on this device (C++ on CPU)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 64, 33), (3, 100, 1), (17, 576, 192), (118, 96, 40)]  # (M, K, N): ragged on purpose
-
-
-def _w8_oracle(x, qweight, scales, bias):
-    w = qweight.double() * scales.double()[:, None]
-    y = x.double() @ w.t()
-    return y if bias is None else y + bias.double()
-
-
-def _w4_oracle(x, qweight, scales, zeros, group_size, bias):
-    k = x.shape[1]
-    codes = unpack_int4(qweight).double()[:, :k]
-    g = torch.arange(k) // group_size
-    z = 8.0 if zeros is None else zeros.double()[g].t()
-    w = (codes - z) * scales.double()[g].t()
-    y = x.double() @ w.t()
-    return y if bias is None else y + bias.double()
 
 
 def _run(backend, fn_name, *args):
@@ -51,11 +38,6 @@ def test_cpu_backend_names_the_path():
     ext = extension()
     assert ops.cpu_backend() == ("reference" if ext is None else f"cpp:{ext.isa()}")
 
-
-def _w8a8_oracle(x, qweight, scales, bias):
-    xq, a = reference.quantize_per_token(x)  # the op's definition: per-token INT8 in float32
-    y = (xq.double() @ qweight.double().t()) * a.double()[:, None] * scales.double()
-    return y if bias is None else y + bias.double()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

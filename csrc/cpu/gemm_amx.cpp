@@ -2,6 +2,8 @@
 // TDPBUSD on the AMX tile unit (the K remainder and row tails by VNNI). Built with -mamx-tile
 // -mamx-int8 plus the AVX-512 flags; selected only when dispatch.cpp has found AMX on the running CPU
 // and the kernel has granted tile permission (arch_prctl ARCH_REQ_XCOMP_PERM).
+#include <cfloat>
+#include <cmath>
 #include <immintrin.h>
 
 #include "kernels.h"

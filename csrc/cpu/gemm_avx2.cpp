@@ -1,4 +1,6 @@
 // AVX2 + FMA level (no VNNI: int8 dot products with vpmaddubsw on |a| and sign-transferred weights).
+#include <cfloat>
+#include <cmath>
 #include <immintrin.h>
 
 #include "kernels.h"
@@ -61,16 +63,27 @@ constexpr int kMrI = 2;
 
 void quantize_row(const float* x, int64_t k, int64_t k4, uint8_t* q, float* a) {
   const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 mx = _mm256_setzero_ps();
+  __m256 mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();  // max_ps drops NaNs: tracked apart
   int64_t j = 0;
-  for (; j + 8 <= k; j += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + j), sign));
+  for (; j + 8 <= k; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    mx = _mm256_max_ps(mx, _mm256_and_ps(v, sign));
+  }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, mx);
   float amax = 0.0f;
+  bool bad = _mm256_movemask_ps(nan) != 0;
   for (float v : lanes) amax = v > amax ? v : amax;
   for (; j < k; ++j) {
     const float v = x[j] < 0 ? -x[j] : x[j];
+    bad |= v != v;
     amax = v > amax ? v : amax;
+  }
+  if (bad || !(amax <= FLT_MAX)) {  // a NaN / Inf in the row: every output of the row is NaN
+    *a = NAN;
+    for (j = 0; j < k4; ++j) q[j] = 0;
+    return;
   }
   const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
   *a = amax / 127.0f;

@@ -1,5 +1,7 @@
 // AVX-512 (F, BW, VL) + VNNI level. Built with exactly those -m flags (setup.py); runs only when
 // dispatch.cpp finds them on the running CPU.
+#include <cfloat>
+#include <cmath>
 #include <immintrin.h>
 
 #include "kernels.h"

@@ -1,4 +1,5 @@
 // Portable level: plain C++ (the compiler may still use the baseline SIMD of the target, e.g. SSE2).
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 
@@ -50,7 +51,16 @@ constexpr int kMrI = 4;
 
 void quantize_row(const float* x, int64_t k, int64_t k4, uint8_t* q, float* a) {
   float amax = 0.0f;
-  for (int64_t j = 0; j < k; ++j) amax = std::fabs(x[j]) > amax ? std::fabs(x[j]) : amax;
+  bool bad = false;
+  for (int64_t j = 0; j < k; ++j) {
+    bad |= x[j] != x[j];
+    amax = std::fabs(x[j]) > amax ? std::fabs(x[j]) : amax;
+  }
+  if (bad || !(amax <= FLT_MAX)) {  // a NaN / Inf in the row: every output of the row is NaN
+    *a = NAN;
+    for (int64_t j = 0; j < k4; ++j) q[j] = 0;
+    return;
+  }
   const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
   *a = amax / 127.0f;
   for (int64_t j = 0; j < k; ++j) {

@@ -44,11 +44,25 @@ constexpr int kMrI = 12;
 
 void quantize_row(const float* x, int64_t k, int64_t k4, uint8_t* q, float* a) {
   __m512 mx = _mm512_setzero_ps();
+  __mmask16 nan = 0;  // max_ps drops NaNs: they are tracked apart
   int64_t j = 0;
-  for (; j + 16 <= k; j += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
+  for (; j + 16 <= k; j += 16) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+  }
   const __mmask16 tail = static_cast<__mmask16>((1u << (k - j)) - 1);
-  if (j < k) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, x + j)));
+  if (j < k) {
+    const __m512 v = _mm512_maskz_loadu_ps(tail, x + j);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+  }
   const float amax = _mm512_reduce_max_ps(mx);
+  if (nan || !(amax <= FLT_MAX)) {  // a NaN / Inf in the row: every output of the row is NaN
+    *a = NAN;
+    for (j = 0; j < k4; ++j) q[j] = 128;
+    return;
+  }
   const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
   *a = amax / 127.0f;
   const __m512 vinv = _mm512_set1_ps(inv);
