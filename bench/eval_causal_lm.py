@@ -39,7 +39,7 @@ def main() -> None:
     rows = []
     for preset in args.preset:
         calib = None
-        if resolve_config(preset).quant.needs_calibration:
+        if resolve_config(preset).needs_calibration:
             calib = calibration_batches(tok, num_samples=args.calib_samples, seq_len=args.window)
         qmodel, report = compress(model, preset, calib, inplace=False)
         result = evaluate_causal_lm(qmodel, ids, reference=model, window=args.window, stride=args.stride)

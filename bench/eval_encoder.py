@@ -33,7 +33,7 @@ def main() -> None:
     rows = []
     for preset in args.preset:
         calib = None
-        if resolve_config(preset).quant.needs_calibration:  # Wikipedia calibration split, 16 x 256 tokens
+        if resolve_config(preset).needs_calibration:  # Wikipedia calibration split, 16 x 256 tokens
             calib = calibration_batches(tok, num_samples=16, seq_len=256)
         qmodel, report = compress(model, preset, calib, inplace=False)
         result = evaluate_encoder(qmodel, model, tok, sentences, labels)

@@ -11,11 +11,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import collect_hessians
+from .calibrate import collect_stats
 from .config import CompressConfig, QuantConfig, resolve_config
 from .nn import QuantEmbedding, QuantLinear, is_conv1d, linear_weight
 from .ops import cpu_backend
 from .report import CompressReport, LayerReport, SkippedLayer
+from .smooth import apply as apply_smoothing
+from .smooth import find_groups, fold, smoothed_weight, smoothing_scales
 
 __all__ = ["compress", "select_targets", "model_bytes"]
 
@@ -134,6 +136,45 @@ def _quantize_embeddings(
                                   sqnr, method=f"tied to {name} (shares its packed weight)"))
 
 
+def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A throw-away nn.Linear holding ``weight`` [N, K] (a smoothed weight to quantize)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+def _smoothquant(model, targets: dict[str, nn.Module], absmax: dict[str, torch.Tensor], alpha: float, hessians):
+    """SmoothQuant's scales for every foldable group (qruntime.smooth), the smoothed tensors (the model
+    is not touched) and the report entry; the Hessians of smoothed layers are rescaled to match."""
+    groups, not_smoothed = find_groups(model, set(targets))
+    entries = []
+    for group in groups:
+        peaks = [absmax[c] for c in group.consumers if c in absmax]
+        if not peaks:
+            for c in group.consumers:
+                not_smoothed[c] = "calibration data never reached it"
+            continue
+        weights = [linear_weight(targets[c]) for c in group.consumers]
+        group.scales = smoothing_scales(torch.stack(peaks).amax(dim=0), weights, alpha)
+        entries.append({"producer": group.producer, "consumers": group.consumers,
+                        "scale_min": float(group.scales.min()), "scale_max": float(group.scales.max())})
+    groups = [g for g in groups if g.scales is not None]
+    for group in groups:  # X' = X / s: H' = diag(1/s) H diag(1/s)
+        inv = (1.0 / group.scales).to(torch.float64)
+        for c in group.consumers:
+            if c in hessians:
+                h, rows = hessians[c]
+                hessians[c] = (h * inv.to(h.device)[:, None] * inv.to(h.device)[None, :], rows)
+    with torch.no_grad():
+        tensors = fold(model, groups)
+    report = {"alpha": alpha, "groups": entries,
+              "not_smoothed": [{"layer": k, "reason": v} for k, v in sorted(not_smoothed.items())],
+              "consumers": {c for g in groups for c in g.consumers}}
+    return tensors, report
+
+
 def compress(
     model: nn.Module,
     config: CompressConfig | QuantConfig | str | None = "w8a16",
@@ -177,33 +218,43 @@ def compress(
     hessians: dict[str, tuple[torch.Tensor, int]] = {}
     stages: dict[str, float] = {}
     calibration: dict = {}
-    if cfg.quant.needs_calibration:
+    smoothing: dict = {}
+    smoothed: dict[str, dict[str, torch.Tensor]] = {}  # module name -> its smoothed tensors
+    if cfg.needs_calibration:
         if calib_data is None:
             raise ValueError(
                 f"recipe {cfg.name!r} needs calib_data: an iterable of input-id tensors or dicts of model "
                 "inputs, e.g. qruntime.calibrate.calibration_batches(tokenizer)"
             )
         t0 = time.perf_counter()
-        hessians = collect_hessians(model, dict(targets), calib_data, progress=progress, fingerprint=calibration)
+        hessians, absmax = collect_stats(model, dict(targets), calib_data, hessian=cfg.quant.needs_calibration,
+                                         absmax=cfg.smoothquant is not None, progress=progress,
+                                         fingerprint=calibration)
         stages["calibration"] = time.perf_counter() - t0
+        if cfg.smoothquant is not None:
+            smoothed, smoothing = _smoothquant(model, dict(targets), absmax, cfg.smoothquant, hessians)
 
     bytes_before = model_bytes(model)
     if not inplace:
         model = copy.deepcopy(model)
         targets = [(name, model.get_submodule(name)) for name, _ in targets]
+    target_names = {name for name, _ in targets}
 
     t0 = time.perf_counter()
     replacements: list[tuple[str, QuantLinear]] = []
     layers: list[LayerReport] = []
     for name, module in tqdm(targets, desc=f"quantize {cfg.name}", unit="layer", disable=not progress):
-        weight = linear_weight(module)
+        weight = smoothed_weight(module, smoothed.get(name))
         hessian, rows = hessians.get(name, (None, 0))
         if cfg.quant.needs_calibration and hessian is None:
             method = "rtn (calibration data never reached this layer)"
         else:
             method = cfg.quant.method + (f" ({rows} calibration rows)" if hessian is not None else "")
+        if name in smoothing.get("consumers", ()):
+            method += f" + smoothquant (alpha {cfg.smoothquant:g})"
         with torch.no_grad():
-            q = QuantLinear.from_linear(module, cfg.quant, hessian=hessian)
+            source = module if name not in smoothed else _as_linear(weight, smoothed[name].get("bias"))
+            q = QuantLinear.from_linear(source, cfg.quant, hessian=hessian)
             rel, sqnr = _weight_error(weight, q)
             out_err = _output_error(weight, q, hessian) if hessian is not None else None
         replacements.append((name, q))
@@ -224,6 +275,8 @@ def compress(
         )
     if cfg.embeddings is not None:
         _quantize_embeddings(model, cfg.embeddings, replacements, layers, skipped)
+    # last: the smoothed norms / producer Linears that stay in float, then the quantized layers
+    apply_smoothing(model, {n: t for n, t in smoothed.items() if n not in target_names})
     for name, q in replacements:
         model.set_submodule(name, q)
     stages["quantization"] = time.perf_counter() - t0
@@ -238,5 +291,6 @@ def compress(
         cpu_backend=cpu_backend(),
         stages=stages,
         calibration=calibration,
+        smoothing={k: v for k, v in smoothing.items() if k != "consumers"},
     )
     return model, report

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["calibration_batches", "text_batches", "collect_hessians"]
+__all__ = ["calibration_batches", "text_batches", "collect_hessians", "collect_stats"]
 
 
 def calibration_batches(tokenizer, num_samples: int = 16, seq_len: int = 512, split: str = "calibration") -> list[torch.Tensor]:
@@ -67,13 +67,24 @@ def _digest(batch, h) -> int:
     return tokens or 0
 
 
-@torch.no_grad()
 def collect_hessians(
     model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable, progress: bool = True,
     fingerprint: dict | None = None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """Runs ``batches`` through ``model`` and returns, for each named layer, ``(H, rows)``: H float64
     [K, K] = X^T X / rows over every input row the layer saw. Layers the data never reached are absent.
+    See :func:`collect_stats` (``fingerprint``, errors)."""
+    return collect_stats(model, layers, batches, progress=progress, fingerprint=fingerprint)[0]
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable, *, hessian: bool = True,
+    absmax: bool = False, progress: bool = True, fingerprint: dict | None = None,
+) -> tuple[dict[str, tuple[torch.Tensor, int]], dict[str, torch.Tensor]]:
+    """One pass of ``batches`` through ``model`` collecting, per named layer's input X:
+    ``hessian``: ``(X^T X / rows, rows)`` float64 [K, K] (GPTQ); ``absmax``: max_rows |X| float32 [K]
+    (SmoothQuant). Layers the data never reached are absent.
 
     ``fingerprint``, if given, is filled with what identifies the data: ``batches``, ``tokens`` and the
     ``sha256`` of every batch's tensors (dtype, shape, bytes) in order, so a report says which data
@@ -84,6 +95,7 @@ def collect_hessians(
     """
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
+    peaks: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str):
         def hook(module, inputs, output):
@@ -91,11 +103,15 @@ def collect_hessians(
             x = x.reshape(-1, x.shape[-1]).to(torch.float32)
             if not torch.isfinite(x).all():
                 raise ValueError(f"calibration: non-finite activations at the input of layer {name!r}")
-            if name not in sums:
-                sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-                rows[name] = 0
-            sums[name].addmm_(x.t(), x)
-            rows[name] += x.shape[0]
+            if absmax:
+                peak = x.abs().amax(dim=0)
+                peaks[name] = peak if name not in peaks else torch.maximum(peaks[name], peak)
+            if hessian:
+                if name not in sums:
+                    sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+                    rows[name] = 0
+                sums[name].addmm_(x.t(), x)
+                rows[name] += x.shape[0]
 
         return hook
 
@@ -115,4 +131,4 @@ def collect_hessians(
         raise ValueError("calib_data yielded no batches")
     if fingerprint is not None:
         fingerprint.update(batches=n_batches, tokens=tokens, sha256=digest.hexdigest())
-    return {name: (sums[name].to(torch.float64) / rows[name], rows[name]) for name in sums}
+    return {name: (sums[name].to(torch.float64) / rows[name], rows[name]) for name in sums}, peaks

@@ -73,7 +73,7 @@ def run_demo(
     ids = tokenize_text(tokenizer, split_text("eval"), max_tokens=eval_tokens)
 
     calib = None
-    if cfg.quant.needs_calibration:
+    if cfg.needs_calibration:
         calib = calibration_batches(tokenizer, num_samples=calib_samples, seq_len=window)
     qmodel, report = compress(model, cfg, calib, inplace=False)
     result = evaluate_causal_lm(qmodel, ids, reference=model, window=window)
@@ -132,7 +132,7 @@ def cmd_compress(args) -> dict:
     model, tokenizer, kind = load_model(args.model)
     load_s = time.perf_counter() - t0
     calib = None
-    if cfg.quant.needs_calibration:
+    if cfg.needs_calibration:
         if tokenizer is None:
             raise ValueError(f"{args.model}: no tokenizer to tokenize the calibration text with")
         if args.calib == "wiki":

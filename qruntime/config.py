@@ -125,12 +125,15 @@ class CompressConfig:
         embeddings: when set, the input embedding (``model.get_input_embeddings()``) is stored in this
             format (round to nearest, rows = tokens), and an output head tied to it becomes a
             QuantLinear sharing the same packed tensors; None keeps them in float.
+        smoothquant: W8A8 only: SmoothQuant migration strength alpha in (0, 1) (:mod:`qruntime.smooth`;
+            needs calibration data), or None.
     """
 
     quant: QuantConfig = field(default_factory=QuantConfig)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     embeddings: QuantConfig | None = None
+    smoothquant: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.quant, QuantConfig):
@@ -150,16 +153,30 @@ class CompressConfig:
             object.__setattr__(self, attr, tuple(value))
         if not self.include:
             raise ValueError("include=(): no layer could ever be selected; use ('*',) for all")
+        if self.smoothquant is not None:
+            if self.quant.act_bits != 8:
+                raise ValueError(
+                    f"smoothquant={self.smoothquant} with {self.quant.name}: SmoothQuant is for INT8 activations (w8a8)"
+                )
+            if not isinstance(self.smoothquant, (int, float)) or not 0 < self.smoothquant < 1:
+                raise ValueError(f"smoothquant={self.smoothquant!r}: the migration strength must be in (0, 1)")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.quant.needs_calibration or self.smoothquant is not None
 
     @property
     def name(self) -> str:
-        if self.embeddings is None:
-            return self.quant.name
-        return f"{self.quant.name}-emb{self.embeddings.bits}"
+        s = self.quant.name
+        if self.smoothquant is not None:
+            s += "-sq" if self.smoothquant == 0.5 else f"-sq{self.smoothquant:g}"
+        if self.embeddings is not None:
+            s += f"-emb{self.embeddings.bits}"
+        return s
 
 
 _PRESET_RE = re.compile(
-    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?(?:-emb(?P<emb>8|4))?$"
+    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?(?P<sqflag>-sq(?P<sq>0?\.\d+)?)?(?:-emb(?P<emb>8|4))?$"
 )
 
 PRESETS: dict[str, str] = {
@@ -167,6 +184,8 @@ PRESETS: dict[str, str] = {
     "w8a16-gptq": "INT8 weights, per-channel, GPTQ rounding (calibrated)",
     "w8a8": "INT8 weights per channel, INT8 activations per token (dynamic), int32 accumulation",
     "w8a8-gptq": "w8a8 with GPTQ rounding of the weights (calibrated)",
+    "w8a8-sq": "w8a8 with SmoothQuant (alpha 0.5; -sq0.75 for another), folded into the norms (calibrated)",
+    "w8a8-gptq-sq": "w8a8 with SmoothQuant and GPTQ rounding (calibrated)",
     "w4a16": "INT4 weights, per-channel asymmetric",
     "w4a16-g128": "INT4 weights, groups of 128 along K, asymmetric",
     "w4a16-g64": "INT4 weights, groups of 64 along K, asymmetric",
@@ -183,7 +202,8 @@ def parse_preset(name: str) -> CompressConfig:
     if m is None:
         raise ValueError(
             f"unknown preset {name!r}: expected one of {sorted(PRESETS)} or the form "
-            "'w8a16' / 'w8a8' / 'w4a16[-g<group>][-sym|-asym]' with an optional '-gptq'"
+            "'w8a16' / 'w8a8' / 'w4a16[-g<group>][-sym|-asym]' with an optional '-gptq', '-sq[<alpha>]' (w8a8), "
+            "'-emb8|4'"
         )
     bits = int(m["bits"])
     act_bits = int(m["abits"])
@@ -198,7 +218,13 @@ def parse_preset(name: str) -> CompressConfig:
         quant = QuantConfig(bits=8, group_size=group, symmetric=True, method=method, act_bits=act_bits)
     else:
         quant = QuantConfig(bits=4, group_size=group, symmetric=(sym == "sym"), method=method)
-    return CompressConfig(quant=quant, embeddings=embedding_config(int(m["emb"]), quant) if m["emb"] else None)
+    smoothquant = None
+    if m["sqflag"]:
+        smoothquant = float(m["sq"]) if m["sq"] else 0.5
+        if act_bits != 8:
+            raise ValueError(f"preset {name!r}: SmoothQuant ('-sq') is for INT8 activations (w8a8)")
+    return CompressConfig(quant=quant, embeddings=embedding_config(int(m["emb"]), quant) if m["emb"] else None,
+                          smoothquant=smoothquant)
 
 
 def embedding_config(bits: int, quant: QuantConfig) -> QuantConfig:

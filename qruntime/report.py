@@ -43,6 +43,9 @@ class CompressReport:
     # numbers (windows are consecutive, GPTQ's order is by the Hessian), so there is no seed to record:
     # the same model, recipe and data give bit-identical weights on the same machine and thread count.
     calibration: dict = field(default_factory=dict)
+    # SmoothQuant (w8a8-sq): {"alpha", "groups": [{"producer", "consumers", "scale_min", "scale_max"}],
+    # "not_smoothed": [{"layer", "reason"}]}
+    smoothing: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CompressReport":
@@ -104,6 +107,12 @@ class CompressReport:
             lines.append(f"skipped {s.name} ({s.kind}): {s.reason}")
         if self.stages:
             lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items()))
+        if self.smoothing:
+            sm = self.smoothing
+            lines.append(f"smoothquant alpha {sm.get('alpha')}: {len(sm.get('groups', []))} groups folded into "
+                         f"their producers; {len(sm.get('not_smoothed', []))} W8A8 layers not smoothed "
+                         + (f"(e.g. {sm['not_smoothed'][0]['layer']}: {sm['not_smoothed'][0]['reason']})"
+                            if sm.get("not_smoothed") else ""))
         if self.calibration:
             c = self.calibration
             lines.append(f"calibration data: {c.get('batches')} batches, {c.get('tokens')} tokens, "

@@ -86,6 +86,8 @@ CASES = [
      ValueError, r"group_size=48"),
     ("config-int8-asym", "QuantConfig", "unsupported combination", lambda t: QuantConfig(bits=8, symmetric=False),
      ValueError, r"symmetric=False"),
+    ("config-smoothquant", "compress", "SmoothQuant on weight-only activations", lambda t: compress(_llama(), "w8a16-sq"),
+     ValueError, r"SmoothQuant \('-sq'\) is for INT8 activations"),
     ("compress-int-weight", "compress", "integer weight dtype", lambda t: compress(_with(_llama(), _int_weight), "w8a16"),
      TypeError, r"up_proj.*torch.int32 is not a floating-point dtype"),
     ("compress-inf-weight", "compress", "NaN/Inf in weights", lambda t: compress(_with(_llama(), _nan_weight), "w4a16-g32"),
