@@ -43,29 +43,24 @@ def load(family: str) -> ModuleType | None:
         return None
 
 
-def _cuda_w8a16(x, qweight, scales, bias):
-    module = load("w8a16")
-    if module is None:
-        ops._check_int8(x, qweight, scales, bias)
-        return reference.w8a16_linear(x, qweight, scales, bias)
-    return module.w8a16_linear(x, qweight, scales, bias)
+def _cuda(family: str, check, fallback):
+    """The ``cuda`` implementation of ``<family>_linear``: the Triton launcher, or (without Triton) the
+    op's checks and its PyTorch reference."""
+
+    def impl(*args):
+        module = load(family)
+        if module is None:
+            check(*args)
+            return fallback(*args)
+        return getattr(module, f"{family}_linear")(*args)
+
+    impl.__name__ = f"_cuda_{family}"
+    return impl
 
 
-def _cuda_w4a16(x, qweight, scales, zeros, group_size, bias):
-    module = load("w4a16")
-    if module is None:
-        ops._check_w4a16(x, qweight, scales, zeros, group_size, bias)
-        return reference.w4a16_linear(x, qweight, scales, zeros, group_size, bias)
-    return module.w4a16_linear(x, qweight, scales, zeros, group_size, bias)
-
-
-def _cuda_w8a8(x, qweight, scales, bias):
-    module = load("w8a8")
-    if module is None:
-        ops._check_int8(x, qweight, scales, bias)
-        return reference.w8a8_linear(x, qweight, scales, bias)
-    return module.w8a8_linear(x, qweight, scales, bias)
-
+_cuda_w8a16 = _cuda("w8a16", ops._check_int8, reference.w8a16_linear)
+_cuda_w4a16 = _cuda("w4a16", ops._check_w4a16, reference.w4a16_linear)
+_cuda_w8a8 = _cuda("w8a8", ops._check_int8, reference.w8a8_linear)
 
 ops.w8a16_linear.register_kernel("cuda")(_cuda_w8a16)
 ops.w4a16_linear.register_kernel("cuda")(_cuda_w4a16)

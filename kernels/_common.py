@@ -85,12 +85,68 @@ def shared_memory_bytes(device_index: int) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
 
 
+@triton.jit
+def store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on, pid_k,
+               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The shared epilogue: + bias (once, by split 0), then store in out's dtype; with SPLIT_K > 1 the
+    fp32 partial sum is added atomically into the zeroed float32 ``out``."""
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, to_dtype(acc, out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out, acc, mask=mask)
+
+
 def config(bm: int, bn: int, bk: int, split_k: int = 1, *, warps: int = 4, stages: int = 3) -> triton.Config:
     return triton.Config(
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "GROUP_M": 8},
         num_warps=warps,
         num_stages=stages,
     )
+
+
+def splitk_configs(tiles) -> list[triton.Config]:
+    """16-row split-K configs: every (BLOCK_N, BLOCK_K, warps) tile with SPLIT_K in 1, 2, 4, 8."""
+    return [config(16, bn, bk, sk, warps=w, stages=4) for bn, bk, w in tiles for sk in (1, 2, 4, 8)]
+
+
+def pruner(kind: str, *, x_arg: str = "x_ptr", x_bytes: int | None = None, min_block_k: int = 16):
+    """The ``early_config_prune`` of a kernel: :func:`fits` per launch, plus row tiles no larger than
+    the M bucket needs. W4A16 passes its group size (when there are several groups) as the constraint."""
+
+    def prune(configs, named, **launch_kwargs):
+        named = {**named, **launch_kwargs}
+        x = named[x_arg]
+        limit, bucket = smem_limit(x), named["m_bucket"]
+        group = named.get("group_size") if not named.get("PER_CHANNEL", True) else None
+        what = f"{kind} M={named['M']} N={named['N']} K={named['K']}" + (
+            f" group_size={named['group_size']}" if "group_size" in named else "")
+        return keep(
+            configs,
+            lambda c: c.kwargs["BLOCK_M"] <= max(32, bucket) and fits(
+                c, x_bytes=x_bytes or x.element_size(), w_bytes=1, k=named["K"], group_size=group,
+                smem_limit=limit, min_block_k=min_block_k),
+            what,
+        )
+
+    return prune
+
+
+def launch_out(x: torch.Tensor, n: int, split: bool) -> torch.Tensor:
+    """The output of a GEMM launch: x's dtype, or a zeroed float32 buffer for the split-K atomics."""
+    m = x.shape[0]
+    if split:
+        return torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    return torch.empty((m, n), device=x.device, dtype=x.dtype)
+
+
+def grid(m: int, n: int):
+    """(row tiles x column tiles, K splits) for a launch's meta-parameters."""
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
 
 def fits(cfg: triton.Config, *, x_bytes: int, w_bytes: float, k: int, group_size: int | None,

@@ -142,7 +142,9 @@ def compile_all(arch: int, all_configs: bool = False, log=print) -> list[dict]:
                      and row["byte_loads"] <= MAX_BYTE_LOADS)
         results.append(row)
         flag = "ok  " if row["ok"] else "FAIL"
-        note = "" if row["shared_fits"] else (" (over the limit; pruned)" if row["pruned"] else " (over the limit, NOT pruned)")
+        note = ""
+        if not row["shared_fits"]:
+            note = " (over the limit; pruned)" if row["pruned"] else " (over the limit, NOT pruned)"
         log(f"{flag}  sm_{arch} {label}: {shared} B shared{note}, {row['byte_loads']} byte loads"
             f"{'' if row['instructions_ok'] else ' (expected instructions missing: ' + pattern + ')'}")
     return results

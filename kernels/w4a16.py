@@ -27,17 +27,16 @@ import triton.language as tl
 from qruntime.ops import _check_w4a16
 
 from . import dispatch
-from ._common import config, dot_mode, fits, keep, m_bucket, mma, smem_limit, tile_ids, to_dtype, tuned
+from ._common import (
+    config, dot_mode, grid, launch_out, m_bucket, mma, pruner, splitk_configs, store_tile, tile_ids,
+    to_dtype, tuned,
+)
 
 # ---- configs -----------------------------------------------------------------------------------------
 
 # (BLOCK_N, BLOCK_K, warps) of the 16-row split-K tiles; BLOCK_K down to 16 for group_size=16
 SPLITK_TILES = ((32, 128, 2), (64, 128, 4), (64, 64, 4), (128, 128, 4), (128, 64, 4), (64, 32, 2), (64, 16, 2))
-SPLITK_CONFIGS = [
-    config(16, bn, bk, sk, warps=w, stages=4)
-    for bn, bk, w in SPLITK_TILES
-    for sk in (1, 2, 4, 8)
-]
+SPLITK_CONFIGS = splitk_configs(SPLITK_TILES)
 GEMM_CONFIGS = [
     config(128, 256, 64, warps=8, stages=3),
     config(128, 128, 64, warps=8, stages=3),
@@ -51,22 +50,13 @@ GEMM_CONFIGS = [
     config(64, 64, 16, warps=4, stages=4),
     config(32, 64, 16, warps=4, stages=4),
 ]
-INTERPRET_SPLITK = [config(16, 128, 64, 2), config(16, 128, 32, 2), config(16, 128, 16, 2), config(16, 128, 16)]  # the last: K below two tiles
+# Under TRITON_INTERPRET: large tiles (few programs) and SPLIT_K=2, so the atomic path is exercised;
+# the last split-K config serves K below two tiles.
+INTERPRET_SPLITK = [config(16, 128, 64, 2), config(16, 128, 32, 2), config(16, 128, 16, 2), config(16, 128, 16)]
 INTERPRET_GEMM = [config(32, 128, 64), config(32, 128, 32), config(32, 128, 16)]
 
 
-def _prune(configs, named, **launch_kwargs):
-    named = {**named, **launch_kwargs}
-    x = named["x_ptr"]
-    limit = smem_limit(x)
-    group = None if named["PER_CHANNEL"] else named["group_size"]
-    bucket = named["m_bucket"]
-    return keep(
-        configs,
-        lambda c: c.kwargs["BLOCK_M"] <= max(32, bucket)
-        and fits(c, x_bytes=x.element_size(), w_bytes=1, k=named["K"], group_size=group, smem_limit=limit),
-        f"w4a16 M={named['M']} N={named['N']} K={named['K']} group_size={named['group_size']}",
-    )
+_prune = pruner("w4a16")
 
 
 # ---- kernels -----------------------------------------------------------------------------------------
@@ -124,15 +114,7 @@ def _w4a16_kernel(
 
     if PER_CHANNEL:
         acc = acc * scale[None, :]
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, to_dtype(acc, out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out, acc, mask=mask)
+    store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -189,11 +171,10 @@ def _gemm_path(x, qweight, scales, zeros, group_size, bias, path):
         w = dequantize(qweight, scales, zeros, group_size, k, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     split = path == "splitk"
-    out = (torch.zeros if split else torch.empty)((m, n), device=x.device, dtype=torch.float32 if split else x.dtype)
+    out = launch_out(x, n, split)
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = None if zeros is None else zeros.contiguous()
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-    (_splitk if split else _gemm)[grid](
+    (_splitk if split else _gemm)[grid(m, n)](
         x, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias, out,
         m, n, k, qweight.shape[1], m_bucket(m), group_size,
         x.stride(0), x.stride(1), qweight.stride(0), out.stride(0), out.stride(1),

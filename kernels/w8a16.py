@@ -25,15 +25,14 @@ import triton.language as tl
 from qruntime.ops import _check_int8
 
 from . import dispatch
-from ._common import config, dot_mode, fits, keep, m_bucket, mma, smem_limit, tile_ids, to_dtype, tuned
+from ._common import (
+    config, dot_mode, grid, launch_out, m_bucket, mma, pruner, splitk_configs, store_tile, tile_ids,
+    to_dtype, tuned,
+)
 
 # ---- configs -----------------------------------------------------------------------------------------
 
-SPLITK_CONFIGS = [
-    config(16, bn, bk, sk, warps=w, stages=4)
-    for bn, bk, w in ((32, 128, 2), (64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 64, 4))
-    for sk in (1, 2, 4, 8)
-]
+SPLITK_CONFIGS = splitk_configs(((32, 128, 2), (64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 64, 4)))
 GEMM_CONFIGS = [
     config(128, 256, 64, warps=8, stages=3),
     config(64, 256, 32, warps=4, stages=4),
@@ -46,22 +45,13 @@ GEMM_CONFIGS = [
     config(32, 128, 64, warps=4, stages=4),
     config(32, 64, 64, warps=4, stages=5),
 ]
-# Under TRITON_INTERPRET: large tiles (few programs) and SPLIT_K=2, so the atomic path is exercised.
-INTERPRET_SPLITK = [config(16, 128, 128, 2), config(16, 128, 64, 2), config(16, 128, 32, 2), config(16, 128, 32)]  # the last: K below two tiles
+# Under TRITON_INTERPRET: large tiles (few programs) and SPLIT_K=2, so the atomic path is exercised;
+# the last split-K config serves K below two tiles.
+INTERPRET_SPLITK = [config(16, 128, 128, 2), config(16, 128, 64, 2), config(16, 128, 32, 2), config(16, 128, 32)]
 INTERPRET_GEMM = [config(32, 128, 128), config(32, 128, 64), config(32, 128, 32)]
 
 
-def _prune(configs, named, **launch_kwargs):
-    named = {**named, **launch_kwargs}
-    x = named["x_ptr"]
-    limit = smem_limit(x)
-    bucket = named["m_bucket"]
-    return keep(
-        configs,
-        lambda c: c.kwargs["BLOCK_M"] <= max(32, bucket)
-        and fits(c, x_bytes=x.element_size(), w_bytes=1, k=named["K"], group_size=None, smem_limit=limit),
-        f"w8a16 M={named['M']} N={named['N']} K={named['K']}",
-    )
+_prune = pruner("w8a16")
 
 
 # ---- kernels -----------------------------------------------------------------------------------------
@@ -100,15 +90,7 @@ def _w8a16_kernel(
         acc = mma(acc, a, q.to(tl.float32).to(a.dtype), DOT)  # exact: |q| <= 127
 
     acc = acc * tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, to_dtype(acc, out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out, acc, mask=mask)
+    store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -151,10 +133,9 @@ def _gemm_path(x, qweight, scales, bias, path):
         w = dequantize(qweight, scales, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     split = path == "splitk"
-    out = (torch.zeros if split else torch.empty)((m, n), device=x.device, dtype=torch.float32 if split else x.dtype)
+    out = launch_out(x, n, split)
     qweight = qweight.contiguous()
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-    (_splitk if split else _gemm)[grid](
+    (_splitk if split else _gemm)[grid(m, n)](
         x, qweight, scales, scales if bias is None else bias, out,
         m, n, k, m_bucket(m),
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), out.stride(0), out.stride(1),

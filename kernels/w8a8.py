@@ -20,15 +20,13 @@ import triton.language as tl
 from qruntime.ops import _check_int8
 
 from . import dispatch
-from ._common import config, fits, interpreting, keep, m_bucket, smem_limit, tile_ids, to_dtype, tuned
+from ._common import (
+    config, grid, interpreting, launch_out, m_bucket, pruner, splitk_configs, store_tile, tile_ids, tuned,
+)
 
 # ---- configs -----------------------------------------------------------------------------------------
 
-SPLITK_CONFIGS = [
-    config(16, bn, bk, sk, warps=w, stages=4)
-    for bn, bk, w in ((64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 256, 8), (32, 128, 2))
-    for sk in (1, 2, 4, 8)
-]
+SPLITK_CONFIGS = splitk_configs(((64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 256, 8), (32, 128, 2)))
 GEMM_CONFIGS = [
     config(128, 256, 128, warps=8, stages=3),
     config(256, 128, 128, warps=8, stages=3),
@@ -41,22 +39,14 @@ GEMM_CONFIGS = [
     config(32, 128, 128, warps=4, stages=4),
     config(32, 64, 64, warps=4, stages=5),
 ]
-INTERPRET_SPLITK = [config(16, 128, 128, 2), config(16, 128, 64, 2), config(16, 128, 32, 2), config(16, 128, 32)]  # the last: K below two tiles
+# Under TRITON_INTERPRET: large tiles (few programs) and SPLIT_K=2, so the atomic path is exercised;
+# the last split-K config serves K below two tiles.
+INTERPRET_SPLITK = [config(16, 128, 128, 2), config(16, 128, 64, 2), config(16, 128, 32, 2), config(16, 128, 32)]
 INTERPRET_GEMM = [config(32, 128, 128), config(32, 128, 64)]
 QUANT_BLOCK_K = 1024
 
 
-def _prune(configs, named, **launch_kwargs):
-    named = {**named, **launch_kwargs}
-    x = named["xq_ptr"]
-    limit = smem_limit(x)
-    bucket = named["m_bucket"]
-    return keep(
-        configs,
-        lambda c: c.kwargs["BLOCK_M"] <= max(32, bucket)
-        and fits(c, x_bytes=1, w_bytes=1, k=named["K"], group_size=None, smem_limit=limit, min_block_k=32),
-        f"w8a8 M={named['M']} N={named['N']} K={named['K']}",
-    )
+_prune = pruner("w8a8", x_arg="xq_ptr", x_bytes=1, min_block_k=32)
 
 
 # ---- kernels -----------------------------------------------------------------------------------------
@@ -134,15 +124,7 @@ def _w8a8_kernel(
     a_scale = tl.load(a_ptr + offs_m, mask=mask_m, other=0.0)
     w_scale = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0)
     y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
-    if HAS_BIAS:
-        if pid_k == 0:
-            y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, to_dtype(y, out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out, y, mask=mask)
+    store_tile(y, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on, pid_k, HAS_BIAS, SPLIT_K)
 
 
 if interpreting():
@@ -177,10 +159,9 @@ def _gemm_path(x, qweight, scales, bias, path):
     n = qweight.shape[0]
     xq, a = quantize_per_token(x)
     split = path == "splitk"
-    out = (torch.zeros if split else torch.empty)((m, n), device=x.device, dtype=torch.float32 if split else x.dtype)
+    out = launch_out(x, n, split)
     qweight = qweight.contiguous()
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-    (_splitk if split else _gemm)[grid](
+    (_splitk if split else _gemm)[grid(m, n)](
         xq, qweight, a, scales, scales if bias is None else bias, out,
         m, n, k, m_bucket(m),
         xq.stride(0), qweight.stride(0), out.stride(0), out.stride(1),

@@ -68,16 +68,20 @@ def _tol(dtype):
 
 # ---- W8A16 ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("op", ["w8a16", "w8a8"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m, shape", list(zip(M_LIST, SHAPES)))
-def test_w8a16_matches_reference(device, dtype, m, shape):
+def test_int8_kernels_match_reference(device, op, dtype, m, shape):
     k, n = shape
     qweight, scales = quantize_int8_per_channel(torch.randn(n, k))
     qweight, scales, bias = qweight.to(device), scales.to(device), torch.randn(n, device=device)
     x = _x(m, k, dtype, device)
-    y = k8.w8a16_linear(x, qweight, scales, bias)
+    if op == "w8a16":
+        y, ref = k8.w8a16_linear(x, qweight, scales, bias), _w8_ref(x, qweight, scales, bias)
+    else:
+        y, ref = k8a8.w8a8_linear(x, qweight, scales, bias), _w8a8_ref(x.cpu(), qweight.cpu(), scales.cpu(), bias.cpu())
     assert y.dtype == dtype and y.shape == (m, n)
-    assert rel_error(y, _w8_ref(x, qweight, scales, bias)) < _tol(dtype)
+    assert rel_error(y, ref) < _tol(dtype)
 
 
 @pytest.mark.parametrize("path", dispatch.PATHS)
@@ -162,18 +166,6 @@ def test_quantize_per_token_is_bit_identical(device, dtype):
     xq, a = k8a8.quantize_per_token(x)
     rq, ra = reference.quantize_per_token(x.cpu())
     assert torch.equal(xq.cpu(), rq) and torch.equal(a.cpu(), ra)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m, shape", list(zip(M_LIST, SHAPES)))
-def test_w8a8_matches_reference(device, dtype, m, shape):
-    k, n = shape
-    qweight, scales = quantize_int8_per_channel(torch.randn(n, k))
-    qweight, scales, bias = qweight.to(device), scales.to(device), torch.randn(n, device=device)
-    x = _x(m, k, dtype, device)
-    y = k8a8.w8a8_linear(x, qweight, scales, bias)
-    assert y.dtype == dtype and y.shape == (m, n)
-    assert rel_error(y, _w8a8_ref(x.cpu(), qweight.cpu(), scales.cpu(), bias.cpu())) < _tol(dtype)
 
 
 @pytest.mark.parametrize("path", ["splitk", "gemm"])
