@@ -17,7 +17,7 @@ from .nn import QuantEmbedding, QuantLinear, is_conv1d, linear_weight
 from .ops import cpu_backend
 from .report import CompressReport, LayerReport, SkippedLayer
 from .smooth import apply as apply_smoothing
-from .smooth import find_groups, fold, smoothed_weight, smoothing_scales
+from .smooth import find_groups, fold, search_alpha, smoothed_weight, smoothing_scales
 
 __all__ = ["compress", "select_targets", "model_bytes"]
 
@@ -157,9 +157,16 @@ def _smoothquant(model, targets: dict[str, nn.Module], absmax: dict[str, torch.T
                 not_smoothed[c] = "calibration data never reached it"
             continue
         weights = [linear_weight(targets[c]) for c in group.consumers]
-        group.scales = smoothing_scales(torch.stack(peaks).amax(dim=0), weights, alpha)
-        entries.append({"producer": group.producer, "consumers": group.consumers,
-                        "scale_min": float(group.scales.min()), "scale_max": float(group.scales.max())})
+        peak = torch.stack(peaks).amax(dim=0)
+        entry = {"producer": group.producer, "consumers": group.consumers}
+        rows = absmax.get(f"{group.consumers[0]}#rows")
+        if alpha == "auto" and rows is not None:
+            chosen, group.scales, errors = search_alpha(peak, rows.to(peak.device), weights)
+            entry.update(alpha=chosen, sample_error={f"{a:g}": e for a, e in errors.items()})
+        else:
+            group.scales = smoothing_scales(peak, weights, 0.5 if alpha == "auto" else alpha)
+            entry["alpha"] = 0.5 if alpha == "auto" else alpha
+        entries.append(entry | {"scale_min": float(group.scales.min()), "scale_max": float(group.scales.max())})
     groups = [g for g in groups if g.scales is not None]
     for group in groups:  # X' = X / s: H' = diag(1/s) H diag(1/s)
         inv = (1.0 / group.scales).to(torch.float64)
@@ -171,7 +178,8 @@ def _smoothquant(model, targets: dict[str, nn.Module], absmax: dict[str, torch.T
         tensors = fold(model, groups)
     report = {"alpha": alpha, "groups": entries,
               "not_smoothed": [{"layer": k, "reason": v} for k, v in sorted(not_smoothed.items())],
-              "consumers": {c for g in groups for c in g.consumers}}
+              "consumers": {c for g in groups for c in g.consumers},
+              "alpha_of": {c: e["alpha"] for e in entries for c in e["consumers"]}}
     return tensors, report
 
 
@@ -228,8 +236,9 @@ def compress(
             )
         t0 = time.perf_counter()
         hessians, absmax = collect_stats(model, dict(targets), calib_data, hessian=cfg.quant.needs_calibration,
-                                         absmax=cfg.smoothquant is not None, progress=progress,
-                                         fingerprint=calibration)
+                                         absmax=cfg.smoothquant is not None,
+                                         samples=1024 if cfg.smoothquant == "auto" else 0,
+                                         progress=progress, fingerprint=calibration)
         stages["calibration"] = time.perf_counter() - t0
         if cfg.smoothquant is not None:
             smoothed, smoothing = _smoothquant(model, dict(targets), absmax, cfg.smoothquant, hessians)
@@ -251,7 +260,7 @@ def compress(
         else:
             method = cfg.quant.method + (f" ({rows} calibration rows)" if hessian is not None else "")
         if name in smoothing.get("consumers", ()):
-            method += f" + smoothquant (alpha {cfg.smoothquant:g})"
+            method += f" + smoothquant (alpha {smoothing['alpha_of'][name]:g})"
         with torch.no_grad():
             source = module if name not in smoothed else _as_linear(weight, smoothed[name].get("bias"))
             q = QuantLinear.from_linear(source, cfg.quant, hessian=hessian)
@@ -291,6 +300,6 @@ def compress(
         cpu_backend=cpu_backend(),
         stages=stages,
         calibration=calibration,
-        smoothing={k: v for k, v in smoothing.items() if k != "consumers"},
+        smoothing={k: v for k, v in smoothing.items() if k not in ("consumers", "alpha_of")},
     )
     return model, report

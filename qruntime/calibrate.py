@@ -80,11 +80,13 @@ def collect_hessians(
 @torch.no_grad()
 def collect_stats(
     model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable, *, hessian: bool = True,
-    absmax: bool = False, progress: bool = True, fingerprint: dict | None = None,
+    absmax: bool = False, samples: int = 0, progress: bool = True, fingerprint: dict | None = None,
 ) -> tuple[dict[str, tuple[torch.Tensor, int]], dict[str, torch.Tensor]]:
     """One pass of ``batches`` through ``model`` collecting, per named layer's input X:
     ``hessian``: ``(X^T X / rows, rows)`` float64 [K, K] (GPTQ); ``absmax``: max_rows |X| float32 [K]
-    (SmoothQuant). Layers the data never reached are absent.
+    (SmoothQuant), and with ``samples`` > 0 also up to that many rows of X, spread over the batches,
+    under the key ``"<name>#rows"`` (SmoothQuant's alpha search). Layers the data never reached are
+    absent.
 
     ``fingerprint``, if given, is filled with what identifies the data: ``batches``, ``tokens`` and the
     ``sha256`` of every batch's tensors (dtype, shape, bytes) in order, so a report says which data
@@ -106,6 +108,12 @@ def collect_stats(
             if absmax:
                 peak = x.abs().amax(dim=0)
                 peaks[name] = peak if name not in peaks else torch.maximum(peaks[name], peak)
+            if samples:
+                kept = peaks.get(f"{name}#rows")
+                have = 0 if kept is None else kept.shape[0]
+                if have < samples:  # every 8th row of each batch until full: spread over the text
+                    new = x[::8][: samples - have].cpu()
+                    peaks[f"{name}#rows"] = new if kept is None else torch.cat([kept, new])
             if hessian:
                 if name not in sums:
                     sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)

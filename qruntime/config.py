@@ -125,15 +125,15 @@ class CompressConfig:
         embeddings: when set, the input embedding (``model.get_input_embeddings()``) is stored in this
             format (round to nearest, rows = tokens), and an output head tied to it becomes a
             QuantLinear sharing the same packed tensors; None keeps them in float.
-        smoothquant: W8A8 only: SmoothQuant migration strength alpha in (0, 1) (:mod:`qruntime.smooth`;
-            needs calibration data), or None.
+        smoothquant: W8A8 only: SmoothQuant migration strength alpha in (0, 1), or ``"auto"`` to search
+            it per group of layers (:mod:`qruntime.smooth`; needs calibration data), or None.
     """
 
     quant: QuantConfig = field(default_factory=QuantConfig)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     embeddings: QuantConfig | None = None
-    smoothquant: float | None = None
+    smoothquant: float | str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.quant, QuantConfig):
@@ -158,8 +158,12 @@ class CompressConfig:
                 raise ValueError(
                     f"smoothquant={self.smoothquant} with {self.quant.name}: SmoothQuant is for INT8 activations (w8a8)"
                 )
-            if not isinstance(self.smoothquant, (int, float)) or not 0 < self.smoothquant < 1:
-                raise ValueError(f"smoothquant={self.smoothquant!r}: the migration strength must be in (0, 1)")
+            if self.smoothquant != "auto" and (
+                not isinstance(self.smoothquant, (int, float)) or not 0 < self.smoothquant < 1
+            ):
+                raise ValueError(
+                    f"smoothquant={self.smoothquant!r}: the migration strength must be in (0, 1), or 'auto'"
+                )
 
     @property
     def needs_calibration(self) -> bool:
@@ -169,14 +173,15 @@ class CompressConfig:
     def name(self) -> str:
         s = self.quant.name
         if self.smoothquant is not None:
-            s += "-sq" if self.smoothquant == 0.5 else f"-sq{self.smoothquant:g}"
+            s += "-sq" if self.smoothquant == 0.5 else (
+                "-sqauto" if self.smoothquant == "auto" else f"-sq{self.smoothquant:g}")
         if self.embeddings is not None:
             s += f"-emb{self.embeddings.bits}"
         return s
 
 
 _PRESET_RE = re.compile(
-    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?(?P<sqflag>-sq(?P<sq>0?\.\d+)?)?(?:-emb(?P<emb>8|4))?$"
+    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?(?P<sqflag>-sq(?P<sq>0?\.\d+|auto)?)?(?:-emb(?P<emb>8|4))?$"
 )
 
 PRESETS: dict[str, str] = {
@@ -186,6 +191,7 @@ PRESETS: dict[str, str] = {
     "w8a8-gptq": "w8a8 with GPTQ rounding of the weights (calibrated)",
     "w8a8-sq": "w8a8 with SmoothQuant (alpha 0.5; -sq0.75 for another), folded into the norms (calibrated)",
     "w8a8-gptq-sq": "w8a8 with SmoothQuant and GPTQ rounding (calibrated)",
+    "w8a8-sqauto": "w8a8 with SmoothQuant, alpha searched per group of layers on the calibration data",
     "w4a16": "INT4 weights, per-channel asymmetric",
     "w4a16-g128": "INT4 weights, groups of 128 along K, asymmetric",
     "w4a16-g64": "INT4 weights, groups of 64 along K, asymmetric",
@@ -220,7 +226,7 @@ def parse_preset(name: str) -> CompressConfig:
         quant = QuantConfig(bits=4, group_size=group, symmetric=(sym == "sym"), method=method)
     smoothquant = None
     if m["sqflag"]:
-        smoothquant = float(m["sq"]) if m["sq"] else 0.5
+        smoothquant = "auto" if m["sq"] == "auto" else (float(m["sq"]) if m["sq"] else 0.5)
         if act_bits != 8:
             raise ValueError(f"preset {name!r}: SmoothQuant ('-sq') is for INT8 activations (w8a8)")
     return CompressConfig(quant=quant, embeddings=embedding_config(int(m["emb"]), quant) if m["emb"] else None,

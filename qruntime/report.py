@@ -43,7 +43,8 @@ class CompressReport:
     # numbers (windows are consecutive, GPTQ's order is by the Hessian), so there is no seed to record:
     # the same model, recipe and data give bit-identical weights on the same machine and thread count.
     calibration: dict = field(default_factory=dict)
-    # SmoothQuant (w8a8-sq): {"alpha", "groups": [{"producer", "consumers", "scale_min", "scale_max"}],
+    # SmoothQuant (w8a8-sq): {"alpha" (a number or "auto"), "groups": [{"producer", "consumers", "alpha",
+    # "scale_min", "scale_max", and with "auto" "sample_error" per alpha tried}],
     # "not_smoothed": [{"layer", "reason"}]}
     smoothing: dict = field(default_factory=dict)
 
@@ -109,7 +110,9 @@ class CompressReport:
             lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items()))
         if self.smoothing:
             sm = self.smoothing
-            lines.append(f"smoothquant alpha {sm.get('alpha')}: {len(sm.get('groups', []))} groups folded into "
+            alphas = sorted({g.get("alpha") for g in sm.get("groups", [])} - {None})
+            lines.append(f"smoothquant alpha {sm.get('alpha')} (used: {', '.join(f'{a:g}' for a in alphas) or '-'}): "
+                         f"{len(sm.get('groups', []))} groups folded into "
                          f"their producers; {len(sm.get('not_smoothed', []))} W8A8 layers not smoothed "
                          + (f"(e.g. {sm['not_smoothed'][0]['layer']}: {sm['not_smoothed'][0]['reason']})"
                             if sm.get("not_smoothed") else ""))

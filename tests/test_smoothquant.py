@@ -104,3 +104,18 @@ def test_smoothquant_configuration_errors():
         CompressConfig(quant=QuantConfig(bits=8), smoothquant=0.5)
     with pytest.raises(ValueError, match="needs calib_data"):
         compress(torch.nn.Sequential(torch.nn.Linear(4, 4)), "w8a8-sq")
+
+
+def test_alpha_search_picks_the_smallest_sample_error(tiny_llama):
+    model = _outliers(tiny_llama)
+    ids = torch.randint(0, 128, (2, 16))
+    ref = _logits(model, ids)
+    q, report = compress(model, "w8a8-sqauto", _calib(), inplace=False, progress=False)
+    assert report.config == "w8a8-sqauto" and report.smoothing["alpha"] == "auto"
+    for g in report.smoothing["groups"]:
+        errors = g["sample_error"]
+        assert set(errors) == {"0.3", "0.4", "0.5", "0.6", "0.7", "0.8"}
+        assert errors[f"{g['alpha']:g}"] == min(errors.values())
+    fixed, _ = compress(model, "w8a8-sq", _calib(), inplace=False, progress=False)
+    assert rel_error(_logits(q, ids), ref) < 1.2 * rel_error(_logits(fixed, ids), ref)
+    assert "smoothquant alpha auto (used:" in report.table()
