@@ -68,6 +68,13 @@ def _flip(path):
     return path
 
 
+def _device_mix(tmp_path):
+    pytest.importorskip("triton", reason="the device check lives in the Triton launchers")
+    from qruntime import kernels
+
+    kernels.load("w8a16").w8a16_linear(X, *Q8, torch.empty(8, device="meta"))
+
+
 def _cli(*argv):
     from qruntime.cli import main
 
@@ -128,6 +135,8 @@ CASES = [
      lambda t: ops.w4a16_linear(torch.randn(2, 64), Q4[0], Q4[1], Q4[2], 48, None), ValueError, r"group_size=48"),
     ("op-zeros-dtype", "ops", "zero points of the wrong dtype",
      lambda t: ops.w4a16_linear(torch.randn(2, 64), Q4[0], Q4[1], Q4[2].float(), 32, None), ValueError, r"zeros: dtype torch.float32"),
+    ("op-device-mix", "ops (CUDA / Triton)", "tensors on different devices", _device_mix,
+     ValueError, r"bias is on meta, x is on cpu"),
     ("op-int-x", "ops", "integer activations", lambda t: ops.w8a16_linear(X.long(), *Q8, None),
      TypeError, r"x: dtype torch.int64"),
     ("save-not-module", "save", "not an nn.Module", lambda t: qruntime.save({"a": 1}, t / "x"),
