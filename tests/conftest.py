@@ -22,6 +22,17 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return (torch.linalg.vector_norm(y.to(torch.float64).cpu() - ref) / torch.linalg.vector_norm(ref)).item()
 
 
+def scaled_error(y, oracle, x, w, bias=None) -> float:
+    """||y - oracle|| / || |x| @ |w|^T + |bias| ||: the error bound of a rounded dot product, which holds
+    when an output is a small difference of large terms (with N = 1 a plain relative error does not).
+    x: the activations the op multiplies (W8A8: the dequantized per-token codes), w: dequantized [N, K]."""
+    magnitude = x.cpu().double().abs() @ w.cpu().double().abs().t()
+    if bias is not None:
+        magnitude = magnitude + bias.cpu().double().abs()
+    diff = y.cpu().double() - oracle.cpu().double()
+    return (torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(magnitude).clamp_min(1e-300)).item()
+
+
 # float64 oracles of the ops, written from docs/formats.md (independent of qruntime.formats' dequantize)
 def w8a16_oracle(x, qweight, scales, bias):
     w = qweight.cpu().double() * scales.cpu().double()[:, None]

@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from conftest import REL_TOL, rel_error
+from conftest import REL_TOL, rel_error, scaled_error
 from conftest import w4a16_oracle as _w4_oracle
 from conftest import w8a8_oracle as _w8a8_oracle
 from conftest import w8a16_oracle as _w8_oracle
 from qruntime import ops, reference
 from qruntime._ext import extension
-from qruntime.formats import quantize_int4, quantize_int8_per_channel
+from qruntime.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8_per_channel
 
 BACKENDS = ["dispatch", "reference"]  # dispatch = whatever torch.ops picks on this device (C++ on CPU)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -31,7 +31,8 @@ def test_w4a16_linear(backend, dtype, m, k, n, group_size, symmetric):
     bias = torch.randn(n).to(dtype)
     y = _run(backend, "w4a16_linear", x, qweight, scales, zeros, gs, bias)
     assert y.dtype == dtype and y.shape == (m, n)
-    assert rel_error(y, _w4_oracle(x, qweight, scales, zeros, gs, bias)) < REL_TOL[dtype]
+    w = dequantize_int4(qweight, scales, zeros, gs, k)
+    assert scaled_error(y, _w4_oracle(x, qweight, scales, zeros, gs, bias), x, w, bias) < REL_TOL[dtype]
 
 
 def test_cpu_backend_names_the_path():
@@ -51,8 +52,13 @@ def test_int8_linear(op, backend, dtype, m, k, n, with_bias):
     bias = torch.randn(n).to(dtype) if with_bias else None
     y = _run(backend, op, x, qweight, scales, bias)
     assert y.dtype == dtype and y.shape == (m, n)
-    oracle = _w8_oracle if op == "w8a16_linear" else _w8a8_oracle
-    assert rel_error(y, oracle(x, qweight, scales, bias)) < REL_TOL[dtype]
+    w = dequantize_int8(qweight, scales)
+    if op == "w8a16_linear":
+        oracle, x_eff = _w8_oracle(x, qweight, scales, bias), x
+    else:
+        xq, a = reference.quantize_per_token(x)
+        oracle, x_eff = _w8a8_oracle(x, qweight, scales, bias), xq.double() * a.double()[:, None]
+    assert scaled_error(y, oracle, x_eff, w, bias) < REL_TOL[dtype]
     if op == "w8a8_linear" and n >= 32:  # over many outputs, close to the float product (~0.6% error)
         assert rel_error(y, _w8_oracle(x, qweight, scales, bias)) < 0.03
 

@@ -24,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REL_TOL, w4a16_oracle, w8a8_oracle, w8a16_oracle
+from conftest import REL_TOL, scaled_error, w4a16_oracle, w8a8_oracle, w8a16_oracle
 from qruntime import ops, reference
 from qruntime.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8_per_channel
 
@@ -98,15 +98,6 @@ def make_inputs(p: Problem, device: str = "cpu"):
         x = x.t().contiguous().t()
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     return to(x), w, to(bias)
-
-
-def scaled_error(y: torch.Tensor, oracle: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias) -> float:
-    """||y - oracle|| / || |x| @ |w|^T + |bias| || (see the module docstring)."""
-    magnitude = x.cpu().double().abs() @ w.cpu().double().abs().t()
-    if bias is not None:
-        magnitude = magnitude + bias.cpu().double().abs()
-    diff = y.cpu().double() - oracle
-    return (torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(magnitude).clamp_min(1e-300)).item()
 
 
 def run(backend: str, op: str, args: tuple, path: str | None = None):
