@@ -69,6 +69,17 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 
 
 @triton.jit
+def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """The shared prologue of the GEMM kernels: (offs_m, offs_n, offs_k, mask_m, mask_n, pid_k) of this
+    program's output tile (grouped order, see tile_ids) and K split."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, tl.arange(0, BLOCK_K), offs_m < M, offs_n < N, tl.program_id(1)
+
+
+@triton.jit
 def mma(acc, a, b, DOT: tl.constexpr):
     """acc += a @ b with fp32 accumulation (see DOT_NATIVE / DOT_FP32)."""
     if DOT == 1:

@@ -64,6 +64,13 @@ def _mode() -> str:
     return mode
 
 
+def resolve(kind: str, key: tuple, x: torch.Tensor, path: str | None, run: Callable[[str], torch.Tensor]) -> str:
+    """The launcher's path: ``path`` when given (checked), else :func:`choose`'s."""
+    path = choose(kind, key, x, run) if path is None else path
+    check_path(kind, path)
+    return path
+
+
 def choose(kind: str, key: tuple, x: torch.Tensor, run: Callable[[str], torch.Tensor]) -> str:
     """The path for ``x`` [M, K]; ``run(path)`` computes the product on that path (used for timing)."""
     global _last

@@ -28,7 +28,7 @@ from qruntime.ops import _check_w4a16
 
 from . import dispatch
 from ._common import (
-    config, dot_mode, grid, launch_out, m_bucket, mma, pruner, splitk_configs, store_tile, tile_ids,
+    config, dot_mode, grid, launch_out, m_bucket, mma, pruner, splitk_configs, store_tile, tile_offsets,
     to_dtype, tuned,
 )
 
@@ -76,13 +76,7 @@ def _w4a16_kernel(
 ):
     """out[M, N] = x @ dequant(qweight).T (+ bias). SPLIT_K > 1: out is float32 and zeroed, partial
     sums are added atomically (the bias once, by split 0)."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, offs_k, mask_m, mask_n, pid_k = tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
     zero = tl.full((BLOCK_N,), 8.0, tl.float32)  # symmetric codes are q + 8
     if PER_CHANNEL:
@@ -201,10 +195,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     dispatch.check_devices("w4a16_linear", x, qweight=qweight, scales=scales, zeros=zeros, bias=bias)
     if x.shape[0] == 0:
         return x.new_empty((0, qweight.shape[0]))
-    if path is None:
-        key = (tuple(qweight.shape), group_size, zeros is None, x.dtype)
-        path = dispatch.choose(
-            "w4a16", key, x, lambda p: _gemm_path(x, qweight, scales, zeros, group_size, bias, p)
-        )
-    dispatch.check_path("w4a16", path)
+    key = (tuple(qweight.shape), group_size, zeros is None, x.dtype)
+    path = dispatch.resolve("w4a16", key, x, path,
+                            lambda p: _gemm_path(x, qweight, scales, zeros, group_size, bias, p))
     return _gemm_path(x, qweight, scales, zeros, group_size, bias, path)

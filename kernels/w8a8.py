@@ -21,7 +21,7 @@ from qruntime.ops import _check_int8
 
 from . import dispatch
 from ._common import (
-    config, grid, interpreting, launch_out, m_bucket, pruner, splitk_configs, store_tile, tile_ids, tuned,
+    config, grid, interpreting, launch_out, m_bucket, pruner, splitk_configs, store_tile, tile_offsets, tuned,
 )
 
 # ---- configs -----------------------------------------------------------------------------------------
@@ -105,13 +105,7 @@ def _w8a8_kernel(
 ):
     """out = a[:, None] * scales[None, :] * (xq @ qweight.T) (+ bias); int32 accumulation. SPLIT_K > 1:
     out is float32 and zeroed, scaled partial sums are added atomically (the bias once, by split 0)."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, offs_k, mask_m, mask_n, pid_k = tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
@@ -184,8 +178,6 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
     dispatch.check_devices("w8a8_linear", x, qweight=qweight, scales=scales, bias=bias)
     if x.shape[0] == 0:
         return x.new_empty((0, qweight.shape[0]))
-    if path is None:
-        path = dispatch.choose("w8a8", (tuple(qweight.shape), x.dtype), x,
-                               lambda p: _gemm_path(x, qweight, scales, bias, p))
-    dispatch.check_path("w8a8", path)
+    path = dispatch.resolve("w8a8", (tuple(qweight.shape), x.dtype), x, path,
+                            lambda p: _gemm_path(x, qweight, scales, bias, p))
     return _gemm_path(x, qweight, scales, bias, path)

@@ -17,7 +17,7 @@ from .nn import QuantEmbedding, QuantLinear, is_conv1d, linear_weight
 from .ops import cpu_backend
 from .report import CompressReport, LayerReport, SkippedLayer
 from .smooth import apply as apply_smoothing
-from .smooth import find_groups, fold, search_alpha, smoothed_weight, smoothing_scales
+from .smooth import as_linear, plan_smoothing, smoothed_weight
 
 __all__ = ["compress", "select_targets", "model_bytes"]
 
@@ -136,53 +136,6 @@ def _quantize_embeddings(
                                   sqnr, method=f"tied to {name} (shares its packed weight)"))
 
 
-def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """A throw-away nn.Linear holding ``weight`` [N, K] (a smoothed weight to quantize)."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias, requires_grad=False)
-    return layer
-
-
-def _smoothquant(model, targets: dict[str, nn.Module], absmax: dict[str, torch.Tensor], alpha: float, hessians):
-    """SmoothQuant's scales for every foldable group (qruntime.smooth), the smoothed tensors (the model
-    is not touched) and the report entry; the Hessians of smoothed layers are rescaled to match."""
-    groups, not_smoothed = find_groups(model, set(targets))
-    entries = []
-    for group in groups:
-        peaks = [absmax[c] for c in group.consumers if c in absmax]
-        if not peaks:
-            for c in group.consumers:
-                not_smoothed[c] = "calibration data never reached it"
-            continue
-        weights = [linear_weight(targets[c]) for c in group.consumers]
-        peak = torch.stack(peaks).amax(dim=0)
-        entry = {"producer": group.producer, "consumers": group.consumers}
-        rows = absmax.get(f"{group.consumers[0]}#rows")
-        if alpha == "auto" and rows is not None:
-            chosen, group.scales, errors = search_alpha(peak, rows.to(peak.device), weights)
-            entry.update(alpha=chosen, sample_error={f"{a:g}": e for a, e in errors.items()})
-        else:
-            group.scales = smoothing_scales(peak, weights, 0.5 if alpha == "auto" else alpha)
-            entry["alpha"] = 0.5 if alpha == "auto" else alpha
-        entries.append(entry | {"scale_min": float(group.scales.min()), "scale_max": float(group.scales.max())})
-    groups = [g for g in groups if g.scales is not None]
-    for group in groups:  # X' = X / s: H' = diag(1/s) H diag(1/s)
-        inv = (1.0 / group.scales).to(torch.float64)
-        for c in group.consumers:
-            if c in hessians:
-                h, rows = hessians[c]
-                hessians[c] = (h * inv.to(h.device)[:, None] * inv.to(h.device)[None, :], rows)
-    with torch.no_grad():
-        tensors = fold(model, groups)
-    report = {"alpha": alpha, "groups": entries,
-              "not_smoothed": [{"layer": k, "reason": v} for k, v in sorted(not_smoothed.items())],
-              "consumers": {c for g in groups for c in g.consumers},
-              "alpha_of": {c: e["alpha"] for e in entries for c in e["consumers"]}}
-    return tensors, report
-
-
 def compress(
     model: nn.Module,
     config: CompressConfig | QuantConfig | str | None = "w8a16",
@@ -241,7 +194,7 @@ def compress(
                                          progress=progress, fingerprint=calibration)
         stages["calibration"] = time.perf_counter() - t0
         if cfg.smoothquant is not None:
-            smoothed, smoothing = _smoothquant(model, dict(targets), absmax, cfg.smoothquant, hessians)
+            smoothed, smoothing = plan_smoothing(model, dict(targets), absmax, cfg.smoothquant, hessians)
 
     bytes_before = model_bytes(model)
     if not inplace:
@@ -262,7 +215,7 @@ def compress(
         if name in smoothing.get("consumers", ()):
             method += f" + smoothquant (alpha {smoothing['alpha_of'][name]:g})"
         with torch.no_grad():
-            source = module if name not in smoothed else _as_linear(weight, smoothed[name].get("bias"))
+            source = module if name not in smoothed else as_linear(weight, smoothed[name].get("bias"))
             q = QuantLinear.from_linear(source, cfg.quant, hessian=hessian)
             rel, sqnr = _weight_error(weight, q)
             out_err = _output_error(weight, q, hessian) if hessian is not None else None

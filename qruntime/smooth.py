@@ -26,7 +26,7 @@ from torch import nn
 
 from .nn import is_conv1d, linear_weight
 
-__all__ = ["SmoothGroup", "find_groups", "smoothing_scales", "search_alpha", "fold"]
+__all__ = ["SmoothGroup", "find_groups", "smoothing_scales", "search_alpha", "fold", "plan_smoothing", "apply"]
 
 _MIN_SCALE, _MAX_SCALE = 1e-5, 1e5
 
@@ -157,6 +157,55 @@ def fold(model: nn.Module, groups: list[SmoothGroup]) -> dict[str, dict[str, tor
         if "bias" in entry:
             entry["bias"] = (entry["bias"].float() * inv).to(entry["bias"].dtype)
     return new
+
+
+def as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A throw-away nn.Linear holding ``weight`` [N, K] (a smoothed weight to quantize)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+def plan_smoothing(model, targets: dict[str, nn.Module], absmax: dict[str, torch.Tensor], alpha: float, hessians):
+    """What compress() needs from SmoothQuant: the scales of every foldable group of ``targets``
+    (``alpha`` a number, or "auto" to search it per group on the ``"<name>#rows"`` samples of
+    ``absmax``), the smoothed tensors (:func:`fold`; the model is not touched) and the report entry.
+    The Hessians of smoothed layers (GPTQ) are rescaled in place to the smoothed inputs."""
+    groups, not_smoothed = find_groups(model, set(targets))
+    entries = []
+    for group in groups:
+        peaks = [absmax[c] for c in group.consumers if c in absmax]
+        if not peaks:
+            for c in group.consumers:
+                not_smoothed[c] = "calibration data never reached it"
+            continue
+        weights = [linear_weight(targets[c]) for c in group.consumers]
+        peak = torch.stack(peaks).amax(dim=0)
+        entry = {"producer": group.producer, "consumers": group.consumers}
+        rows = absmax.get(f"{group.consumers[0]}#rows")
+        if alpha == "auto" and rows is not None:
+            chosen, group.scales, errors = search_alpha(peak, rows.to(peak.device), weights)
+            entry.update(alpha=chosen, sample_error={f"{a:g}": e for a, e in errors.items()})
+        else:
+            group.scales = smoothing_scales(peak, weights, 0.5 if alpha == "auto" else alpha)
+            entry["alpha"] = 0.5 if alpha == "auto" else alpha
+        entries.append(entry | {"scale_min": float(group.scales.min()), "scale_max": float(group.scales.max())})
+    groups = [g for g in groups if g.scales is not None]
+    for group in groups:  # X' = X / s: H' = diag(1/s) H diag(1/s)
+        inv = (1.0 / group.scales).to(torch.float64)
+        for c in group.consumers:
+            if c in hessians:
+                h, rows = hessians[c]
+                hessians[c] = (h * inv.to(h.device)[:, None] * inv.to(h.device)[None, :], rows)
+    with torch.no_grad():
+        tensors = fold(model, groups)
+    report = {"alpha": alpha, "groups": entries,
+              "not_smoothed": [{"layer": k, "reason": v} for k, v in sorted(not_smoothed.items())],
+              "consumers": {c for g in groups for c in g.consumers},
+              "alpha_of": {c: e["alpha"] for e in entries for c in e["consumers"]}}
+    return tensors, report
 
 
 def apply(model: nn.Module, tensors: dict[str, dict[str, torch.Tensor]]) -> None:

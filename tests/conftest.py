@@ -52,6 +52,14 @@ def w4a16_oracle(x, qweight, scales, zeros, group_size, bias):
     return y if bias is None else y + bias.cpu().double()
 
 
+def w8a8_activations(x):
+    """The activations W8A8 multiplies: per-token codes times scales, float64 [M, K] (for scaled_error)."""
+    from qruntime import reference
+
+    xq, a = reference.quantize_per_token(x.cpu())
+    return xq.double() * a.double()[:, None]
+
+
 def w8a8_oracle(x, qweight, scales, bias):
     from qruntime import reference
 
