@@ -99,7 +99,7 @@ def plot_file(path: str, out_dir: str) -> str | None:
     os.makedirs(out_dir, exist_ok=True)
     if isinstance(data, dict) and data.get("rows") and "speedup_vs_fp32" in data["rows"][0]:
         return plot_kernels(data, base, os.path.join(out_dir, f"{base}_speedup.png"))
-    if isinstance(data, dict) and data.get("results") and "eval" in data["results"][0]:
+    if isinstance(data, dict) and data.get("results") and {"preset", "eval", "report"} <= set(data["results"][0]):
         return plot_accuracy(data, base, os.path.join(out_dir, f"{base}_quality_vs_bytes.png"))
     return None
 

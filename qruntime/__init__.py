@@ -1,4 +1,4 @@
-"""qruntime: INT8/INT4 quantization (and, as it lands, 2:4 sparsity and depth distillation) for
+"""qruntime: INT8/INT4 quantization and depth distillation (and, as it lands, 2:4 sparsity) for
 HuggingFace Transformers, behind one call::
 
     model, report = qruntime.compress(model, "w8a16")
@@ -8,7 +8,8 @@ Importing qruntime never touches CUDA and compiles nothing.
 """
 from .api import compress, select_targets
 from .checkpoint import CheckpointError, load, save
-from .config import CompressConfig, QuantConfig, PRESETS
+from .config import CompressConfig, DistillConfig, QuantConfig, PRESETS
+from .distill import DistillReport, distill, make_student
 from .export import export_compressed_tensors
 from .nn import QuantEmbedding, QuantLinear
 from .ops import cpu_backend
@@ -22,6 +23,10 @@ __all__ = [
     "select_targets",
     "CompressConfig",
     "QuantConfig",
+    "DistillConfig",
+    "distill",
+    "make_student",
+    "DistillReport",
     "PRESETS",
     "QuantLinear",
     "QuantEmbedding",

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import collect_stats
 from .config import CompressConfig, QuantConfig, resolve_config
+from .distill import distill as run_distill
 from .nn import QuantEmbedding, QuantLinear, is_conv1d, linear_weight
 from .ops import cpu_backend
 from .report import CompressReport, LayerReport, SkippedLayer
@@ -141,10 +142,13 @@ def compress(
     config: CompressConfig | QuantConfig | str | None = "w8a16",
     calib_data: Iterable | None = None,
     *,
+    train_data: Iterable | None = None,
+    eval_data: Iterable | None = None,
     inplace: bool = True,
     progress: bool = True,
 ) -> tuple[nn.Module, CompressReport]:
-    """Quantizes the Linear and Conv1D layers of a (HuggingFace) model.
+    """Quantizes the Linear and Conv1D layers of a (HuggingFace) model, after an optional depth stage
+    (a shallower student distilled from it).
 
     Args:
         model: any ``nn.Module``; HF BERT, GPT-2 (Conv1D), Llama-family and others.
@@ -152,9 +156,15 @@ def compress(
             :class:`QuantConfig` or a :class:`CompressConfig`.
         calib_data: for calibrated methods (``*-gptq``): an iterable of input-id tensors [batch, seq]
             or of dicts of model keyword arguments, e.g.
-            ``qruntime.calibrate.calibration_batches(tokenizer)``. Ignored by round-to-nearest.
+            ``qruntime.calibrate.calibration_batches(tokenizer)``. Ignored by round-to-nearest. With a
+            depth stage, the student is calibrated on it after distillation.
+        train_data: for a depth stage (``"d20+..."``, ``CompressConfig(distill=...)``): the batches the
+            student is distilled on (see :func:`qruntime.distill`), e.g.
+            ``qruntime.calibrate.calibration_batches(tokenizer, 64, 256, split="train")``.
+        eval_data: held-out batches to measure the student before and after distillation (optional).
         inplace: swap the layers in ``model``; with False a deep copy is compressed and ``model`` is
-            left untouched.
+            left untouched. With a depth stage the result is always a new model (the student) and
+            ``model`` (the teacher) is left untouched.
         progress: show a progress bar.
 
     Returns:
@@ -165,6 +175,20 @@ def compress(
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     cfg = resolve_config(config)
     start = time.perf_counter()
+    stages: dict[str, float] = {}
+    distillation: dict = {}
+    bytes_before = model_bytes(model)  # with a depth stage: the teacher's
+    if cfg.distill is not None:
+        if train_data is None:
+            raise ValueError(
+                f"recipe {cfg.name!r} has a depth stage and needs train_data: batches of input ids to distill "
+                "the student on, e.g. qruntime.calibrate.calibration_batches(tokenizer, 64, 256, split='train')"
+            )
+        t0 = time.perf_counter()
+        model, distill_report = run_distill(model, None, train_data, cfg.distill, eval_data=eval_data, progress=progress)
+        stages["distillation"] = time.perf_counter() - t0
+        distillation = distill_report.to_dict()
+        inplace = True  # the student is already a new model
     targets, skipped = select_targets(model, cfg)
     if not targets:
         found = len(skipped)
@@ -177,7 +201,6 @@ def compress(
     for name, module in targets:
         _validate_target(name, module)
     hessians: dict[str, tuple[torch.Tensor, int]] = {}
-    stages: dict[str, float] = {}
     calibration: dict = {}
     smoothing: dict = {}
     smoothed: dict[str, dict[str, torch.Tensor]] = {}  # module name -> its smoothed tensors
@@ -196,7 +219,6 @@ def compress(
         if cfg.smoothquant is not None:
             smoothed, smoothing = plan_smoothing(model, dict(targets), absmax, cfg.smoothquant, hessians)
 
-    bytes_before = model_bytes(model)
     if not inplace:
         model = copy.deepcopy(model)
         targets = [(name, model.get_submodule(name)) for name, _ in targets]
@@ -254,5 +276,6 @@ def compress(
         stages=stages,
         calibration=calibration,
         smoothing={k: v for k, v in smoothing.items() if k not in ("consumers", "alpha_of")},
+        distillation=distillation,
     )
     return model, report

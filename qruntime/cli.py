@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 
 def _fmt_bytes(n: int) -> str:
@@ -125,6 +126,8 @@ def cmd_compress(args) -> dict:
     from .config import resolve_config
     from .models import load_model
 
+    import torch
+
     cfg = resolve_config(args.recipe)  # a bad recipe fails before the model is loaded
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out}: exists and is not a folder")
@@ -141,7 +144,18 @@ def cmd_compress(args) -> dict:
             with open(args.calib, encoding="utf-8") as f:
                 text = f.read()
             calib = text_batches(tokenizer, text, args.calib_samples, args.seq_len, source=args.calib)
-    model, report = compress(model, cfg, calib, progress=not args.quiet)
+    train = None
+    if cfg.distill is not None:  # the depth stage distills on the Wikipedia training split
+        if tokenizer is None:
+            raise ValueError(f"{args.model}: no tokenizer to tokenize the training text with")
+        windows = calibration_batches(tokenizer, num_samples=args.train_samples, seq_len=args.train_seq_len, split="train")
+        train = [torch.cat(windows[i : i + 4]) for i in range(0, len(windows) - 3, 4)]  # batches of 4 windows
+        cfg = replace(cfg, distill=replace(cfg.distill, steps=args.distill_steps,
+                                           max_seconds=args.distill_minutes * 60 if args.distill_minutes else None))
+    held_out = None
+    if cfg.distill is not None:  # the report then gives teacher and student metrics on 4 held-out windows
+        held_out = calibration_batches(tokenizer, num_samples=4, seq_len=args.train_seq_len)
+    model, report = compress(model, cfg, calib, train_data=train, eval_data=held_out, progress=not args.quiet)
     t1 = time.perf_counter()
     folder = save(model, args.out, tokenizer=tokenizer, report=report, base_model=args.model)
     save_s = time.perf_counter() - t1
@@ -339,6 +353,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=16, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--all-layers", action="store_true", help="list every layer in the report table")
+    p.add_argument("--train-samples", type=int, default=256,
+                   help="depth stage (d<N>+...): training windows from the Wikipedia training split, 4 per batch")
+    p.add_argument("--train-seq-len", type=int, default=256, help="depth stage: tokens per training window")
+    p.add_argument("--distill-steps", type=int, default=100, help="depth stage: optimizer steps")
+    p.add_argument("--distill-minutes", type=float, default=None, help="depth stage: cap on the training time")
 
     p = add("eval", "perplexity (causal LMs) and accuracy of a checkpoint or model")
     p.add_argument("target", help="checkpoint folder, alias, local folder or HF name")

@@ -47,6 +47,9 @@ class CompressReport:
     # "scale_min", "scale_max", and with "auto" "sample_error" per alpha tried}],
     # "not_smoothed": [{"layer", "reason"}]}
     smoothing: dict = field(default_factory=dict)
+    # depth stage (d<N>+...): qruntime.distill.DistillReport.to_dict(): teacher/student depth, kept
+    # blocks and their selection, steps, tokens, seconds, held-out metrics before/after
+    distillation: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CompressReport":
@@ -116,6 +119,19 @@ class CompressReport:
                          f"their producers; {len(sm.get('not_smoothed', []))} W8A8 layers not smoothed "
                          + (f"(e.g. {sm['not_smoothed'][0]['layer']}: {sm['not_smoothed'][0]['reason']})"
                             if sm.get("not_smoothed") else ""))
+        if self.distillation:
+            d = self.distillation
+            sel = d.get("selection") or {}
+            before, after = d.get("before") or {}, d.get("after") or {}
+            metric = next((k for k in ("perplexity", "cosine", "kl") if k in after), None)
+            lines.append(
+                f"distillation: {d.get('teacher_layers')} -> {d.get('student_layers')} blocks "
+                f"(kept {d.get('kept_layers')}, selection {sel.get('method', 'given')}), {d.get('steps')} steps, "
+                f"{d.get('tokens')} tokens, {d.get('seconds', 0):.1f} s"
+                + (f"; held-out {metric}: teacher {d['teacher'][metric]:.4g}, " if metric in (d.get("teacher") or {}) else
+                   (f"; held-out {metric}: " if metric else ""))
+                + (f"student {before[metric]:.4g} -> {after[metric]:.4g}" if metric else "")
+            )
         if self.calibration:
             c = self.calibration
             lines.append(f"calibration data: {c.get('batches')} batches, {c.get('tokens')} tokens, "

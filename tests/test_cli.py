@@ -101,3 +101,19 @@ def test_eval_of_encoder_rejects_ppl(tiny_folder, tmp_path, capsys):
     PreTrainedTokenizerFast.from_pretrained(tiny_folder).save_pretrained(tmp_path / "bert")
     rc, out, err = _run(capsys, "eval", tmp_path / "bert", "--ppl")
     assert rc == 2 and "perplexity needs a causal LM" in err
+
+
+def test_compress_with_depth_stage(tiny_folder, tmp_path, capsys):
+    """d1+w8a16: a 1-block student distilled on the training split, quantized, saved, reloaded."""
+    import qruntime
+
+    out_dir = tmp_path / "ckpt"
+    code, out, err = _run(capsys, "compress", tiny_folder, "--recipe", "d1+w8a16", "--train-samples", "8",
+                          "--train-seq-len", "16", "--distill-steps", "2", "--out", out_dir, "--quiet", "--json")
+    assert code == 0, err
+    report = json.loads(out)["report"]
+    assert report["config"] == "d1+w8a16" and report["distillation"]["student_layers"] == 1
+    assert report["distillation"]["steps"] == 2 and report["distillation"]["tokens"] == 2 * 4 * 16
+    assert "distillation: 2 -> 1 blocks" in err and "held-out perplexity: teacher" in err
+    model = qruntime.load(out_dir)
+    assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1

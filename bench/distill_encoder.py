@@ -1,0 +1,109 @@
+"""Depth distillation of a sentence-embedding encoder (MiniLM-L6 -> 3 blocks): selection methods without
+training, then the chosen student distilled within a time budget; scored by sentence-embedding cosine to
+the teacher and linear-probe accuracy on the 200 labelled movie-review sentences (as bench/eval_encoder.py).
+
+    python bench/distill_encoder.py --model minilm-l6 --layers 3 --minutes 10 \
+        --json bench/results/minilm-l6_cpu_distill.json
+
+Training text: sentences of the Wikipedia training split (and Lee background news), --batch per batch,
+padded; the --minutes budget covers block selection and training together.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, write_json  # noqa: E402
+
+
+def sentence_batches(tokenizer, text: str, batch: int, max_length: int, limit: int | None = None) -> list[dict]:
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if len(s.split()) >= 4]
+    if limit is not None:
+        sentences = sentences[: limit * batch]
+    out = []
+    for i in range(0, len(sentences) - batch + 1, batch):
+        enc = tokenizer(sentences[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                    **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {})})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--compare", nargs="*", default=["greedy", "single", "influence", "angular", "uniform", "middle", "first"])
+    p.add_argument("--train-method", default="single")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=3000, help="upper bound; the time budget usually ends training first")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--alpha-hidden", type=float, default=1.0)
+    p.add_argument("--alpha-cosine", type=float, default=1.0)
+    p.add_argument("--alpha-attention", type=float, default=0.0)
+    p.add_argument("--autocast", default="auto")
+    p.add_argument("--selection-batches", type=int, default=4)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    from qruntime.config import DistillConfig
+    from qruntime.data import movie_reviews, split_text
+    from qruntime.distill import choose_layers, distill, make_student
+    from qruntime.evaluate import evaluate_encoder
+    from qruntime.models import load_encoder
+
+    teacher, tok = load_encoder(args.model)
+    depth = teacher.config.num_hidden_layers
+    reviews = movie_reviews()
+    sentences, labels = [s for s, _ in reviews], [y for _, y in reviews]
+    train = sentence_batches(tok, split_text("train"), args.batch, args.max_length)
+    calib = sentence_batches(tok, split_text("calibration"), args.batch, args.max_length, limit=args.selection_batches + 4)
+    selection, monitor = calib[: args.selection_batches], calib[args.selection_batches :]
+    ref = evaluate_encoder(teacher, teacher, tok, sentences, labels)
+    print(f"teacher ({depth} blocks): probe accuracy {ref.probe_accuracy_reference:.3f}; {ref.protocol}")
+
+    rows = []
+    for method in args.compare:
+        choice = choose_layers(teacher, args.layers, method, selection, progress=False)
+        r = evaluate_encoder(make_student(teacher, keep=choice.keep), teacher, tok, sentences, labels)
+        rows.append({"method": method, "keep": choice.keep, "selection_divergence": choice.divergence,
+                     "selection_seconds": choice.seconds, "trained": False, "eval": r.to_dict()})
+        print(f"{method:<10} no training: cosine {r.cosine_mean:.4f}, probe {r.probe_accuracy_model:.3f}, kept {choice.keep}", flush=True)
+
+    if args.train_method != "none":
+        budget = args.minutes * 60
+        t_sel = time.perf_counter()
+        choice = choose_layers(teacher, args.layers, args.train_method, selection, progress=False)
+        student = make_student(teacher, keep=choice.keep)
+        sel_s = time.perf_counter() - t_sel
+        cfg = DistillConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, alpha_kd=0.0,
+                            alpha_hidden=args.alpha_hidden, alpha_cosine=args.alpha_cosine,
+                            alpha_attention=args.alpha_attention, autocast=args.autocast, trainable="all",
+                            shuffle=True, eval_every=max(1, args.steps // 10), max_seconds=budget - sel_s)
+        student, report = distill(teacher, student, train, cfg, eval_data=monitor)
+        print(report)
+        r = evaluate_encoder(student, teacher, tok, sentences, labels)
+        rows.append({"method": args.train_method, "keep": choice.keep, "selection_seconds": sel_s, "trained": True,
+                     "train_seconds": report.seconds, "minutes_total": (sel_s + report.seconds) / 60,
+                     "eval": r.to_dict(), "report": report.to_dict()})
+
+    print(f"\nmodel {args.model}: {depth} -> {args.layers} blocks; teacher probe accuracy {ref.probe_accuracy_reference:.3f}; {ref.protocol}")
+    print(f"{'selection':<10} {'trained':>8} {'cosine mean':>12} {'cosine min':>11} {'probe acc':>10} {'vs teacher':>11} {'minutes':>8}  kept")
+    for r in rows:
+        e = r["eval"]
+        minutes = r.get("minutes_total", r["selection_seconds"] / 60)
+        print(f"{r['method']:<10} {'yes' if r['trained'] else 'no':>8} {e['cosine_mean']:>12.4f} {e['cosine_min']:>11.4f} "
+              f"{e['probe_accuracy_model']:>10.3f} {100 * (e['probe_accuracy_model'] - e['probe_accuracy_reference']):>+10.1f}p "
+              f"{minutes:>8.1f}  {r['keep']}")
+    write_json(args.json, {"environment": environment(), "args": vars(args), "train_batches": len(train),
+                           "teacher_probe_accuracy": ref.probe_accuracy_reference, "results": rows})
+
+
+if __name__ == "__main__":
+    main()

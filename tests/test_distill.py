@@ -1,0 +1,491 @@
+"""Depth distillation: student construction (GPT-2, BERT, Llama), block selection, the KD loss against
+its closed form, training that lowers the held-out KL, masks, determinism, bad inputs, compress()."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qruntime
+from qruntime.config import DistillConfig, resolve_config
+from qruntime.distill import (
+    _Divergence,
+    choose_layers,
+    evaluate_student,
+    find_blocks,
+    kd_loss,
+    make_student,
+    teacher_topk,
+)
+
+VOCAB = 96
+DEPTH = 6
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # a large initializer range so that every block changes the output (a default-initialized tiny
+    # model is nearly the identity, and dropping blocks would measure nothing)
+    cfg = LlamaConfig(hidden_size=48, num_hidden_layers=DEPTH, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=96, vocab_size=VOCAB, initializer_range=0.15, bos_token_id=0, eos_token_id=1,
+                      pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_embd=48, n_layer=DEPTH, n_head=4, vocab_size=VOCAB, n_positions=64, initializer_range=0.15,
+                     bos_token_id=0, eos_token_id=1)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(hidden_size=48, num_hidden_layers=DEPTH, num_attention_heads=4, intermediate_size=96,
+                     vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.15)
+    return BertModel(cfg).eval()
+
+
+BUILDERS = {"llama": _llama, "gpt2": _gpt2, "bert": _bert}
+
+
+def _ids(n: int, batch: int = 2, seq: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, VOCAB, (batch, seq), generator=g) for _ in range(n)]
+
+
+def _padded(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(2, VOCAB, (2, 12), generator=g)
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, 8:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _data(kind: str, n: int, seed: int = 0):
+    return _padded(n, seed) if kind == "bert" else _ids(n, seed=seed)
+
+
+def _out(model, batch):
+    inputs = batch if isinstance(batch, dict) else {"input_ids": batch}
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ------------------------------------------------------------------------------------ construction
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_student_from_keep_forward_generate_save_reload(kind, tmp_path):
+    teacher = BUILDERS[kind]()
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    batch = _data(kind, 1)[0]
+    with torch.no_grad():
+        teacher_out = _out(teacher, batch)
+    keep = [0, 2, 5]
+    student = make_student(teacher, keep=keep)
+    blocks = find_blocks(student)
+    assert len(blocks) == 3 and student.config.num_hidden_layers == 3
+    assert student.config.qruntime_student == {"teacher_num_layers": DEPTH, "kept_layers": keep, "selection": "given"}
+    # the teacher is untouched and shares no storage with the student
+    assert len(find_blocks(teacher)) == DEPTH
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
+    t_ptrs = {p.data_ptr() for p in teacher.parameters()}
+    assert not any(p.data_ptr() in t_ptrs for p in student.parameters())
+    # the kept blocks are the teacher's, renumbered
+    for j, i in enumerate(keep):
+        s_block, t_block = blocks.layers[j], find_blocks(teacher).layers[i]
+        for (name, a), b in zip(s_block.state_dict().items(), t_block.state_dict().values()):
+            assert torch.equal(a, b), name
+        idx = [m.layer_idx for m in s_block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        assert idx and all(k == j for k in idx)
+    with torch.no_grad():
+        student_out = _out(student, batch)
+        assert student_out.shape == teacher_out.shape and torch.isfinite(student_out).all()
+        assert not torch.allclose(student_out, teacher_out)  # three blocks are gone
+        if kind != "bert":
+            gen = student.generate(batch[:1, :5], max_new_tokens=6, do_sample=False)
+            assert gen.shape == (1, 11)
+            # generation with the KV cache equals a full forward pass over the same tokens
+            full = student(gen[:, :-1]).logits[0, -1].argmax()
+            assert full.item() == gen[0, -1].item()
+    student.save_pretrained(tmp_path)
+    reloaded = type(student).from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_hidden_layers == 3 and len(find_blocks(reloaded)) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(_out(reloaded, batch), student_out, rtol=0, atol=0)
+
+
+def test_find_blocks_paths_and_errors():
+    assert find_blocks(_llama()).path == "model.layers"
+    assert find_blocks(_gpt2()).path == "transformer.h"
+    assert find_blocks(_bert()).path == "encoder.layer"
+    with pytest.raises(ValueError, match="not a submodule"):
+        find_blocks(_llama(), "model.nothing")
+    with pytest.raises(ValueError, match="expected a non-empty nn.ModuleList"):
+        find_blocks(_llama(), "model.norm")
+
+    class Twin(nn.Module):  # an encoder-decoder-like model: two lists of the configured depth
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"num_hidden_layers": 2})()
+            self.encoder = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+            self.decoder = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+
+    with pytest.raises(ValueError, match="several lists of 2 blocks"):
+        find_blocks(Twin())
+    assert find_blocks(Twin(), "decoder").path == "decoder"
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+def test_naive_selections():
+    from qruntime.distill import _naive_keep
+
+    assert _naive_keep("uniform", 30, 15) == list(range(0, 30, 2))  # every other block
+    assert _naive_keep("first", 30, 15) == list(range(15))
+    assert _naive_keep("middle", 30, 22) == [*range(11), *range(19, 30)]
+    assert _naive_keep("uniform", 6, 3) == [0, 2, 4]
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("method", ["greedy", "single", "influence", "angular", "uniform", "first", "middle"])
+def test_choose_layers(kind, method):
+    model = BUILDERS[kind]()
+    data = _data(kind, 2)
+    choice = choose_layers(model, 3, method, data, progress=False)
+    assert len(choice.keep) == 3 and choice.keep == sorted(set(choice.keep))
+    assert all(0 <= i < DEPTH for i in choice.keep)
+    assert choice.divergence is not None and choice.divergence >= 0
+    # the measured divergence is that of the kept subset, recomputed independently
+    div = _Divergence(model, find_blocks(model), data, progress=False)
+    assert math.isclose(div(choice.keep), choice.divergence, rel_tol=1e-6, abs_tol=1e-9)
+    assert len(find_blocks(model)) == DEPTH and model.config.num_hidden_layers == DEPTH  # restored
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_greedy_is_best_single_drop_and_shared_prefix_is_exact(kind):
+    model = BUILDERS[kind]()
+    data = _data(kind, 2)
+    div = _Divergence(model, find_blocks(model), data, progress=False)
+    keep = [0, 1, 3, 4, 5]
+    fast = div.drop_scores(keep)
+    slow = {b: div([k for k in keep if k != b]) for b in keep}
+    for b in keep:
+        assert math.isclose(fast[b], slow[b], rel_tol=1e-5, abs_tol=1e-7), (b, fast[b], slow[b])
+    greedy = choose_layers(model, DEPTH - 1, "greedy", data, progress=False)
+    alone = {b: div([k for k in range(DEPTH) if k != b]) for b in range(DEPTH)}
+    assert greedy.dropped_order == [min(alone, key=alone.get)]
+
+
+def test_measured_selection_beats_naive_on_a_model_with_idle_blocks():
+    """Blocks 1, 2 and 4 are made (nearly) the identity: a measured choice must find and drop them."""
+    model = _llama()
+    with torch.no_grad():
+        for i in (1, 2, 4):
+            block = find_blocks(model).layers[i]
+            block.self_attn.o_proj.weight.mul_(1e-4)
+            block.mlp.down_proj.weight.mul_(1e-4)
+    data = _ids(2)
+    results = {m: choose_layers(model, 3, m, data, progress=False) for m in ("greedy", "single", "influence", "uniform", "middle")}
+    for m in ("greedy", "single", "influence"):
+        assert results[m].keep == [0, 3, 5], (m, results[m].keep)
+        assert results[m].divergence < 0.01 * min(results["uniform"].divergence, results["middle"].divergence)
+
+
+def test_measured_selection_needs_data():
+    with pytest.raises(ValueError, match="measured on data"):
+        choose_layers(_llama(), 3, "greedy")
+    assert choose_layers(_llama(), 3, "uniform").divergence is None
+
+
+# ------------------------------------------------------------------------------------ KD loss
+
+
+def test_kd_loss_closed_form():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
+    for temperature in (1.0, 2.0, 0.5):
+        p = torch.softmax(t / temperature, -1)
+        q = torch.softmax(s / temperature, -1)
+        expected = temperature**2 * (p * (p.log() - q.log())).sum(-1).mean()
+        torch.testing.assert_close(kd_loss(s, t, temperature).double(), expected, rtol=1e-5, atol=1e-7)
+    # known distributions: p = (1/2, 1/2), q = (1/4, 3/4) -> KL = 1/2 ln(2) + 1/2 ln(2/3)
+    known = kd_loss(torch.log(torch.tensor([[0.25, 0.75]])), torch.log(torch.tensor([[0.5, 0.5]])))
+    assert math.isclose(known.item(), 0.5 * math.log(2) + 0.5 * math.log(2 / 3), rel_tol=1e-6)
+    assert kd_loss(t, t).abs().item() < 1e-6
+    # the mask averages over the real positions only
+    mask = torch.zeros(3, 5)
+    mask[0, :2] = 1
+    p, q = torch.softmax(t[0, :2], -1), torch.softmax(s[0, :2], -1)
+    torch.testing.assert_close(kd_loss(s, t, mask=mask).double(), (p * (p / q).log()).sum(-1).mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_kd_loss_top_k():
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(4, 7, 20, generator=g)
+    t = torch.randn(4, 7, 20, generator=g)
+    # k = V is the full KL; the (values, indices) form equals cutting the logits
+    torch.testing.assert_close(kd_loss(s, t, top_k=20), kd_loss(s, t), rtol=1e-5, atol=1e-6)
+    v, i = t.topk(5, dim=-1)
+    torch.testing.assert_close(kd_loss(s, (v, i)), kd_loss(s, t, top_k=5))
+    # closed form over the top-k support with the teacher renormalized
+    p = torch.softmax(v.double(), -1)
+    logq = torch.log_softmax(s.double(), -1).gather(-1, i)
+    torch.testing.assert_close(kd_loss(s, (v, i)).double(), (p * (p.log() - logq)).sum(-1).mean(), rtol=1e-5, atol=1e-7)
+    assert kd_loss(s, (v, i)).item() >= 0
+    # zero when the student puts exactly the renormalized teacher mass on those tokens
+    student = torch.full_like(t, -1e4).scatter(-1, i, v)
+    assert kd_loss(student, (v, i)).abs().item() < 1e-5
+    with pytest.raises(ValueError, match="vocabulary 20 != student vocabulary 19"):
+        kd_loss(s[..., :19], t)
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def _kl(teacher, student, batches) -> float:
+    return evaluate_student(teacher, student, batches)["kl"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_distill_lowers_held_out_kl(kind):
+    teacher = BUILDERS[kind]()
+    train, held_out = _ids(24, seed=1), _ids(4, seed=2)
+    cfg = DistillConfig(selection="uniform", steps=40, lr=3e-3, warmup_steps=4, eval_every=20, trainable="all")
+    student, report = qruntime.distill(teacher, 3, train, cfg, eval_data=held_out, progress=False)
+    assert report.before["kl"] > 0.01
+    assert report.after["kl"] < 0.8 * report.before["kl"], (report.before, report.after)
+    assert math.isclose(report.after["kl"], _kl(teacher, student, held_out), rel_tol=1e-6)
+    assert [h["step"] for h in report.history] == [0, 20, 40]
+    assert [h["train_tokens"] for h in report.history] == [0, 20 * 32, 40 * 32]
+    assert all(h["tokens"] == 4 * 32 for h in report.history)  # the held-out tokens
+    assert report.steps == 40 and report.tokens == 40 * 32 and report.student_layers == 3
+    assert report.kept_layers == [0, 2, 4] and report.loss_weights["kd"] == 1.0
+    assert "perplexity" in report.after and "perplexity" in report.teacher
+    assert "held-out" in report.table() and len(report.losses) == 40
+
+
+def test_distill_encoder_with_hidden_cosine_and_attention_terms():
+    teacher = _bert()
+    impl = teacher.config._attn_implementation
+    train, held_out = _padded(16, seed=1), _padded(3, seed=2)
+    cfg = DistillConfig(selection="uniform", steps=30, lr=3e-3, alpha_kd=0, alpha_cosine=1, alpha_hidden=1,
+                        alpha_attention=1, trainable="all")
+    student, report = qruntime.distill(teacher, 3, train, cfg, eval_data=held_out, progress=False)
+    assert report.after["cosine"] > report.before["cosine"]
+    assert 1 - report.after["token_cosine"] < 0.7 * (1 - report.before["token_cosine"])
+    assert teacher.config._attn_implementation == impl  # switched to eager for the attention term, restored
+    # the default loss of an encoder (no logits): hidden + cosine, listed in the report
+    _, default = qruntime.distill(teacher, 3, train[:2], DistillConfig(selection="uniform", steps=1), progress=False)
+    assert default.loss_weights == {"kd": 0.0, "hidden": 1.0, "cosine": 1.0, "attention": 0.0, "ce": 0.0}
+
+
+def test_distill_is_deterministic_and_leaves_the_teacher_alone():
+    teacher = _gpt2()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    train = _ids(6, seed=3)
+    cfg = DistillConfig(selection="greedy", selection_batches=2, steps=5, lr=1e-3, alpha_hidden=0.5, alpha_ce=0.1, shuffle=True, seed=7)
+    a, ra = qruntime.distill(teacher, 4, train, cfg, progress=False)
+    b, rb = qruntime.distill(teacher, 4, train, cfg, progress=False)
+    assert ra.kept_layers == rb.kept_layers and ra.losses == rb.losses
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    assert teacher.training is False and all(p.requires_grad for p in teacher.parameters())
+    assert a.config.qruntime_student["selection"] == "greedy"
+
+
+def test_frozen_embeddings_are_not_updated():
+    teacher = _llama()
+    student = make_student(teacher, keep=[0, 3, 5])
+    emb = student.get_input_embeddings().weight.clone()
+    norm = student.model.norm.weight.clone()
+    _, report = qruntime.distill(teacher, student, _ids(4), DistillConfig(steps=3, lr=1e-2), progress=False)
+    assert torch.equal(student.get_input_embeddings().weight, emb)
+    assert not torch.equal(student.model.norm.weight, norm)
+    expected = sum(p.numel() for n, p in student.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    assert report.trainable_parameters == expected
+
+
+def test_masks_stay_zero():
+    """The 2:4 recovery use: a same-depth student with fixed masks."""
+    teacher = _llama()
+    student = make_student(teacher, keep=list(range(DEPTH - 1)))
+    masks = {}
+    for name, p in student.named_parameters():
+        if name.endswith("proj.weight"):
+            m = (torch.rand(p.shape) > 0.5).to(p.dtype)
+            with torch.no_grad():
+                p.mul_(m)
+            masks[name] = m
+    qruntime.distill(teacher, student, _ids(4), DistillConfig(steps=4, lr=1e-2), masks=masks, progress=False)
+    params = dict(student.named_parameters())
+    for name, m in masks.items():
+        assert (params[name][m == 0] == 0).all(), name
+        assert (params[name][m == 1] != 0).any(), name
+    with pytest.raises(ValueError, match="is not a parameter"):
+        qruntime.distill(teacher, student, _ids(1), DistillConfig(steps=1), masks={"nope": torch.ones(1)}, progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        qruntime.distill(teacher, student, _ids(1), DistillConfig(steps=1),
+                         masks={"model.norm.weight": torch.ones(3)}, progress=False)
+
+
+def test_cached_teacher_top_k():
+    teacher = _llama()
+    train, held_out = _ids(12, seed=1), _ids(3, seed=2)
+    cache = teacher_topk(teacher, train[:2], 8, progress=False)
+    assert cache[0][0].shape == (2, 16, 8) and cache[0][1].dtype == torch.int32
+    with torch.no_grad():
+        torch.testing.assert_close(cache[0][0], teacher(train[0]).logits.topk(8, dim=-1).values)
+    cfg = DistillConfig(selection="uniform", steps=30, lr=3e-3, top_k=32, trainable="all", autocast="off")
+    cached, rc = qruntime.distill(teacher, 3, train, replace(cfg, cache_teacher=True), eval_data=held_out, progress=False)
+    assert rc.after["kl"] < 0.9 * rc.before["kl"], (rc.before, rc.after)
+    # the cache holds exactly what the teacher gives on the fly: the same training, step for step
+    live, rl = qruntime.distill(teacher, 3, train, cfg, eval_data=held_out, progress=False)
+    assert rc.losses == rl.losses
+    for (name, a), b in zip(cached.state_dict().items(), live.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_max_seconds_stops_early():
+    cfg = DistillConfig(selection="uniform", steps=10_000, max_seconds=0.5)
+    _, report = qruntime.distill(_llama(), 3, _ids(2), cfg, progress=False)
+    assert report.stopped_early and report.steps < 10_000 and "max_seconds" in report.table()
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"num_layers": 0}, ValueError, r"num_layers=0: must be in \[1, 5\]"),
+        ({"num_layers": DEPTH}, ValueError, r"num_layers=6: must be in \[1, 5\]"),
+        ({"num_layers": -1}, ValueError, r"num_layers=-1"),
+        ({"num_layers": 2.0}, TypeError, "must be an int"),
+        ({"keep": [0, 6]}, ValueError, "block index 6 is out of range"),
+        ({"keep": [0, 2, 2]}, ValueError, r"block indices \[2\] are repeated"),
+        ({"keep": [3, 1]}, ValueError, "must be increasing"),
+        ({"keep": [-1, 2]}, ValueError, "must be >= 0"),
+        ({"keep": list(range(DEPTH))}, ValueError, "keeps all 6 blocks"),
+        ({"keep": []}, ValueError, "at least one block"),
+        ({"num_layers": 2, "keep": [0, 1]}, ValueError, "exactly one"),
+        ({}, ValueError, "exactly one"),
+    ],
+)
+def test_make_student_bad_inputs(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make_student(_llama(), **kwargs, method="uniform")
+
+
+def test_distill_bad_inputs():
+    teacher = _llama()
+    with pytest.raises(ValueError, match=r"num_layers=6: must be in \[1, 5\]"):
+        qruntime.distill(teacher, DEPTH, _ids(1), progress=False)
+    other = make_student(teacher, keep=[0, 1])
+    other.config.vocab_size = VOCAB + 4
+    with pytest.raises(ValueError, match="teacher vocab_size=96 != student vocab_size=100"):
+        qruntime.distill(teacher, other, _ids(1), DistillConfig(steps=1), progress=False)
+    with pytest.raises(ValueError, match="data yielded no batches"):
+        qruntime.distill(teacher, 3, [], progress=False)
+    with pytest.raises(TypeError, match="expected a LongTensor of input ids"):
+        qruntime.distill(teacher, 3, ["text"], DistillConfig(selection="uniform", steps=1), progress=False)
+    with pytest.raises(ValueError, match="alpha_ce=1: the model returns no logits"):
+        qruntime.distill(_bert(), 3, _padded(1), DistillConfig(selection="uniform", steps=1, alpha_kd=0,
+                                                                 alpha_cosine=1, alpha_ce=1), progress=False)
+    with pytest.raises(ValueError, match="returns no logits"):
+        qruntime.distill(_bert(), 3, _padded(1), DistillConfig(selection="uniform", steps=1, alpha_kd=2), progress=False)
+    unmapped = make_student(teacher, keep=[0, 1])
+    del unmapped.config.qruntime_student
+    with pytest.raises(ValueError, match="which teacher block"):
+        qruntime.distill(teacher, unmapped, _ids(1), DistillConfig(steps=1, alpha_hidden=1), progress=False)
+    with pytest.raises(ValueError, match="student_or_num_layers=3 but config.num_layers=2"):
+        qruntime.distill(teacher, 3, _ids(1), DistillConfig(num_layers=2), progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"selection": "random"}, "selection='random'"),
+        ({"alpha_kd": 0}, "at least one > 0"),
+        ({"alpha_hidden": -1}, "must be >= 0"),
+        ({"temperature": 0}, "temperature=0"),
+        ({"cache_teacher": True}, "needs top_k"),
+        ({"cache_teacher": True, "top_k": 4, "alpha_hidden": 1}, "keeps only the teacher's logits"),
+        ({"steps": -1}, "steps=-1"),
+        ({"lr": 0}, "lr=0"),
+        ({"trainable": "some"}, "trainable='some'"),
+        ({"autocast": "fp8"}, "autocast='fp8'"),
+        ({"max_seconds": 0}, "max_seconds=0"),
+        ({"num_layers": 0}, "num_layers=0"),
+    ],
+)
+def test_distill_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DistillConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------------ compress()
+
+
+def test_compress_with_depth_stage():
+    teacher = _llama()
+    cfg = resolve_config("d3+w8a16-gptq")
+    assert cfg.name == "d3+w8a16-gptq" and cfg.distill.num_layers == 3
+    with pytest.raises(ValueError, match="needs train_data"):
+        qruntime.compress(teacher, cfg, _ids(2), progress=False)
+    model, report = qruntime.compress(teacher, cfg, _ids(2, seed=5), train_data=_ids(8, seed=1),
+                                      eval_data=_ids(2, seed=2), progress=False)
+    assert model is not teacher and len(find_blocks(teacher)) == DEPTH
+    assert len(find_blocks(model)) == 3 and model.config.num_hidden_layers == 3
+    assert len(report.layers) == 3 * 7 and all(l.format == "w8a16-gptq" for l in report.layers)
+    assert report.distillation["student_layers"] == 3 and report.distillation["steps"] == 100
+    assert "distillation" in report.stages and "distillation: 6 -> 3 blocks" in report.table()
+    assert report.model_bytes_before == qruntime.api.model_bytes(teacher)  # the teacher's size
+    assert "perplexity" in report.distillation["teacher"] and "held-out perplexity: teacher" in report.table()
+    assert qruntime.CompressReport.from_dict(report.to_dict()).distillation == report.distillation
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids(1)[0]).logits).all()
+
+
+def test_distilled_and_quantized_checkpoint_round_trip(tmp_path):
+    teacher = _llama()
+    model, report = qruntime.compress(teacher, "d2+w4a16-g16", train_data=_ids(4), progress=False)
+    qruntime.save(model, tmp_path / "ckpt", report=report)
+    loaded = qruntime.load(tmp_path / "ckpt")
+    assert loaded.config.num_hidden_layers == 2 and loaded.config.qruntime_student["teacher_num_layers"] == DEPTH
+    batch = _ids(1, seed=9)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, model(batch).logits)
+
+
+def test_learning_rate_schedule():
+    from qruntime.distill import _lr_factor
+
+    cfg = DistillConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert _lr_factor(cfg, 0, 0.0) == pytest.approx(1 / 11)  # linear warm-up
+    assert _lr_factor(cfg, 9, 0.0) == pytest.approx(10 / 11)
+    assert _lr_factor(cfg, 10, 0.0) == pytest.approx(1.0)  # cosine from the top ...
+    assert _lr_factor(cfg, 60, 0.0) == pytest.approx(0.55)  # ... halfway ...
+    assert _lr_factor(cfg, 110, 0.0) == pytest.approx(0.1)  # ... to min_lr_ratio
+    capped = DistillConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1, max_seconds=100)
+    assert _lr_factor(capped, 20, 50.0) == pytest.approx(0.55)  # time is further along than steps
+    assert _lr_factor(capped, 20, 100.0) == pytest.approx(0.1)
