@@ -120,13 +120,13 @@ def run_demo(
 
 
 def cmd_compress(args) -> dict:
+    import torch
+
     from . import compress
     from .calibrate import calibration_batches, text_batches
     from .checkpoint import save
     from .config import resolve_config
     from .models import load_model
-
-    import torch
 
     cfg = resolve_config(args.recipe)  # a bad recipe fails before the model is loaded
     if os.path.exists(args.out) and not os.path.isdir(args.out):

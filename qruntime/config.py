@@ -138,7 +138,7 @@ class CompressConfig:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     embeddings: QuantConfig | None = None
     smoothquant: float | str | None = None
-    distill: "DistillConfig | None" = None
+    distill: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         if self.distill is not None:

@@ -769,9 +769,9 @@ def evaluate_student(teacher: nn.Module, student: nn.Module, batches: Iterable, 
 def _layer_map(teacher_depth: int, student: nn.Module, student_depth: int) -> list[int] | None:
     """Teacher block index of each student block, when known."""
     record = getattr(getattr(student, "config", None), "qruntime_student", None)
-    if isinstance(record, Mapping) and len(record.get("kept_layers", [])) == student_depth:
-        if record.get("teacher_num_layers") == teacher_depth:
-            return list(record["kept_layers"])
+    if (isinstance(record, Mapping) and len(record.get("kept_layers", [])) == student_depth
+            and record.get("teacher_num_layers") == teacher_depth):
+        return list(record["kept_layers"])
     if student_depth == teacher_depth:
         return list(range(teacher_depth))
     return None
@@ -1010,9 +1010,8 @@ def _step_loss(teacher, student, t_blocks, s_blocks, inputs, mask, w: _Weights, 
         t_out = None
         t_cap = {"out": []}
         if cached is None:
-            with torch.no_grad():
-                with _capture(t_blocks) if want_blocks else contextlib.nullcontext(t_cap) as t_cap:
-                    t_out = _forward(teacher, inputs, attentions=bool(w.attention))
+            with torch.no_grad(), _capture(t_blocks) if want_blocks else contextlib.nullcontext(t_cap) as t_cap:
+                t_out = _forward(teacher, inputs, attentions=bool(w.attention))
         with _capture(s_blocks) if want_blocks else contextlib.nullcontext({"out": []}) as s_cap:
             s_out = _forward(student, inputs, attentions=bool(w.attention))
     s_logits = _logits(s_out)

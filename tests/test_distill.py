@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import qruntime
@@ -289,7 +288,7 @@ def test_distill_encoder_with_hidden_cosine_and_attention_terms():
     train, held_out = _padded(16, seed=1), _padded(3, seed=2)
     cfg = DistillConfig(selection="uniform", steps=30, lr=3e-3, alpha_kd=0, alpha_cosine=1, alpha_hidden=1,
                         alpha_attention=1, trainable="all")
-    student, report = qruntime.distill(teacher, 3, train, cfg, eval_data=held_out, progress=False)
+    _, report = qruntime.distill(teacher, 3, train, cfg, eval_data=held_out, progress=False)
     assert report.after["cosine"] > report.before["cosine"]
     assert 1 - report.after["token_cosine"] < 0.7 * (1 - report.before["token_cosine"])
     assert teacher.config._attn_implementation == impl  # switched to eager for the attention term, restored
