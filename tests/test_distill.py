@@ -488,3 +488,12 @@ def test_learning_rate_schedule():
     capped = DistillConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1, max_seconds=100)
     assert _lr_factor(capped, 20, 50.0) == pytest.approx(0.55)  # time is further along than steps
     assert _lr_factor(capped, 20, 100.0) == pytest.approx(0.1)
+
+
+def test_student_given_as_keep_list_or_in_the_config():
+    teacher = _llama()
+    _, a = qruntime.distill(teacher, [0, 3, 5], _ids(2), DistillConfig(steps=1), progress=False)
+    _, b = qruntime.distill(teacher, None, _ids(2), DistillConfig(keep=(0, 3, 5), steps=1), progress=False)
+    assert a.kept_layers == b.kept_layers == [0, 3, 5] and a.selection is None
+    with pytest.raises(ValueError, match="no student"):
+        qruntime.distill(teacher, None, _ids(1), DistillConfig(steps=1), progress=False)
