@@ -230,6 +230,11 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
+def _kl_rows(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) along the last dim, from log-probabilities: sum p (log p - log q)."""
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
 def _cosine_distance(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _masked_mean(1 - F.cosine_similarity(a.float(), b.float(), dim=-1), mask)
 
@@ -307,8 +312,7 @@ class _Divergence:
                         handle.remove()
                 cur = self._summary(out, cap["out"])
                 if ref.dtype == torch.float16:  # KL(full || subset) per token
-                    p = ref.float()
-                    per_token = (p.exp() * (p - cur.float())).sum(-1)
+                    per_token = _kl_rows(ref.float(), cur.float())
                 else:
                     per_token = 1 - F.cosine_similarity(ref, cur, dim=-1)
                 total += (per_token * mask).sum().item()
@@ -534,9 +538,9 @@ def kd_loss(
             raise ValueError(
                 f"teacher vocabulary {values.shape[-1]} != student vocabulary {student_logits.shape[-1]}"
             )
-        per_pos = (t.exp() * (t - s)).sum(-1)
+        per_pos = _kl_rows(t, s)
     else:
-        per_pos = (t.exp() * (t - s.gather(-1, indices.long()))).sum(-1)
+        per_pos = _kl_rows(t, s.gather(-1, indices.long()))
     if mask is None:
         return temperature**2 * per_pos.mean()
     return temperature**2 * _masked_mean(per_pos, mask.to(per_pos.dtype))
@@ -725,7 +729,7 @@ def evaluate_student(teacher: nn.Module, student: nn.Module, batches: Iterable, 
             if t_logits is not None and s_logits is not None:
                 t = F.log_softmax(t_logits.float(), -1)
                 s = F.log_softmax(s_logits.float(), -1)
-                sums["kl"] = sums.get("kl", 0.0) + ((t.exp() * (t - s)).sum(-1) * mask).sum().item()
+                sums["kl"] = sums.get("kl", 0.0) + (_kl_rows(t, s) * mask).sum().item()
                 agree = (t.argmax(-1) == s.argmax(-1)).float()
                 sums["top1_agreement"] = sums.get("top1_agreement", 0.0) + (agree * mask).sum().item()
                 if causal and "input_ids" in inputs:
