@@ -27,6 +27,13 @@ __all__ = [
     "pack_int4",
     "unpack_int4",
     "int4_padded_k",
+    "nm_mask",
+    "check_nm",
+    "sp24_padded_k",
+    "pack_sp24",
+    "unpack_sp24",
+    "sp24_positions",
+    "dequantize_sp24",
 ]
 
 INT8_MAX = 127
@@ -180,3 +187,126 @@ def dequantize_int4(
     g = kp // group_size
     w = (codes.reshape(n, g, group_size) - z.t()[..., None]) * scales.to(torch.float32).t()[..., None]
     return w.reshape(n, kp)[:, :in_features]
+
+
+# ---- 2:4 structured sparsity (docs/formats.md, "2:4 sparse") ----------------------------------------
+#
+# A 2:4-sparse weight W [N, K] keeps at most 2 nonzeros in every group of 4 consecutive input columns
+# (4j .. 4j+3). K is zero-padded to Kp (a multiple of 8, and of the INT4 group size). Stored:
+#   values [N, Kp / 2]: kept value c of row n is the (c % 2)-th kept entry of group c // 2 (K order);
+#   meta uint8 [N, Kp / 8]: the 2-bit position (0..3) of kept value c in its group is
+#       (meta[n, c // 4] >> (2 * (c % 4))) & 3, so dense column k(n, c) = 4 * (c // 2) + position;
+#       the two positions of a group are strictly increasing.
+# values may be float (fp32/fp16/bf16), INT8 codes (scales [N]) or INT4 codes packed two a byte
+# ([N, Kp / 4], scales/zeros [Kp / g, N] over groups of g dense columns = g / 2 kept values).
+
+SP24_META_MULTIPLE = 8  # four 2-bit positions a byte, two kept values a group of 4
+
+
+def sp24_padded_k(in_features: int, group_size: int | None = None) -> int:
+    """Kp of the 2:4 format: K rounded up to a multiple of 8 (and of ``group_size`` for INT4 groups)."""
+    multiple = max(SP24_META_MULTIPLE, group_size or 0)
+    return -(-in_features // multiple) * multiple
+
+
+def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Boolean mask [N, K] keeping the ``n`` largest ``scores`` of every group of ``m`` consecutive
+    columns (along K, the input dimension); ties go to the lower column. The last group of a K that is
+    not a multiple of ``m`` is padded with columns that are never kept (when it has <= n real columns,
+    all are kept)."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores: shape {tuple(scores.shape)}, expected 2 dims [N, K]")
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+        raise ValueError(f"n={n!r}, m={m!r}: N:M sparsity needs integers 0 < n < m")
+    rows, k = scores.shape
+    kp = -(-k // m) * m
+    s = torch.full((rows, kp), float("-inf"), dtype=torch.float64, device=scores.device)
+    s[:, :k] = scores.detach().to(torch.float64)
+    # a stable sort on the negated scores: equal scores keep the lower column
+    order = torch.sort(-s.reshape(rows, kp // m, m), dim=2, stable=True).indices[..., :n]
+    mask = torch.zeros(rows, kp // m, m, dtype=torch.bool, device=scores.device)
+    mask.scatter_(2, order, True)
+    return mask.reshape(rows, kp)[:, :k].contiguous()
+
+
+def check_nm(weight: torch.Tensor, n: int = 2, m: int = 4) -> None:
+    """Raises ValueError naming the first row and group of ``weight`` [N, K] with more than ``n``
+    nonzeros among ``m`` consecutive columns."""
+    rows, k = weight.shape
+    kp = -(-k // m) * m
+    nz = torch.zeros(rows, kp, dtype=torch.bool, device=weight.device)
+    nz[:, :k] = weight != 0
+    count = nz.reshape(rows, kp // m, m).sum(dim=2)
+    bad = (count > n).nonzero()
+    if len(bad):
+        r, g = (int(v) for v in bad[0])
+        raise ValueError(
+            f"weight is not {n}:{m} sparse: row {r}, columns {g * m}..{g * m + m - 1} hold {int(count[r, g])} "
+            f"nonzeros ({len(bad)} such groups); prune it first (qruntime.prune)"
+        )
+
+
+def pack_sp24(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compresses a 2:4-sparse ``weight`` [N, K] into ``(values [N, Kp / 2] in weight's dtype, meta uint8
+    [N, Kp / 8])``. The kept positions of a group are its nonzeros, completed (when it has fewer than 2)
+    by its lowest zero columns, so the result is canonical. Raises ValueError if some group of 4 has more
+    than 2 nonzeros."""
+    _check_weight(weight)
+    check_nm(weight, 2, 4)
+    n, k = weight.shape
+    kp = sp24_padded_k(k, group_size)
+    w = torch.zeros(n, kp, dtype=weight.dtype, device=weight.device)
+    w[:, :k] = weight.detach()
+    groups = w.reshape(n, kp // 4, 4)
+    # nonzeros first, then the lowest columns; keep 2 and put them back in column order
+    key = (groups == 0).to(torch.int64) * 4 + torch.arange(4, device=w.device)
+    pos = torch.sort(torch.sort(key, dim=2).indices[..., :2], dim=2).values  # [N, Kp/4, 2]
+    values = torch.gather(groups, 2, pos).reshape(n, kp // 2).contiguous()
+    p = pos.reshape(n, kp // 8, 4).to(torch.uint8)
+    meta = (p[..., 0] | (p[..., 1] << 2) | (p[..., 2] << 4) | (p[..., 3] << 6)).contiguous()
+    return values, meta
+
+
+def sp24_positions(meta: torch.Tensor) -> torch.Tensor:
+    """int64 [N, Kp / 2]: the dense column of every kept value (``4 * (c // 2) + position``)."""
+    if meta.dtype != torch.uint8 or meta.dim() != 2:
+        raise ValueError(f"meta: dtype {meta.dtype}, shape {tuple(meta.shape)}; expected uint8 [N, Kp/8]")
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int64, device=meta.device)
+    pos = (meta.to(torch.int64)[..., None] >> shifts) & 3  # [N, Kp/8, 4]
+    n, c = meta.shape[0], meta.shape[1] * 4
+    return pos.reshape(n, c) + 4 * (torch.arange(c, device=meta.device) // 2)
+
+
+def unpack_sp24(values: torch.Tensor, meta: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The dense weight [N, in_features] of float ``values`` [N, Kp / 2] and ``meta`` (inverse of
+    :func:`pack_sp24`), in values' dtype."""
+    if values.dim() != 2 or meta.dim() != 2 or values.shape[0] != meta.shape[0] or values.shape[1] != 4 * meta.shape[1]:
+        raise ValueError(
+            f"values {tuple(values.shape)}, meta {tuple(meta.shape)}: expected [N, Kp/2] and [N, Kp/8]"
+        )
+    n, kp = values.shape[0], values.shape[1] * 2
+    if not 0 < in_features <= kp:
+        raise ValueError(f"in_features={in_features} does not fit the padded K={kp} of the 2:4 tensors")
+    dense = torch.zeros(n, kp, dtype=values.dtype, device=values.device)
+    dense.scatter_(1, sp24_positions(meta), values)
+    return dense[:, :in_features]
+
+
+def dequantize_sp24(
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scales: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """The dense float32 weight [N, in_features] of a 2:4 layer whose kept values are float
+    (``scales`` None), INT8 codes [N, Kp / 2] (``scales`` [N]) or packed INT4 codes [N, Kp / 4]
+    (``scales`` / ``zeros`` [Kp / group_size, N], ``group_size`` in dense columns)."""
+    if values.dtype == torch.int8:
+        kept = dequantize_int8(values, scales)
+    elif values.dtype == torch.uint8:
+        kept = dequantize_int4(values, scales, zeros, group_size // 2, values.shape[1] * 2)
+    else:
+        kept = values.to(torch.float32)
+    return unpack_sp24(kept, meta, in_features)

@@ -24,12 +24,13 @@ import torch
 from . import reference
 from ._ext import extension
 from .cpu_layout import cpu_int4, cpu_int8, pad_channels
-from .formats import dequantize_int4, dequantize_int8
+from .formats import dequantize_int4, dequantize_int8, dequantize_sp24, sp24_padded_k
 
 __all__ = [
     "w8a16_linear",
     "w4a16_linear",
     "w8a8_linear",
+    "sp24_linear",
     "cpu_backend",
     "cpu_isa",
     "supported_cpu_isas",
@@ -78,6 +79,40 @@ def _check_w4a16(x, qweight, scales, zeros, group_size, bias) -> None:
         raise ValueError(f"zeros: dtype {zeros.dtype}, shape {tuple(zeros.shape)}; expected uint8 ({g}, {n})")
 
 
+def sp24_kind(values: torch.Tensor) -> str:
+    """The kept-value format of 2:4 ``values``: ``"float"``, ``"int8"`` or ``"int4"``."""
+    return "int8" if values.dtype == torch.int8 else ("int4" if values.dtype == torch.uint8 else "float")
+
+
+def _check_sp24(x, values, meta, scales, zeros, group_size, bias) -> None:
+    if meta.dtype != torch.uint8 or meta.dim() != 2:
+        raise TypeError(f"meta: dtype {meta.dtype}, shape {tuple(meta.shape)}; expected uint8 [N, Kp/8]")
+    n, kp = meta.shape[0], meta.shape[1] * 8
+    _check_common(x, bias, n)
+    kind = sp24_kind(values) if values.dtype in (torch.int8, torch.uint8) or values.is_floating_point() else None
+    if kind is None:
+        raise TypeError(f"values: dtype {values.dtype}; expected float, int8 (INT8 codes) or uint8 (packed INT4 codes)")
+    width = kp // 4 if kind == "int4" else kp // 2
+    if tuple(values.shape) != (n, width):
+        raise ValueError(f"values: shape {tuple(values.shape)}, expected ({n}, {width}) for meta {tuple(meta.shape)} ({kind})")
+    grouped = kind == "int4" and group_size != kp
+    if kind == "int4" and (group_size <= 0 or kp % group_size):
+        raise ValueError(f"group_size={group_size}: must divide the padded K={kp}")
+    if kp == 0 or sp24_padded_k(x.shape[1], group_size if grouped else None) != kp:
+        raise ValueError(f"x: K={x.shape[1]} does not match the 2:4 tensors' padded K={kp} (group_size={group_size})")
+    if kind == "float":
+        if scales is not None or zeros is not None:
+            raise ValueError("scales/zeros given with float values: only INT8/INT4 kept values have scales")
+        return
+    if scales is None or scales.dtype != torch.float32:
+        raise TypeError(f"scales: {None if scales is None else scales.dtype}; {kind} values need float32 scales")
+    expected = (n,) if kind == "int8" else (kp // group_size, n)
+    if tuple(scales.shape) != expected:
+        raise ValueError(f"scales: shape {tuple(scales.shape)}, expected {expected}")
+    if zeros is not None and (kind == "int8" or zeros.dtype != torch.uint8 or tuple(zeros.shape) != expected):
+        raise ValueError(f"zeros: dtype {zeros.dtype}, shape {tuple(zeros.shape)}; expected uint8 {expected} (INT4 asymmetric only)")
+
+
 @torch.library.custom_op("qruntime::w8a16_linear", mutates_args=())
 def w8a16_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
@@ -108,6 +143,27 @@ def w8a8_linear(
     """Dynamic per-token INT8 activations x INT8 per-channel weights (reference.w8a8_linear)."""
     _check_int8(x, qweight, scales, bias)
     return reference.w8a8_linear(x, qweight, scales, bias)
+
+
+@torch.library.custom_op("qruntime::sp24_linear", mutates_args=())
+def sp24_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scales: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ expand(values, meta).T + bias for a 2:4-sparse weight whose kept values are
+    float, INT8 or INT4 (reference.sp24_linear, docs/formats.md)."""
+    _check_sp24(x, values, meta, scales, zeros, group_size, bias)
+    return reference.sp24_linear(x, values, meta, scales, zeros, group_size, bias)
+
+
+@sp24_linear.register_fake
+def _(x, values, meta, scales, zeros, group_size, bias):
+    return x.new_empty((x.shape[0], meta.shape[0]))
 
 
 @w8a16_linear.register_fake
@@ -152,6 +208,19 @@ def _w4a16_backward(ctx, grad):
     return grad @ w, None, None, None, None, grad.sum(0) if ctx.has_bias else None
 
 
+def _sp24_setup(ctx, inputs, output):
+    x, values, meta, scales, zeros, group_size, bias = inputs
+    ctx.save_for_backward(values, meta, scales, zeros)
+    ctx.group_size, ctx.in_features, ctx.has_bias = group_size, x.shape[1], bias is not None
+
+
+def _sp24_backward(ctx, grad):
+    values, meta, scales, zeros = ctx.saved_tensors
+    w = dequantize_sp24(values, meta, scales, zeros, ctx.group_size, ctx.in_features).to(grad.dtype)
+    return grad @ w, None, None, None, None, None, grad.sum(0) if ctx.has_bias else None
+
+
+sp24_linear.register_autograd(_sp24_backward, setup_context=_sp24_setup)
 w8a16_linear.register_autograd(_int8_backward, setup_context=_int8_setup)
 w8a8_linear.register_autograd(_int8_backward, setup_context=_int8_setup)
 w4a16_linear.register_autograd(_w4a16_backward, setup_context=_w4a16_setup)

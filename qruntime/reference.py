@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .formats import dequantize_int4, dequantize_int8
+from .formats import dequantize_int4, dequantize_int8, dequantize_sp24
 
 
 def w8a16_linear(
@@ -81,3 +81,26 @@ def w8a8_linear(
     if bias is not None:
         y = y + bias.to(torch.float64)
     return y.to(x.dtype)
+
+
+def sp24_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scales: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """y = x @ expand(values, meta).T + bias for a 2:4-sparse weight (docs/formats.md, "2:4 sparse").
+
+    Args:
+        x: float [M, K]; the output has its dtype. meta: uint8 [N, Kp / 8] (2-bit positions).
+        values: the kept values: float [N, Kp / 2] (``scales`` None), INT8 codes [N, Kp / 2] (``scales``
+            float32 [N]) or packed INT4 codes uint8 [N, Kp / 4] (``scales`` float32 [Kp / group_size, N],
+            ``zeros`` uint8 of that shape or None for symmetric).
+        group_size: INT4 only: dense columns per scale group (Kp for per-channel); else ignored.
+        bias: [N] or None.
+    """
+    w = dequantize_sp24(values, meta, scales, zeros, group_size, x.shape[-1]).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
