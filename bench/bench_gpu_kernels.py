@@ -6,6 +6,11 @@ For every (K, N) layer shape and batch rows M, in one run:
     <kernel>/<path>
                 w8a16, w4a16-g128 (asymmetric), w8a8, each on every path it has (splitk, gemm,
                 dequant) and on "auto" (what qruntime.kernels.dispatch picks: measured per M bucket)
+    2:4 kernels (a second pass and table, after the dense-weight table, its target lines and --e2e)
+                2:4 (fp16 kept values), 2:4+w8a16, 2:4+w4a16-g128 (asymmetric): the same weight pruned
+                to 2:4 (largest 2 of every 4 by magnitude), on splitk, gemm, dequant, sparse
+                (torch semi-structured: cuSPARSELt / CUTLASS, where available) and auto; their ratio is
+                to the same fp16 dense F.linear row (the unpruned weight, same FLOPs)
 
 Each time is the median of ``triton.testing.do_bench`` (which flushes L2 before every call, so weights
 come from HBM as in a model forward). Reported: time, TFLOP/s (2MNK / t), GB/s counting the bytes each
@@ -55,6 +60,12 @@ M_ALL = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 M_QUICK = (1, 4, 16, 64, 256, 1024, 4096)
 KERNELS = {"w8a16": ("splitk", "gemm", "dequant"), "w4a16-g128": ("splitk", "gemm", "dequant"),
            "w8a8": ("splitk", "gemm")}
+SP24_KERNELS = {name: ("splitk", "gemm", "dequant", "sparse") for name in ("2:4", "2:4+w8a16", "2:4+w4a16-g128")}
+
+
+def dispatch_kind(kernel: str) -> str:
+    """The kind qruntime.kernels.dispatch knows the method by."""
+    return "sp24" if kernel in SP24_KERNELS else kernel.split("-")[0]
 
 
 def timer(device: str, warmup_ms: int, rep_ms: int):
@@ -103,13 +114,55 @@ def layer(kernel: str, w: torch.Tensor):
     return (lambda x, path: fn(x, q, s, None, path=path)), wbytes, deq
 
 
+def sp24_layer(kernel: str, w: torch.Tensor):
+    """As :func:`layer` for the 2:4 methods (``w`` pruned to 2:4 by magnitude first), plus
+    ``sparse_reason(x)``: why the semi-structured path cannot run for x (None when it can)."""
+    from qruntime.formats import (
+        dequantize_sp24, int4_codes, int4_params, nm_mask, pack_sp24, quantize_int8_per_channel, sp24_padded_k,
+    )
+    from qruntime.kernels import sp24
+
+    n, k = w.shape
+    pruned = w * nm_mask(w.abs())
+    scales = zeros = None
+    gs = 0
+    if kernel == "2:4":
+        values, meta = pack_sp24(pruned.half())
+    elif kernel == "2:4+w8a16":
+        kept, meta = pack_sp24(pruned)
+        values, scales = quantize_int8_per_channel(kept)
+    else:  # 2:4+w4a16-g128: the scales / zero points of the dense pruned weight padded to Kp
+        kp = sp24_padded_k(k, 128)
+        padded = torch.zeros(n, kp, device=w.device)
+        padded[:, :k] = pruned
+        scales, zeros, gs = int4_params(padded, 128, False)
+        kept, meta = pack_sp24(pruned, 128)
+        values = int4_codes(kept, scales, zeros, gs // 2)
+    wbytes = sum(t.numel() * t.element_size() for t in (values, meta, scales, zeros) if t is not None)
+    deq = dequantize_sp24(values, meta, scales, zeros, gs, k).half()
+
+    def sparse_reason(x):
+        reason = sp24.semi_structured_supported(x, n)
+        if reason is None and sp24.semi_structured(values, meta, scales, zeros, gs, k, x.dtype) is None:
+            reason = "conversion or probe product failed (see the warning)"
+        return reason
+
+    return (lambda x, path: sp24.sp24_linear(x, values, meta, scales, zeros, gs, None, path=path)), wbytes, deq, \
+        sparse_reason
+
+
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def run_kernels(args, device: str, time_ms, rows: list, payload: dict) -> None:
+def run_kernels(args, device: str, time_ms, rows: list, payload: dict, kernels: list | None = None,
+                baseline: dict | None = None) -> None:
+    """Times ``kernels`` (default: args.kernels) on every shape and M. ``baseline`` maps (shape, M) to the
+    fp16 F.linear time measured in an earlier pass of this run (its row is not repeated)."""
     from qruntime.kernels import dispatch
 
+    kernels = args.kernels if kernels is None else kernels
+    baseline = {} if baseline is None else baseline
     shapes = {name: SHAPES[name] for name in (QUICK_SHAPES if args.quick else SHAPES)}
     ms = M_QUICK if args.quick else M_ALL
     if args.smoke:
@@ -118,18 +171,29 @@ def run_kernels(args, device: str, time_ms, rows: list, payload: dict) -> None:
         torch.manual_seed(0)
         w = torch.randn(n, k, device=device) * 0.02
         w16 = w.half()
-        layers = {kernel: layer(kernel, w) for kernel in args.kernels}
+        layers = {kernel: (sp24_layer(kernel, w) if kernel in SP24_KERNELS else layer(kernel, w) + (None,))
+                  for kernel in kernels}
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=torch.float16)
             act_bytes = (m * k + m * n) * 2
-            t16 = time_ms(lambda: F.linear(x, w16))
-            rows.append(dict(shape=name, K=k, N=n, M=m, method="fp16", path="cublas", ms=t16,
-                             tflops=2 * m * n * k / t16 / 1e9, gbs=(n * k * 2 + act_bytes) / t16 / 1e6, ratio=1.0))
-            for kernel, (fn, wbytes, deq) in layers.items():
+            if (name, m) not in baseline:
+                t16 = baseline[name, m] = time_ms(lambda: F.linear(x, w16))
+                rows.append(dict(shape=name, K=k, N=n, M=m, method="fp16", path="cublas", ms=t16,
+                                 tflops=2 * m * n * k / t16 / 1e9, gbs=(n * k * 2 + act_bytes) / t16 / 1e6, ratio=1.0))
+            t16 = baseline[name, m]
+            for kernel, (fn, wbytes, deq, sparse_reason) in layers.items():
                 ref = F.linear(x, deq)
                 # --quick: only the paths the dispatcher would consider at this M (fewer autotuning runs)
-                paths = dispatch.candidates(kernel.split("-")[0], m) if args.quick else KERNELS[kernel]
+                kind = dispatch_kind(kernel)
+                paths = dispatch.candidates(kind, m) if args.quick else {**KERNELS, **SP24_KERNELS}[kernel]
                 for path in ("auto",) + tuple(paths):
+                    if path == "sparse":
+                        reason = sparse_reason(x)
+                        if reason is not None:  # not timed: it would be the dequant path under another name
+                            note = f"{kernel} sparse path not measured ({name}, M={m}): {reason}"
+                            if note not in payload.setdefault("notes", []):
+                                payload["notes"].append(note)
+                            continue
                     call = (lambda fn=fn, p=path: fn(x, None if p == "auto" else p))
                     err = rel_error(call(), ref)
                     t = time_ms(call)
@@ -158,11 +222,23 @@ def summarize(rows: list, copy_gbs: float) -> list[str]:
     sel = pick("w8a8", lambda r: r["M"] >= 1024)
     if sel:
         lines.append(f"W8A8, M>=1024: min {min(r['ratio'] for r in sel):.2f}x fp16 (target >= 1.6x)")
-    sel = [r for r in rows if r["path"].startswith("auto")]
+    sel = [r for r in rows if r["path"].startswith("auto") and r["method"] not in SP24_KERNELS]
     if sel:
         worst = min(sel, key=lambda r: r["ratio"])
         lines.append(f"dispatched path, any M: min {worst['ratio']:.2f}x fp16 ({worst['method']} {worst['shape']} "
                      f"M={worst['M']}; target >= 0.95x)")
+    # 2:4: measured ratios only (no target is set for them)
+    for method in SP24_KERNELS:
+        for label, pred in (("M<=16", lambda r: r["M"] <= 16), ("M>=256", lambda r: r["M"] >= 256)):
+            sel = pick(method, pred)
+            if sel:
+                worst, best = min(sel, key=lambda r: r["ratio"]), max(sel, key=lambda r: r["ratio"])
+                lines.append(f"{method} dispatched, {label}: {worst['ratio']:.2f}x .. {best['ratio']:.2f}x fp16 "
+                             f"(min: {worst['shape']} M={worst['M']} via {worst['path']})")
+    sel = [r for r in rows if r["method"] in SP24_KERNELS and r["path"] == "sparse" and r["M"] >= 256]
+    if sel:
+        lines.append(f"2:4 semi-structured (sparse path), M>=256: {min(r['ratio'] for r in sel):.2f}x .. "
+                     f"{max(r['ratio'] for r in sel):.2f}x fp16")
     return lines
 
 
@@ -216,7 +292,8 @@ def e2e(args, device: str, payload: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="7B and SmolLM2 shapes, M in " + str(M_QUICK))
-    p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
+    p.add_argument("--kernels", nargs="+", default=list(KERNELS) + list(SP24_KERNELS),
+                   choices=list(KERNELS) + list(SP24_KERNELS))
     p.add_argument("--e2e", action="store_true", help="also time greedy decode of compressed vs fp16 models")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     p.add_argument("--warmup-ms", type=int, default=25)
@@ -246,7 +323,8 @@ def main(argv=None) -> int:
     payload = {"environment": env, "copy_gbs": copy_gbs, "args": vars(args), "rows": []}
     print(f"{gpu}: copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
     rows: list = []
-    run_kernels(args, device, time_ms, rows, payload)
+    baseline: dict = {}  # (shape, M) -> fp16 F.linear ms, shared by both passes
+    run_kernels(args, device, time_ms, rows, payload, [k for k in args.kernels if k in KERNELS], baseline)
 
     print(f"\n{'shape':28s} {'M':>5s} {'method':11s} {'path':13s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} "
           f"{'%copy':>6s} {'x fp16':>7s} {'rel err':>8s}")
@@ -258,6 +336,26 @@ def main(argv=None) -> int:
     if args.e2e:
         e2e(args, device, payload)
     write_json(args.out, payload)
+
+    # the 2:4 methods last: a run cut short (e.g. by a time limit) keeps everything above
+    sp24_kernels = [k for k in args.kernels if k in SP24_KERNELS]
+    if sp24_kernels:
+        first = len(rows)
+        run_kernels(args, device, time_ms, rows, payload, sp24_kernels, baseline)
+        # GB/s counts the bytes read: kept values + 2-bit metadata + scales / zero points + activations + output
+        print(f"\n2:4 sparse (x fp16: vs the fp16 dense F.linear rows, same shape and M)\n"
+              f"{'shape':28s} {'M':>5s} {'method':14s} {'path':13s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} "
+              f"{'%copy':>6s} {'x fp16':>7s} {'rel err':>8s}")
+        for r in rows[first:]:
+            print(f"{r['shape']:28s} {r['M']:5d} {r['method']:14s} {r['path']:13s} {r['ms']:9.4f} "
+                  f"{r['tflops']:8.2f} {r['gbs']:7.0f} {r['gbs'] / copy_gbs:6.0%} {r['ratio']:7.2f} "
+                  f"{r.get('rel_err', 0.0):8.1e}")
+        for note in payload.get("notes", []):
+            print(note)
+        before = len(payload["targets"])
+        payload["targets"] = summarize(rows, copy_gbs)
+        print("\n" + "\n".join(payload["targets"][before:]))
+        write_json(args.out, payload)
     return 0
 
 

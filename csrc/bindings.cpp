@@ -128,6 +128,75 @@ void w8a8_gemm(const py::array& x, const py::array& wp, const py::array& wsum, c
          static_cast<const int32_t*>(wsum.data()), s, b, n, static_cast<float*>(out.mutable_data()), threads);
 }
 
+// values: float32 / int16 (bf16 bit patterns) / int8 [NB, Kp/4, 2, 32], or uint8 [NB, Kp/4, 2, 16]
+// (INT4); the dtype selects the kernel. meta: int32 (uint32 bit patterns) [NB, ceil(Kp/32), 32];
+// scales: INT8 f32 [NB*32], INT4 f32 [Kp/g, NB*32], else None; zs: INT4 only, like scales.
+void sp24_gemm(const py::array& x, const py::array& values, const py::array& meta, const py::object& scales,
+               const py::object& zs, int64_t group_size, const py::object& bias, int64_t n, py::array& out,
+               int threads) {
+  const int64_t m = check_io(x, out, n), k = x.shape(1);
+  int kind;
+  if (values.dtype().is(py::dtype::of<float>())) {
+    kind = qc::kSp24F32;
+  } else if (values.dtype().is(py::dtype::of<int16_t>())) {
+    kind = qc::kSp24Bf16;
+  } else if (values.dtype().is(py::dtype::of<int8_t>())) {
+    kind = qc::kSp24I8;
+  } else if (values.dtype().is(py::dtype::of<uint8_t>())) {
+    kind = qc::kSp24U4;
+  } else {
+    throw py::type_error("values: dtype " + std::string(py::str(values.dtype())) +
+                         ", expected float32, int16 (bf16 bits), int8 or uint8 (INT4 codes)");
+  }
+  switch (kind) {
+    case qc::kSp24F32: check_array<float>(values, "values", 4); break;
+    case qc::kSp24Bf16: check_array<int16_t>(values, "values", 4); break;
+    case qc::kSp24I8: check_array<int8_t>(values, "values", 4); break;
+    default: check_array<uint8_t>(values, "values", 4); break;
+  }
+  const int64_t nb = blocks(n), kp = values.shape(1) * 4;
+  expect_dim(values, "values", 0, nb);
+  expect_dim(values, "values", 2, 2);
+  expect_dim(values, "values", 3, kind == qc::kSp24U4 ? qc::kBlockN / 2 : qc::kBlockN);
+  if (k > kp) {
+    throw py::value_error("x: K=" + std::to_string(k) + " exceeds the padded K=" + std::to_string(kp) +
+                          " of values " + shape_str(values));
+  }
+  check_array<int32_t>(meta, "meta", 3);  // uint32 words, as int32 (torch has no uint32 numpy bridge)
+  expect_dim(meta, "meta", 0, nb);
+  expect_dim(meta, "meta", 1, (kp + 31) / 32);
+  expect_dim(meta, "meta", 2, qc::kBlockN);
+  const float* s = nullptr;
+  const float* z = nullptr;
+  if (kind == qc::kSp24I8) {
+    if (scales.is_none()) throw py::value_error("scales: None; INT8 values need scales [NB*32]");
+    s = vector_arg(py::reinterpret_borrow<py::array>(scales), "scales", nb * qc::kBlockN);
+  } else if (kind == qc::kSp24U4) {
+    if (group_size <= 0 || group_size % 4 != 0 || kp % group_size != 0) {
+      throw py::value_error("group_size=" + std::to_string(group_size) +
+                            ": must be a multiple of 4 that divides the padded K=" + std::to_string(kp));
+    }
+    if (scales.is_none() || zs.is_none()) throw py::value_error("scales/zs: None; INT4 values need both");
+    const auto sa = py::reinterpret_borrow<py::array>(scales), za = py::reinterpret_borrow<py::array>(zs);
+    check_array<float>(sa, "scales", 2);
+    check_array<float>(za, "zs", 2);
+    expect_dim(sa, "scales", 0, kp / group_size);
+    expect_dim(sa, "scales", 1, nb * qc::kBlockN);
+    expect_dim(za, "zs", 0, kp / group_size);
+    expect_dim(za, "zs", 1, nb * qc::kBlockN);
+    s = static_cast<const float*>(sa.data());
+    z = static_cast<const float*>(za.data());
+  } else if (!scales.is_none() || !zs.is_none()) {
+    throw py::value_error("scales/zs given with float values: only INT8/INT4 values have scales");
+  }
+  const float* b = optional_vector(bias, "bias", nb * qc::kBlockN);
+  const auto& t = qc::current_table();
+  py::gil_scoped_release release;
+  t.sp24(static_cast<const float*>(x.data()), m, k, kp, kind, values.data(),
+         static_cast<const uint32_t*>(meta.data()), s, z, group_size, b, n, static_cast<float*>(out.mutable_data()),
+         threads);
+}
+
 void quantize_rows(const py::array& x, py::array& xq, py::array& scales) {
   check_array<float>(x, "x", 2);
   check_array<int8_t>(xq, "xq", 2, true);
@@ -164,6 +233,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("w8a8_gemm", &w8a8_gemm, py::arg("x"), py::arg("wp"), py::arg("wsum"), py::arg("scales"), py::arg("bias"),
         py::arg("n"), py::arg("out"), py::arg("num_threads") = 1,
         "x f32 [M, K] (quantized per token inside), wp int8 [NB, ceil(K/4), 32, 4], wsum int32 [NB*32]");
+  m.def("sp24_gemm", &sp24_gemm, py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("scales"), py::arg("zs"),
+        py::arg("group_size"), py::arg("bias"), py::arg("n"), py::arg("out"), py::arg("num_threads") = 1,
+        "2:4 sparse: x f32 [M, K], values [NB, Kp/4, 2, 32] f32 / int16 (bf16 bits) / int8 or u8 "
+        "[NB, Kp/4, 2, 16] (INT4), meta int32 [NB, ceil(Kp/32), 32], scales (INT8 [NB*32], INT4 [Kp/g, NB*32]), "
+        "zs (INT4) -> out f32 [M, n]");
   m.def("quantize_rows", &quantize_rows, py::arg("x"), py::arg("xq"), py::arg("scales"),
         "per-token INT8: x f32 [M, K] -> xq int8 [M, K], scales f32 [M]");
   m.def("isa", [] { return std::string(qc::isa_name(qc::current_isa())); }, "the ISA level the kernels run");

@@ -4,7 +4,10 @@ taken on PyPI). One file per kernel family, launcher beside its kernel:
 * :mod:`~qruntime.kernels.w8a16`: fp16/bf16 x INT8 per-channel weights;
 * :mod:`~qruntime.kernels.w4a16`: fp16/bf16 x INT4 weights, per-channel or group-wise, sym / asym;
 * :mod:`~qruntime.kernels.w8a8`: fused per-token activation quantization + int8 x int8 GEMM;
-* :mod:`~qruntime.kernels.dispatch`: the path (split-K / GEMM / dequantize + cuBLAS) chosen by M;
+* :mod:`~qruntime.kernels.sp24`: 2:4-sparse weights (float, INT8 or INT4 kept values) expanded in
+  registers, and PyTorch's semi-structured sparse path at large M;
+* :mod:`~qruntime.kernels.dispatch`: the path (split-K / GEMM / dequantize + cuBLAS / semi-structured)
+  chosen by M;
 * :mod:`~qruntime.kernels.aot`: ahead-of-time compile of every config for sm_80 / sm_90 (no GPU needed).
 
 See docs/kernels.md.
@@ -23,7 +26,7 @@ from types import ModuleType
 
 from qruntime import ops, reference
 
-FAMILIES = ("w8a16", "w4a16", "w8a8")
+FAMILIES = ("w8a16", "w4a16", "w8a8", "sp24")
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,7 +64,9 @@ def _cuda(family: str, check, fallback):
 _cuda_w8a16 = _cuda("w8a16", ops._check_int8, reference.w8a16_linear)
 _cuda_w4a16 = _cuda("w4a16", ops._check_w4a16, reference.w4a16_linear)
 _cuda_w8a8 = _cuda("w8a8", ops._check_int8, reference.w8a8_linear)
+_cuda_sp24 = _cuda("sp24", ops._check_sp24, reference.sp24_linear)
 
 ops.w8a16_linear.register_kernel("cuda")(_cuda_w8a16)
 ops.w4a16_linear.register_kernel("cuda")(_cuda_w4a16)
 ops.w8a8_linear.register_kernel("cuda")(_cuda_w8a8)
+ops.sp24_linear.register_kernel("cuda")(_cuda_sp24)

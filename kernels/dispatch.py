@@ -2,7 +2,9 @@
 
 Paths: ``splitk`` (small M: 16-row tiles, K split over programs), ``gemm`` (tiled, larger M) and, for the
 weight-only formats, ``dequant`` (weights expanded once to the activation dtype, then cuBLAS: the very
-large M where the GEMM is compute-bound).
+large M where the GEMM is compute-bound). 2:4-sparse weights (kind ``sp24``) have one more, ``sparse``:
+PyTorch's semi-structured sparse tensors (cuSPARSELt / CUTLASS), a candidate at large M where the
+launcher says it can run.
 
 On a CUDA device, the first call for a (format, weight shape, dtype, M bucket) times every candidate path
 on the real inputs with ``triton.testing.do_bench`` (median) and keeps the fastest for that bucket; later
@@ -10,7 +12,8 @@ calls are a dictionary lookup. Under the interpreter, on CPU tensors, or while a
 captured (no timing possible), the rule of thumb :func:`heuristic` decides.
 
 Environment:
-    QRUNTIME_TRITON_PATH=auto|heuristic|splitk|gemm|dequant   (default auto: measured as above)
+    QRUNTIME_TRITON_PATH=auto|heuristic|splitk|gemm|dequant|sparse   (default auto: measured as above;
+    ``sparse`` applies to 2:4 weights only)
 """
 from __future__ import annotations
 
@@ -23,14 +26,21 @@ import torch
 from ._common import interpreting, m_bucket
 
 PATHS = ("splitk", "gemm", "dequant")
+SP24_PATHS = PATHS + ("sparse",)  # 2:4 weights: + PyTorch's semi-structured sparse tensors
 PATH_ENV = "QRUNTIME_TRITON_PATH"
-KINDS = ("w8a16", "w4a16", "w8a8")
+KINDS = ("w8a16", "w4a16", "w8a8", "sp24")
 
 _chosen: dict[tuple, tuple[str, dict[str, float]]] = {}
 _lock = threading.Lock()
 
 
 def check_path(kind: str, path: str) -> None:
+    if kind == "sp24":
+        if path not in SP24_PATHS:
+            raise ValueError(f"path={path!r}: expected one of {SP24_PATHS}")
+        return
+    if path == "sparse":
+        raise ValueError(f"path='sparse': only 2:4 weights (sp24_linear) have the semi-structured path, not {kind}")
     if path not in PATHS:
         raise ValueError(f"path={path!r}: expected one of {PATHS}")
     if kind == "w8a8" and path == "dequant":
@@ -49,6 +59,8 @@ def candidates(kind: str, m: int) -> tuple[str, ...]:
     paths = (["splitk"] if m <= 64 else []) + ["gemm"]
     if kind != "w8a8" and m >= 256:
         paths.append("dequant")
+    if kind == "sp24" and m >= 256:
+        paths.append("sparse")  # where the launcher finds it available (else it drops it)
     return tuple(paths)
 
 
@@ -59,29 +71,32 @@ def heuristic(kind: str, m: int) -> str:
 
 def _mode() -> str:
     mode = os.environ.get(PATH_ENV, "auto").strip().lower() or "auto"
-    if mode not in ("auto", "heuristic") + PATHS:
-        raise ValueError(f"{PATH_ENV}={mode!r}: expected auto, heuristic or one of {PATHS}")
+    if mode not in ("auto", "heuristic") + SP24_PATHS:
+        raise ValueError(f"{PATH_ENV}={mode!r}: expected auto, heuristic or one of {SP24_PATHS}")
     return mode
 
 
-def resolve(kind: str, key: tuple, x: torch.Tensor, path: str | None, run: Callable[[str], torch.Tensor]) -> str:
+def resolve(kind: str, key: tuple, x: torch.Tensor, path: str | None, run: Callable[[str], torch.Tensor],
+            paths: tuple[str, ...] | None = None) -> str:
     """The launcher's path: ``path`` when given (checked), else :func:`choose`'s."""
-    path = choose(kind, key, x, run) if path is None else path
+    path = choose(kind, key, x, run, paths) if path is None else path
     check_path(kind, path)
     return path
 
 
-def choose(kind: str, key: tuple, x: torch.Tensor, run: Callable[[str], torch.Tensor]) -> str:
-    """The path for ``x`` [M, K]; ``run(path)`` computes the product on that path (used for timing)."""
+def choose(kind: str, key: tuple, x: torch.Tensor, run: Callable[[str], torch.Tensor],
+           paths: tuple[str, ...] | None = None) -> str:
+    """The path for ``x`` [M, K]; ``run(path)`` computes the product on that path (used for timing).
+    ``paths``: the candidates to time, when the launcher narrows :func:`candidates` (default: all of them)."""
     global _last
-    _last = path = _choose(kind, key, x, run)
+    _last = path = _choose(kind, key, x, run, paths)
     return path
 
 
-def _choose(kind, key, x, run) -> str:
+def _choose(kind, key, x, run, paths=None) -> str:
     m = x.shape[0]
     mode = _mode()
-    if mode in PATHS:
+    if mode in SP24_PATHS:  # forced (check_path refuses 'sparse' for the other kinds)
         return mode
     if (
         mode == "heuristic"
@@ -96,7 +111,7 @@ def _choose(kind, key, x, run) -> str:
         return hit[0]
     from triton.testing import do_bench
 
-    paths = candidates(kind, m)
+    paths = candidates(kind, m) if paths is None else paths
     times = {p: do_bench(lambda p=p: run(p), warmup=5, rep=20, return_mode="median") for p in paths}
     best = min(times, key=times.get)
     with _lock:

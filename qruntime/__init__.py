@@ -1,5 +1,5 @@
-"""qruntime: INT8/INT4 quantization and depth distillation (and, as it lands, 2:4 sparsity) for
-HuggingFace Transformers, behind one call::
+"""qruntime: INT8/INT4 quantization, 2:4 structured sparsity and depth distillation for HuggingFace
+Transformers, behind one call::
 
     model, report = qruntime.compress(model, "w8a16")
     print(report)
@@ -8,10 +8,11 @@ Importing qruntime never touches CUDA and compiles nothing.
 """
 from .api import compress, select_targets
 from .checkpoint import CheckpointError, load, save
-from .config import CompressConfig, DistillConfig, QuantConfig, PRESETS
+from .config import CompressConfig, DistillConfig, QuantConfig, SparsityConfig, PRESETS
 from .distill import DistillReport, distill, make_student
 from .export import export_compressed_tensors
-from .nn import QuantEmbedding, QuantLinear
+from .nn import QuantEmbedding, QuantLinear, SparseLinear
+from .prune import prune_model
 from .ops import cpu_backend
 from . import kernels  # noqa: F401  registers the Triton kernels as the ops' CUDA implementations (imports no Triton)
 from .report import CompressReport
@@ -24,6 +25,9 @@ __all__ = [
     "CompressConfig",
     "QuantConfig",
     "DistillConfig",
+    "SparsityConfig",
+    "SparseLinear",
+    "prune_model",
     "distill",
     "make_student",
     "DistillReport",

@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 from .calibrate import collect_stats
 from .config import CompressConfig, QuantConfig, resolve_config
 from .distill import distill as run_distill
-from .nn import QuantEmbedding, QuantLinear, is_conv1d, linear_weight
+from .nn import QuantEmbedding, QuantLinear, SparseLinear, is_conv1d, linear_weight
 from .ops import cpu_backend
+from .prune import prune_weight
 from .report import CompressReport, LayerReport, SkippedLayer
 from .smooth import apply as apply_smoothing
 from .smooth import as_linear, plan_smoothing, smoothed_weight
@@ -24,8 +25,8 @@ __all__ = ["compress", "select_targets", "model_bytes"]
 
 
 def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, QuantLinear):
-        return "QuantLinear"
+    if isinstance(module, (QuantLinear, SparseLinear)):
+        return type(module).__name__
     if is_conv1d(module):
         return "Conv1D"
     if isinstance(module, nn.Linear):
@@ -43,8 +44,8 @@ def select_targets(
         kind = _kind(module)
         if kind is None:
             continue
-        if kind == "QuantLinear":
-            skipped.append(SkippedLayer(name, kind, "already quantized"))
+        if kind in ("QuantLinear", "SparseLinear"):
+            skipped.append(SkippedLayer(name, kind, "already quantized" if kind == "QuantLinear" else "already 2:4 sparse"))
         elif not any(fnmatch.fnmatchcase(name, p) for p in config.include):
             skipped.append(SkippedLayer(name, kind, f"not matched by include={list(config.include)}"))
         elif hit := next((p for p in config.exclude if fnmatch.fnmatchcase(name, p)), None):
@@ -76,7 +77,7 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def _weight_error(original: torch.Tensor, q: QuantLinear) -> tuple[float, float]:
+def _weight_error(original: torch.Tensor, q: nn.Module) -> tuple[float, float]:
     w = original.detach().to(torch.float64)
     err = torch.linalg.vector_norm(w - q.dequantized_weight().to(torch.float64)).item()
     ref = torch.linalg.vector_norm(w).item()
@@ -85,7 +86,7 @@ def _weight_error(original: torch.Tensor, q: QuantLinear) -> tuple[float, float]
     return rel, sqnr
 
 
-def _output_error(original: torch.Tensor, q: QuantLinear, hessian: torch.Tensor) -> float:
+def _output_error(original: torch.Tensor, q: nn.Module, hessian: torch.Tensor) -> float:
     """||X (W - Q)^T||_F / ||X W^T||_F over the calibration inputs X, from H = X^T X / rows."""
     w = original.detach().to(torch.float32)
     h = hessian.to(device=w.device, dtype=torch.float32)
@@ -200,18 +201,46 @@ def compress(
         )
     for name, module in targets:
         _validate_target(name, module)
+    sp = cfg.sparsity
+    if sp is not None and sp.recover is not None and train_data is None:
+        raise ValueError(
+            f"recipe {cfg.name!r} has a recovery stage and needs train_data: batches of input ids to distill the "
+            "pruned model on, e.g. qruntime.calibrate.calibration_batches(tokenizer, 64, 256, split='train')"
+        )
+    # 2:4 targets, and those a sparsity skip pattern keeps dense (quantized, or left alone without quant)
+    sparse: set[str] = set()
+    dense_note: dict[str, str] = {}
+    if sp is not None:
+        kept_targets = []
+        for name, module in targets:
+            hit = next((p for p in sp.skip if fnmatch.fnmatchcase(name, p)), None)
+            if hit is None:
+                sparse.add(name)
+            elif cfg.quant is None:
+                skipped.append(SkippedLayer(name, _kind(module), f"matches sparsity skip pattern {hit!r} (kept dense)"))
+                continue
+            else:
+                dense_note[name] = f" (dense: matches sparsity skip pattern {hit!r})"
+            kept_targets.append((name, module))
+        targets = kept_targets
+        if not targets:
+            raise ValueError(f"sparsity skip={list(sp.skip)} leaves no layer of {type(model).__name__} to compress")
     hessians: dict[str, tuple[torch.Tensor, int]] = {}
     calibration: dict = {}
     smoothing: dict = {}
     smoothed: dict[str, dict[str, torch.Tensor]] = {}  # module name -> its smoothed tensors
+    quant_hessians = cfg.quant is not None and cfg.quant.needs_calibration
     if cfg.needs_calibration:
         if calib_data is None:
+            hint = " (or '2:4-magnitude', which needs no data)" if sp is not None and sp.needs_calibration else ""
             raise ValueError(
                 f"recipe {cfg.name!r} needs calib_data: an iterable of input-id tensors or dicts of model "
-                "inputs, e.g. qruntime.calibrate.calibration_batches(tokenizer)"
+                f"inputs, e.g. qruntime.calibrate.calibration_batches(tokenizer){hint}"
             )
+        calib_data = calib_data if isinstance(calib_data, (list, tuple)) else list(calib_data)
         t0 = time.perf_counter()
-        hessians, absmax = collect_stats(model, dict(targets), calib_data, hessian=cfg.quant.needs_calibration,
+        hessians, absmax = collect_stats(model, dict(targets), calib_data,
+                                         hessian=quant_hessians or (sp is not None and sp.needs_calibration),
                                          absmax=cfg.smoothquant is not None,
                                          samples=1024 if cfg.smoothquant == "auto" else 0,
                                          progress=progress, fingerprint=calibration)
@@ -219,26 +248,52 @@ def compress(
         if cfg.smoothquant is not None:
             smoothed, smoothing = plan_smoothing(model, dict(targets), absmax, cfg.smoothquant, hessians)
 
+    pruned: dict[str, torch.Tensor] = {}  # 2:4 target -> its pruned weight [N, K] (float64)
+    recovery: dict = {}
+    if sp is not None:
+        t0 = time.perf_counter()
+        for name, module in tqdm([t for t in targets if t[0] in sparse], desc=f"prune 2:4 {sp.method}",
+                                 unit="layer", disable=not progress):
+            hessian = hessians.get(name, (None, 0))[0]
+            method = sp.method if hessian is not None or sp.method == "magnitude" else "magnitude"
+            with torch.no_grad():
+                pruned[name] = prune_weight(linear_weight(module), method, hessian, 2, 4, damp=sp.damp,
+                                            block_size=sp.block_size)[0]
+            if method != sp.method:
+                dense_note[name] = " (magnitude: calibration data never reached this layer)"
+        stages["pruning"] = time.perf_counter() - t0
+        if sp.recover is not None:
+            t0 = time.perf_counter()
+            model, targets, recovery = _recover(model, targets, pruned, train_data, eval_data, sp.recover, progress)
+            stages["recovery"] = time.perf_counter() - t0
+            inplace = True  # the recovered model is a new model
+            if quant_hessians:  # GPTQ codes for the recovered weights: calibrate them again
+                t0 = time.perf_counter()
+                hessians = collect_stats(model, dict(targets), calib_data, progress=progress)[0]
+                stages["calibration"] += time.perf_counter() - t0
+
     if not inplace:
         model = copy.deepcopy(model)
         targets = [(name, model.get_submodule(name)) for name, _ in targets]
     target_names = {name for name, _ in targets}
 
     t0 = time.perf_counter()
-    replacements: list[tuple[str, QuantLinear]] = []
+    replacements: list[tuple[str, nn.Module]] = []
     layers: list[LayerReport] = []
-    for name, module in tqdm(targets, desc=f"quantize {cfg.name}", unit="layer", disable=not progress):
+    for name, module in tqdm(targets, desc=f"{'pack' if cfg.quant is None else 'quantize'} {cfg.name}",
+                             unit="layer", disable=not progress):
         weight = smoothed_weight(module, smoothed.get(name))
         hessian, rows = hessians.get(name, (None, 0))
-        if cfg.quant.needs_calibration and hessian is None:
-            method = "rtn (calibration data never reached this layer)"
-        else:
-            method = cfg.quant.method + (f" ({rows} calibration rows)" if hessian is not None else "")
+        method = _method(cfg, name in sparse, hessian, rows) + dense_note.get(name, "")
         if name in smoothing.get("consumers", ()):
             method += f" + smoothquant (alpha {smoothing['alpha_of'][name]:g})"
         with torch.no_grad():
-            source = module if name not in smoothed else as_linear(weight, smoothed[name].get("bias"))
-            q = QuantLinear.from_linear(source, cfg.quant, hessian=hessian)
+            if name in sparse:
+                q = SparseLinear.from_pruned(pruned[name], module.bias, cfg.quant,
+                                             hessian if quant_hessians else None, dtype=weight.dtype)
+            else:
+                source = module if name not in smoothed else as_linear(weight, smoothed[name].get("bias"))
+                q = QuantLinear.from_linear(source, cfg.quant, hessian=hessian)
             rel, sqnr = _weight_error(weight, q)
             out_err = _output_error(weight, q, hessian) if hessian is not None else None
         replacements.append((name, q))
@@ -248,13 +303,14 @@ def compress(
                 kind=_kind(module),
                 in_features=q.in_features,
                 out_features=q.out_features,
-                format=cfg.quant.name,
+                format=q.format if name in sparse else cfg.quant.name,
                 bytes_before=weight.numel() * weight.element_size(),
                 bytes_after=q.packed_bytes(),
                 rel_error=rel,
                 sqnr_db=sqnr,
                 method=method,
                 output_rel_error=out_err,
+                sparsity=(pruned[name] == 0).double().mean().item() if name in sparse else None,
             )
         )
     if cfg.embeddings is not None:
@@ -263,7 +319,7 @@ def compress(
     apply_smoothing(model, {n: t for n, t in smoothed.items() if n not in target_names})
     for name, q in replacements:
         model.set_submodule(name, q)
-    stages["quantization"] = time.perf_counter() - t0
+    stages["quantization" if cfg.quant is not None else "packing"] = time.perf_counter() - t0
 
     report = CompressReport(
         config=cfg.name,
@@ -277,5 +333,46 @@ def compress(
         calibration=calibration,
         smoothing={k: v for k, v in smoothing.items() if k not in ("consumers", "alpha_of")},
         distillation=distillation,
+        recovery=recovery,
     )
     return model, report
+
+
+def _method(cfg: CompressConfig, sparse: bool, hessian: torch.Tensor | None, rows: int) -> str:
+    """How a layer's weights were chosen, for the report: e.g. ``sparsegpt + gptq (8192 calibration rows)``."""
+    parts = [cfg.sparsity.method] if sparse else []
+    if cfg.quant is not None:
+        if cfg.quant.needs_calibration and hessian is None:
+            parts.append("rtn (calibration data never reached this layer)")
+        else:
+            parts.append(cfg.quant.method)
+    text = " + ".join(parts)
+    return text + (f" ({rows} calibration rows)" if hessian is not None else "")
+
+
+def _recover(
+    model: nn.Module,
+    targets: list[tuple[str, nn.Module]],
+    pruned: dict[str, torch.Tensor],
+    train_data: Iterable,
+    eval_data: Iterable | None,
+    config,
+    progress: bool,
+) -> tuple[nn.Module, list[tuple[str, nn.Module]], dict]:
+    """The 2:4 recovery stage: a copy of ``model`` with the pruned weights, distilled from ``model``
+    with the masks fixed. Updates ``pruned`` with the trained weights (still exactly 2:4) and returns
+    (the trained copy, its targets, the distillation report as a dict)."""
+    student = copy.deepcopy(model)
+    masks: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name in pruned:
+            module = student.get_submodule(name)
+            w = pruned[name].to(module.weight.dtype)
+            module.weight.copy_(w.t() if is_conv1d(module) else w)
+            masks[f"{name}.weight"] = (module.weight != 0).to(module.weight.dtype)
+    student, report = run_distill(model, student, train_data, config, eval_data=eval_data, masks=masks,
+                                  progress=progress)
+    targets = [(name, student.get_submodule(name)) for name, _ in targets]
+    for name in pruned:
+        pruned[name] = linear_weight(student.get_submodule(name)).detach().to(torch.float64)
+    return student, targets, report.to_dict()

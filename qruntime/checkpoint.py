@@ -56,14 +56,26 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _quant_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from .nn import QuantEmbedding, QuantLinear
+    from .nn import QuantEmbedding, QuantLinear, SparseLinear
 
-    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    kinds = (QuantLinear, QuantEmbedding, SparseLinear)
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 
 def _module_entry(module: nn.Module) -> dict:
-    from .nn import QuantEmbedding
+    from .nn import QuantEmbedding, SparseLinear
 
+    if isinstance(module, SparseLinear):
+        return {
+            "type": "SparseLinear",
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "bias": module.bias is not None,
+            "dtype": _dtype_name(module.bias.dtype if module.bias is not None else
+                                 module.values.dtype if module.values.is_floating_point() else torch.float32),
+            "format": module.format,
+            "quant": dataclasses.asdict(module.quant) if module.quant is not None else None,
+        }
     if isinstance(module, QuantEmbedding):
         return {
             "type": "QuantEmbedding",
@@ -349,12 +361,16 @@ def _build_hf_model(folder: Path, manifest: dict) -> nn.Module:
 
 
 def _quant_skeleton(name: str, entry: dict) -> nn.Module:
-    from .nn import QuantEmbedding, QuantLinear
+    from .nn import QuantEmbedding, QuantLinear, SparseLinear
 
     kind = entry.get("type") if isinstance(entry, dict) else entry
-    if kind not in ("QuantLinear", "QuantEmbedding"):
+    if kind not in ("QuantLinear", "QuantEmbedding", "SparseLinear"):
         raise CheckpointError(f"module {name!r}: type {kind!r} is not known")
     try:
+        if kind == "SparseLinear":
+            quant = QuantConfig(**entry["quant"]) if entry["quant"] is not None else None
+            return SparseLinear(entry["in_features"], entry["out_features"], quant, bias=entry["bias"],
+                                dtype=getattr(torch, entry["dtype"]), device="meta")
         quant = QuantConfig(**entry["quant"])
         if kind == "QuantEmbedding":
             return QuantEmbedding(
@@ -371,9 +387,9 @@ def _quant_skeleton(name: str, entry: dict) -> nn.Module:
 
 def _dims(module: nn.Module) -> tuple[int, int] | None:
     """(rows, columns) of a Linear-like or embedding module's weight as qruntime stores it ([N, K])."""
-    from .nn import QuantEmbedding, QuantLinear, is_conv1d
+    from .nn import QuantEmbedding, QuantLinear, SparseLinear, is_conv1d
 
-    if isinstance(module, (QuantLinear, nn.Linear)):
+    if isinstance(module, (QuantLinear, SparseLinear, nn.Linear)):
         return module.out_features, module.in_features
     if isinstance(module, (QuantEmbedding, nn.Embedding)):
         return module.num_embeddings, module.embedding_dim
@@ -392,7 +408,17 @@ def _retie(model: nn.Module, tied: dict[str, str]) -> None:
 
 
 def _check_values(name: str, module: nn.Module) -> None:
+    meta = getattr(module, "meta", None)
+    if meta is not None:  # 2:4: the two positions of every group strictly increasing
+        pos = (meta.to(torch.int64)[..., None] >> torch.tensor([0, 2, 4, 6], device=meta.device)) & 3
+        pos = pos.reshape(meta.shape[0], -1, 2)
+        if not bool((pos[..., 0] < pos[..., 1]).all()):
+            raise CheckpointError(f"module {name!r}: 2:4 metadata has a group whose two positions are not increasing")
+        if module.values.is_floating_point() and not bool(torch.isfinite(module.values).all()):
+            raise CheckpointError(f"module {name!r}: 2:4 values hold NaN/Inf")
     scales = module.scales
+    if scales is None:
+        return
     if not bool(torch.isfinite(scales).all()) or not bool((scales > 0).all()):
         raise CheckpointError(f"module {name!r}: scales must be finite and > 0")
     if module.zeros is not None and module.zeros.numel() and int(module.zeros.max()) > 15:

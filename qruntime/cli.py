@@ -144,16 +144,20 @@ def cmd_compress(args) -> dict:
             with open(args.calib, encoding="utf-8") as f:
                 text = f.read()
             calib = text_batches(tokenizer, text, args.calib_samples, args.seq_len, source=args.calib)
-    train = None
-    if cfg.distill is not None:  # the depth stage distills on the Wikipedia training split
+    train = held_out = None
+    recover = cfg.sparsity.recover if cfg.sparsity is not None else None
+    if cfg.distill is not None or recover is not None:
+        # the depth stage and the 2:4 recovery distill on the Wikipedia training split
         if tokenizer is None:
             raise ValueError(f"{args.model}: no tokenizer to tokenize the training text with")
         windows = calibration_batches(tokenizer, num_samples=args.train_samples, seq_len=args.train_seq_len, split="train")
         train = [torch.cat(windows[i : i + 4]) for i in range(0, len(windows) - 3, 4)]  # batches of 4 windows
-        cfg = replace(cfg, distill=replace(cfg.distill, steps=args.distill_steps,
-                                           max_seconds=args.distill_minutes * 60 if args.distill_minutes else None))
-    held_out = None
-    if cfg.distill is not None:  # the report then gives teacher and student metrics on 4 held-out windows
+        budget = dict(steps=args.distill_steps, max_seconds=args.distill_minutes * 60 if args.distill_minutes else None)
+        if cfg.distill is not None:
+            cfg = replace(cfg, distill=replace(cfg.distill, **budget))
+        if recover is not None:
+            cfg = replace(cfg, sparsity=replace(cfg.sparsity, recover=replace(recover, **budget)))
+        # the report then gives teacher and student metrics on 4 held-out windows
         held_out = calibration_batches(tokenizer, num_samples=4, seq_len=args.train_seq_len)
     model, report = compress(model, cfg, calib, train_data=train, eval_data=held_out, progress=not args.quiet)
     t1 = time.perf_counter()
@@ -354,10 +358,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--all-layers", action="store_true", help="list every layer in the report table")
     p.add_argument("--train-samples", type=int, default=256,
-                   help="depth stage (d<N>+...): training windows from the Wikipedia training split, 4 per batch")
-    p.add_argument("--train-seq-len", type=int, default=256, help="depth stage: tokens per training window")
-    p.add_argument("--distill-steps", type=int, default=100, help="depth stage: optimizer steps")
-    p.add_argument("--distill-minutes", type=float, default=None, help="depth stage: cap on the training time")
+                   help="depth stage (d<N>+...) and 2:4 recovery (2:4-kd...): training windows from the Wikipedia training split, 4 per batch")
+    p.add_argument("--train-seq-len", type=int, default=256, help="depth stage / 2:4 recovery: tokens per training window")
+    p.add_argument("--distill-steps", type=int, default=100, help="depth stage / 2:4 recovery: optimizer steps")
+    p.add_argument("--distill-minutes", type=float, default=None, help="depth stage / 2:4 recovery: cap on the training time")
 
     p = add("eval", "perplexity (causal LMs) and accuracy of a checkpoint or model")
     p.add_argument("target", help="checkpoint folder, alias, local folder or HF name")

@@ -12,6 +12,11 @@ A preset string is parsed into a :class:`CompressConfig`; grammar::
                           in INT8 per row; "-emb4": INT4, in the recipe's groups (default 128), asymmetric
     d20+w4a16-g128-gptq   any of the above after a depth stage: a 20-block student distilled from the
                           model (DistillConfig defaults; needs training data), then quantized
+    2:4                   2:4 structured sparsity (SparseGPT, needs calibration data), kept values in
+                          the layer's float dtype; "2:4-magnitude" / "2:4-wanda" choose the mask otherwise
+    2:4+w8a16             ... with the kept values in INT8 (any weight-only recipe above: 2:4+w4a16-g128)
+    2:4-kd+w8a16          ... with a recovery stage: the pruned model is distilled from the original with
+                          the masks fixed (DistillConfig defaults; needs training data) before packing
 
 Group sizes are powers of two >= 16. With "a16" the activations stay in the model's float dtype;
 "a8" (INT8 weights only) quantizes each token's activations to INT8 with its own scale at run time.
@@ -21,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-__all__ = ["CompressConfig", "QuantConfig", "DistillConfig", "PRESETS", "SELECTION_METHODS", "resolve_config", "DEFAULT_EXCLUDE"]
+__all__ = ["CompressConfig", "QuantConfig", "DistillConfig", "SparsityConfig", "PRESETS", "SELECTION_METHODS", "resolve_config", "DEFAULT_EXCLUDE"]
 
 # Heads and embeddings are kept in full precision by default: they are few layers, they dominate the
 # accuracy loss when quantized, and lm_head is usually tied to the embedding matrix.
@@ -115,6 +120,55 @@ class QuantConfig:
 
 
 @dataclass(frozen=True)
+class SparsityConfig:
+    """2:4 structured sparsity of the Linear weights (:mod:`qruntime.prune`).
+
+    Attributes:
+        method: how each group's 2 kept weights are chosen: ``"sparsegpt"`` (default; Hessian-aware,
+            updates the kept weights; needs calibration data), ``"wanda"`` (|W| x input norm; needs
+            calibration data) or ``"magnitude"`` (no data).
+        damp: SparseGPT's dampening of the Hessian diagonal, as a fraction of its mean.
+        block_size: SparseGPT's lazy-update block (a multiple of 4).
+        skip: fnmatch patterns of target layers kept dense (still quantized if the recipe quantizes),
+            e.g. sensitive layers; each is listed in the report.
+        recover: a knowledge-distillation fine-tune of the pruned model against the original with the
+            masks fixed (:func:`qruntime.distill`; needs training data), or None.
+    """
+
+    method: str = "sparsegpt"
+    damp: float = 0.01
+    block_size: int = 128
+    skip: tuple[str, ...] = ()
+    recover: DistillConfig | None = None
+
+    def __post_init__(self) -> None:
+        from .prune import PRUNE_METHODS
+
+        if self.method not in PRUNE_METHODS:
+            raise ValueError(f"method={self.method!r}: must be one of {sorted(PRUNE_METHODS)}")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp={self.damp}: must be in [0, 1)")
+        if self.block_size < 4 or self.block_size % 4:
+            raise ValueError(f"block_size={self.block_size}: must be a positive multiple of 4")
+        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
+            raise TypeError(f"skip={self.skip!r}: must be a tuple of fnmatch pattern strings")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        if self.recover is not None:
+            if not isinstance(self.recover, DistillConfig):
+                raise TypeError(f"recover={self.recover!r}: must be a DistillConfig or None")
+            if self.recover.num_layers is not None or self.recover.keep is not None:
+                raise ValueError("recover: the pruned model keeps every block (num_layers/keep must be None)")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "magnitude"
+
+    @property
+    def name(self) -> str:
+        return "2:4" + ("" if self.method == "sparsegpt" else f"-{self.method}") + ("-kd" if self.recover else "")
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     """What `qruntime.compress` does to a model.
 
@@ -131,22 +185,32 @@ class CompressConfig:
             it per group of layers (:mod:`qruntime.smooth`; needs calibration data), or None.
         distill: a depth stage before quantization: the model is replaced by a student with fewer
             blocks, distilled from it (:class:`DistillConfig`; needs training data), or None.
+        sparsity: 2:4 structured sparsity of the targets (:class:`SparsityConfig`), or None. With
+            sparsity, ``quant`` may be None: the kept values stay in the layer's float dtype.
     """
 
-    quant: QuantConfig = field(default_factory=QuantConfig)
+    quant: QuantConfig | None = field(default_factory=QuantConfig)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     embeddings: QuantConfig | None = None
     smoothquant: float | str | None = None
     distill: DistillConfig | None = None
+    sparsity: SparsityConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.sparsity is not None:
+            if not isinstance(self.sparsity, SparsityConfig):
+                raise TypeError(f"sparsity={self.sparsity!r}: must be a SparsityConfig or None")
+            if self.quant is not None and self.quant.act_bits != 16:
+                raise ValueError(f"sparsity with {self.quant.name}: 2:4 kernels take float activations (w8a16 / w4a16)")
+        elif self.quant is None:
+            raise ValueError("quant=None: nothing to do; give a QuantConfig, or a SparsityConfig for 2:4 alone")
         if self.distill is not None:
             if not isinstance(self.distill, DistillConfig):
                 raise TypeError(f"distill={self.distill!r}: must be a DistillConfig or None")
             if self.distill.num_layers is None and self.distill.keep is None:
                 raise ValueError("distill: set num_layers or keep (the student's depth)")
-        if not isinstance(self.quant, QuantConfig):
+        if self.quant is not None and not isinstance(self.quant, QuantConfig):
             raise TypeError(f"quant={self.quant!r}: must be a QuantConfig")
         if self.embeddings is not None:
             if not isinstance(self.embeddings, QuantConfig):
@@ -164,9 +228,9 @@ class CompressConfig:
         if not self.include:
             raise ValueError("include=(): no layer could ever be selected; use ('*',) for all")
         if self.smoothquant is not None:
-            if self.quant.act_bits != 8:
+            if self.quant is None or self.quant.act_bits != 8:
                 raise ValueError(
-                    f"smoothquant={self.smoothquant} with {self.quant.name}: SmoothQuant is for INT8 activations (w8a8)"
+                    f"smoothquant={self.smoothquant} with {self.quant_name}: SmoothQuant is for INT8 activations (w8a8)"
                 )
             if self.smoothquant != "auto" and (
                 not isinstance(self.smoothquant, (int, float)) or not 0 < self.smoothquant < 1
@@ -177,11 +241,29 @@ class CompressConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.quant.needs_calibration or self.smoothquant is not None
+        return (
+            (self.quant is not None and self.quant.needs_calibration)
+            or self.smoothquant is not None
+            or (self.sparsity is not None and self.sparsity.needs_calibration)
+        )
+
+    @property
+    def quant_name(self) -> str:
+        """The weight format of the targets: the quant recipe's name, or "float" (2:4 alone)."""
+        return "float" if self.quant is None else self.quant.name
+
+    @property
+    def format_name(self) -> str:
+        """Per-layer format: e.g. ``w8a16``, ``2:4``, ``2:4+w4a16-g128-asym``."""
+        if self.sparsity is None:
+            return self.quant_name
+        return "2:4" if self.quant is None else f"2:4+{self.quant.name}"
 
     @property
     def name(self) -> str:
-        s = self.quant.name
+        s = self.quant_name if self.quant is not None else ""
+        if self.sparsity is not None:
+            s = self.sparsity.name + (f"+{s}" if s else "")
         if self.smoothquant is not None:
             s += "-sq" if self.smoothquant == 0.5 else (
                 "-sqauto" if self.smoothquant == "auto" else f"-sq{self.smoothquant:g}")
@@ -212,6 +294,11 @@ PRESETS: dict[str, str] = {
     "w4a16-g128-gptq": "INT4 weights, groups of 128, asymmetric, GPTQ rounding (calibrated)",
     "w4a16-g128-gptq-emb4": "w4a16-g128-gptq, plus the token embedding (and a tied lm_head) in INT4 g128",
     "w8a16-emb8": "w8a16, plus the token embedding (and a tied lm_head) in INT8 per row",
+    "2:4": "2:4 structured sparsity by SparseGPT (calibrated), kept values in the layer's float dtype",
+    "2:4-magnitude": "2:4 by weight magnitude (no data); '2:4-wanda': by |W| x input norm (calibrated)",
+    "2:4+w8a16": "2:4 (SparseGPT) with the kept values in INT8 per channel",
+    "2:4+w4a16-g128": "2:4 (SparseGPT) with the kept values in INT4, groups of 128, asymmetric",
+    "2:4-kd+w8a16": "2:4, then a KD recovery fine-tune with the masks fixed (needs training data), then INT8",
     "d20+w4a16-g128-gptq": "d<N>+<recipe>: distill an N-block student from the model (measured block choice + KD; needs training data), then <recipe>",
 }
 
@@ -221,6 +308,22 @@ def parse_preset(name: str) -> CompressConfig:
     depth = re.match(r"^d(\d+)\+(.+)$", name.strip().lower())
     if depth is not None:
         return replace(parse_preset(depth[2]), distill=DistillConfig(num_layers=int(depth[1])))
+    sparse = re.match(r"^2:4(?:-(magnitude|wanda|sparsegpt))?(-kd)?(?:\+(.+))?$", name.strip().lower())
+    if sparse is not None:
+        sparsity = SparsityConfig(method=sparse[1] or "sparsegpt", recover=DistillConfig() if sparse[2] else None)
+        if sparse[3] is None:
+            return CompressConfig(quant=None, sparsity=sparsity)
+        base = parse_preset(sparse[3])
+        if base.sparsity is not None or base.distill is not None or base.smoothquant is not None or base.embeddings is not None:
+            raise ValueError(f"preset {name!r}: after '2:4+' give a weight recipe such as 'w8a16' or 'w4a16-g128'")
+        if base.quant.act_bits != 16:
+            raise ValueError(f"preset {name!r}: 2:4 kernels take float activations; use w8a16 or w4a16")
+        return replace(base, sparsity=sparsity)
+    if name.strip().lower().startswith(("2:", "4:")):
+        raise ValueError(
+            f"unknown preset {name!r}: sparse recipes are '2:4[-magnitude|-wanda|-sparsegpt][-kd][+<weight recipe>]'; "
+            "other N:M patterns (e.g. 4:8) have no kernels: use qruntime.prune.prune_model for them"
+        )
     m = _PRESET_RE.match(name.strip().lower())
     if m is None:
         raise ValueError(

@@ -107,7 +107,8 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, toke
     checkpoint folder that ``transformers`` and vLLM load.
 
     Raises:
-        ValueError: the model is not a ``transformers`` model, has no quantized Linear, has GPT-2 style
+        ValueError: the model is not a ``transformers`` model, has 2:4 sparse layers (not exported yet),
+            has no quantized Linear, has GPT-2 style
             ``Conv1D`` layers (no compressed-tensors layout), or a grouped layer whose in_features is not a
             multiple of its group size (compressed-tensors and vLLM's kernels need whole groups; qruntime
             pads K instead): the error names the layers and the group sizes that would work.
@@ -116,11 +117,17 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, toke
         A summary: the folder, the config groups, the ignored layers, and the embeddings written as float.
     """
     from .checkpoint import dedupe_tensors, save_hf_files, write_safetensors
-    from .nn import QuantEmbedding, QuantLinear
+    from .nn import QuantEmbedding, QuantLinear, SparseLinear
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError(f"{type(model).__name__}: not a transformers model (no .config); compressed-tensors needs one")
+    sparse = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+    if sparse:
+        raise ValueError(
+            f"{len(sparse)} layers are 2:4 sparse ({sparse[0]}, ...): the compressed-tensors export of 2:4 layers is "
+            "not implemented yet; save with qruntime.save (qruntime.load reads it back exactly)"
+        )
     embeddings = {n: m for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
     shared = {id(m.qweight) for m in embeddings.values()}
     linears = {

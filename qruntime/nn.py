@@ -18,10 +18,14 @@ from .formats import (
     quantize_int8_per_channel,
     unpack_int4,
     INT4_SYM_ZERO,
+    dequantize_sp24,
+    pack_sp24,
+    sp24_padded_k,
+    sp24_positions,
 )
 from .gptq import column_quantizer, gptq_quantize
 
-__all__ = ["QuantLinear", "QuantEmbedding", "linear_weight", "is_conv1d"]
+__all__ = ["QuantLinear", "QuantEmbedding", "SparseLinear", "linear_weight", "is_conv1d"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -251,3 +255,148 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.quant.name}, out_dtype={self.out_dtype}"
+
+
+class SparseLinear(nn.Module):
+    """y = x @ W.T + b with a 2:4-sparse W stored compressed (docs/formats.md, "2:4 sparse").
+
+    Buffers: ``values`` (the kept values: float [N, Kp / 2] in the layer's dtype, INT8 codes [N, Kp / 2]
+    or packed INT4 codes [N, Kp / 4]), ``meta`` (uint8 [N, Kp / 8], 2-bit positions), ``scales``
+    (float32, INT8/INT4 only) and ``zeros`` (INT4 asymmetric only); ``bias`` is a float parameter.
+    ``quant`` is the kept values' QuantConfig, or None when they stay float. ``.half()`` converts
+    float values and the bias, never the scales.
+    """
+
+    def _apply(self, fn, recurse=True):
+        _keep_scales_float32(self, fn, recurse)
+        return self
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        quant: QuantConfig | None = None,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features={in_features}, out_features={out_features}: must be positive")
+        if quant is not None and quant.act_bits != 16:
+            raise ValueError(f"quant={quant.name}: 2:4 layers take float activations (act_bits must be 16)")
+        self.in_features, self.out_features, self.quant = in_features, out_features, quant
+        n = out_features
+        int4 = quant is not None and quant.bits == 4
+        kp = sp24_padded_k(in_features, quant.group_size if int4 else None)
+        self.group_size = (quant.group_size or kp) if int4 else 0
+        if quant is None:
+            values = torch.zeros(n, kp // 2, dtype=dtype, device=device)
+        elif quant.bits == 8:
+            values = torch.zeros(n, kp // 2, dtype=torch.int8, device=device)
+        else:
+            values = torch.zeros(n, kp // 4, dtype=torch.uint8, device=device)
+        self.register_buffer("values", values)
+        self.register_buffer("meta", torch.zeros(n, kp // 8, dtype=torch.uint8, device=device))
+        if quant is None:
+            scales = None
+        elif quant.bits == 8:
+            scales = torch.ones(n, dtype=torch.float32, device=device)
+        else:
+            scales = torch.ones(kp // self.group_size, n, dtype=torch.float32, device=device)
+        self.register_buffer("scales", scales)
+        zeros = torch.zeros(kp // self.group_size, n, dtype=torch.uint8, device=device) if int4 and not quant.symmetric else None
+        self.register_buffer("zeros", zeros)
+        self.bias = nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
+
+    @property
+    def format(self) -> str:
+        return "2:4" if self.quant is None else f"2:4+{self.quant.name}"
+
+    @classmethod
+    def from_pruned(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        quant: QuantConfig | None = None,
+        hessian: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "SparseLinear":
+        """Packs a 2:4-pruned ``weight`` [N, K] (every group of 4 along K has >= 2 zeros; ValueError
+        otherwise). With ``quant`` the kept values are quantized: the grid (scales, zero points) is that
+        of round to nearest on the pruned weight; with ``quant.method == "gptq"`` and ``hessian`` the
+        codes are chosen by GPTQ with the mask fixed (pruned weights stay exactly 0)."""
+        from .prune import masked_quantizer
+
+        n, k = weight.shape
+        dtype = dtype or weight.dtype
+        out = cls(k, n, quant, bias=bias is not None, dtype=dtype, device=weight.device)
+        mask = weight != 0
+        if quant is None:
+            out.values, out.meta = pack_sp24(weight.detach().to(dtype))
+        else:
+            w32 = weight.detach().to(torch.float32)
+            grouped = quant.group_size if quant.bits == 4 else None
+            kp = sp24_padded_k(k, grouped)
+            if quant.bits == 8:
+                scales, zeros, gs = int8_scales(w32), None, k
+            else:
+                wp = torch.zeros(n, kp, dtype=torch.float32, device=weight.device)
+                wp[:, :k] = w32
+                scales, zeros, gs = int4_params(wp, quant.group_size, quant.symmetric)
+            target = w32.to(torch.float64)
+            if hessian is not None and quant.method == "gptq":
+                quantizer = masked_quantizer(column_quantizer(quant.bits, scales, zeros, gs), mask)
+                target = gptq_quantize(w32, hessian, quantizer, damp=quant.gptq_damp,
+                                       block_size=quant.gptq_block_size, act_order=quant.gptq_act_order)
+            # pack the mask (a kept weight may round to 0: positions come from the mask, not the values)
+            _, meta = pack_sp24(torch.where(mask, 1.0, 0.0).to(torch.float32), grouped)
+            pos_values = _gather_kept(target, meta, kp)
+            if quant.bits == 8:
+                out.values, out.scales = int8_codes(pos_values, scales), scales
+            else:
+                out.values, out.scales = int4_codes(pos_values, scales, zeros, gs // 2), scales
+                if zeros is not None:
+                    out.zeros = zeros
+            out.meta = meta
+        if bias is not None:
+            out.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=bias.requires_grad)
+        return out
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The dense float32 weight [out_features, in_features] (zeros at the pruned positions)."""
+        return dequantize_sp24(self.values, self.meta, self.scales, self.zeros, self.group_size, self.in_features)
+
+    def packed_bytes(self) -> int:
+        """Bytes of the kept values, metadata, scales and zero points (bias not included)."""
+        return sum(t.numel() * t.element_size() for t in (self.values, self.meta, self.scales, self.zeros) if t is not None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x: shape {tuple(x.shape)}, expected [..., {self.in_features}] (in_features)")
+        x2d = x.reshape(-1, self.in_features)
+        if ops.SP24_CPU_KERNELS and ops.eager_cpu(x2d, self.bias):  # the op's CPU kernel, minus the dispatcher
+            y = ops.run_sp24_module(self, x2d)
+        else:
+            y = ops.sp24_linear(x2d, self.values, self.meta, self.scales, self.zeros, self.group_size, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def __getstate__(self):
+        # the CPU kernel's cached arguments (ops.run_sp24_module) are rebuilt on use, never saved
+        state = self.__dict__.copy()
+        state.pop("_cpu_sp24_plan", None)
+        return state
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+def _gather_kept(weight: torch.Tensor, meta: torch.Tensor, kp: int) -> torch.Tensor:
+    """The entries of ``weight`` [N, K] at the kept positions of ``meta``: float [N, Kp / 2]."""
+    n, k = weight.shape
+    padded = torch.zeros(n, kp, dtype=weight.dtype, device=weight.device)
+    padded[:, :k] = weight
+    return torch.gather(padded, 1, sp24_positions(meta))

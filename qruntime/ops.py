@@ -10,7 +10,8 @@ Call them as ``qruntime.ops.w8a16_linear(...)`` or ``torch.ops.qruntime.w8a16_li
 The CPU kernels read the weights in the CPU layouts of :mod:`qruntime.cpu_layout`; the conversion runs
 once per weight tensor (first CPU call) and is cached beside it, keyed on the tensor and its version
 counter, so an in-place change of the weights is picked up. The cache holds one extra copy of the
-packed weights (INT8: 1 byte a weight; INT4: half a byte).
+packed weights (INT8: 1 byte a weight; INT4: half a byte; 2:4: the kept values, fp16 ones widened to
+float32, plus the metadata).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import torch
 from . import reference
 from ._ext import extension
 from .cpu_layout import cpu_int4, cpu_int8, pad_channels
-from .formats import dequantize_int4, dequantize_int8, dequantize_sp24, sp24_padded_k
+from .cpu_layout import cpu_sp24 as sp24_layout
+from .formats import dequantize_int4, dequantize_int8, dequantize_sp24
 
 __all__ = [
     "w8a16_linear",
@@ -40,6 +42,8 @@ __all__ = [
     "cpu_w8a16",
     "cpu_w8a8",
     "cpu_w4a16",
+    "cpu_sp24",
+    "run_sp24_module",
 ]
 
 
@@ -95,10 +99,11 @@ def _check_sp24(x, values, meta, scales, zeros, group_size, bias) -> None:
     width = kp // 4 if kind == "int4" else kp // 2
     if tuple(values.shape) != (n, width):
         raise ValueError(f"values: shape {tuple(values.shape)}, expected ({n}, {width}) for meta {tuple(meta.shape)} ({kind})")
-    grouped = kind == "int4" and group_size != kp
     if kind == "int4" and (group_size <= 0 or kp % group_size):
         raise ValueError(f"group_size={group_size}: must divide the padded K={kp}")
-    if kp == 0 or sp24_padded_k(x.shape[1], group_size if grouped else None) != kp:
+    # K is padded to a multiple of 8 (and of an INT4 group): less than one multiple short of Kp
+    multiple = max(8, group_size) if kind == "int4" else 8
+    if kp == 0 or not kp - multiple < x.shape[1] <= kp:
         raise ValueError(f"x: K={x.shape[1]} does not match the 2:4 tensors' padded K={kp} (group_size={group_size})")
     if kind == "float":
         if scales is not None or zeros is not None:
@@ -317,11 +322,48 @@ def cpu_w4a16(x, qweight, scales, zeros, group_size, bias):
     return _launch(_kernel_call("w4a16", qweight, scales, zeros, group_size, bias), x, qweight.shape[0])
 
 
+def _sp24_arrays(layout) -> dict:
+    """The numpy arrays the extension's ``sp24_gemm`` takes (bf16 values as their int16 bit patterns)."""
+    values = layout.values.view(torch.int16) if layout.values.dtype == torch.bfloat16 else layout.values
+    return {
+        "values": values.numpy(),
+        "meta": layout.meta.numpy(),
+        "s": None if layout.s is None else layout.s.numpy(),
+        "zs": None if layout.zs is None else layout.zs.numpy(),
+    }
+
+
+def _sp24_call(values, meta, scales, zeros, group_size, bias) -> tuple[str, tuple] | None:
+    """(extension function, its arguments between x and n) of a 2:4 weight, or None where the C++ kernel
+    does not apply: INT4 groups that are not a multiple of 4 columns (legal in the format, never made by
+    the quantizers; the kernel reads whole groups of 4). The reference runs those."""
+    if values.dtype == torch.uint8 and group_size % 4:
+        return None
+    versions = (_version(values), _version(meta), _version(scales), _version(zeros), group_size)
+    p = _packed(values, "sp24", versions,
+                lambda: _sp24_arrays(sp24_layout(values, meta, scales, zeros, group_size)))
+    return "sp24_gemm", (p["values"], p["meta"], p["s"], p["zs"], group_size, _bias_array(bias))
+
+
+def cpu_sp24(x, values, meta, scales, zeros, group_size, bias):
+    """The ``cpu`` kernel of :func:`sp24_linear` (C++ over the CPU layout ``cpu_layout.CpuSp24``)."""
+    _check_sp24(x, values, meta, scales, zeros, group_size, bias)
+    # float64 activations get float64 math (the kernel computes in float32)
+    call = None if x.dtype == torch.float64 else _sp24_call(values, meta, scales, zeros, group_size, bias)
+    if call is None:
+        return reference.sp24_linear(x, values, meta, scales, zeros, group_size, bias)
+    return _launch(call, x, meta.shape[0])
+
+
 CPU_KERNELS = extension() is not None
+# an extension built before the 2:4 kernel existed has no sp24_gemm: 2:4 then runs the reference
+SP24_CPU_KERNELS = CPU_KERNELS and hasattr(extension(), "sp24_gemm")
 if CPU_KERNELS:
     w8a16_linear.register_kernel("cpu")(cpu_w8a16)
     w8a8_linear.register_kernel("cpu")(cpu_w8a8)
     w4a16_linear.register_kernel("cpu")(cpu_w4a16)
+if SP24_CPU_KERNELS:
+    sp24_linear.register_kernel("cpu")(cpu_sp24)
 
 
 def run_checked_module(module, x2d: torch.Tensor) -> torch.Tensor:
@@ -345,6 +387,31 @@ def run_checked_module(module, x2d: torch.Tensor) -> torch.Tensor:
         plan = (key, _kernel_call(kind, q, s, z, module.group_size, b))
         if key is not None:
             module.__dict__["_cpu_plan"] = plan
+    return _launch(plan[1], x2d, module.out_features)
+
+
+def run_sp24_module(module, x2d: torch.Tensor) -> torch.Tensor:
+    """The CPU kernel of a 2:4 module (``SparseLinear``: buffers ``values``, ``meta``, ``scales``,
+    ``zeros``, attributes ``group_size``, ``bias``, ``out_features``) for ``x2d`` [M, in_features] (float).
+
+    As :func:`run_checked_module`: the buffers were validated when the module was built, the per-call
+    checks are skipped, and the kernel call is kept on the module until a buffer is replaced or changed
+    in place."""
+    if not x2d.is_floating_point():
+        raise TypeError(f"x: dtype {x2d.dtype} is not a floating-point dtype")
+    v, mt, s, z, b = module.values, module.meta, module.scales, module.zeros, module.bias
+    try:
+        key = tuple(None if t is None else (t.data_ptr(), t._version) for t in (v, mt, s, z)) + (
+            None if b is None else (b.data_ptr(), b._version, b.dtype), module.group_size)
+    except RuntimeError:  # inference tensors have no version counter: nothing is kept on the module
+        key = None
+    plan = module.__dict__.get("_cpu_sp24_plan")
+    if plan is None or key is None or plan[0] != key:
+        plan = (key, _sp24_call(v, mt, s, z, module.group_size, b))
+        if key is not None:
+            module.__dict__["_cpu_sp24_plan"] = plan
+    if plan[1] is None or x2d.dtype == torch.float64:
+        return reference.sp24_linear(x2d, v, mt, s, z, module.group_size, b)
     return _launch(plan[1], x2d, module.out_features)
 
 

@@ -20,6 +20,7 @@ class LayerReport:
     # ||X (W - Q)^T|| / ||X W^T|| on the calibration inputs X: the layer's own output error, a measure
     # of its sensitivity (None without calibration data)
     output_rel_error: float | None = None
+    sparsity: float | None = None  # 2:4 layers: fraction of the weights that are zero
 
 
 @dataclass
@@ -50,6 +51,8 @@ class CompressReport:
     # depth stage (d<N>+...): qruntime.distill.DistillReport.to_dict(): teacher/student depth, kept
     # blocks and their selection, steps, tokens, seconds, held-out metrics before/after
     distillation: dict = field(default_factory=dict)
+    # 2:4 recovery stage (2:4-kd+...): the DistillReport of the masked fine-tune against the original
+    recovery: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CompressReport":
@@ -92,15 +95,16 @@ class CompressReport:
         "rel err" is the weight's relative Frobenius error, "out err" the layer's relative output error
         on the calibration inputs (calibrated recipes only): the larger, the more sensitive the layer."""
         lines = [f"qruntime.compress: {self.config}  ({len(self.layers)} layers converted, {len(self.skipped)} skipped, {self.seconds:.1f} s, CPU backend: {self.cpu_backend})"]
-        header = f"{'layer':<44} {'kind':<7} {'shape (N x K)':>14} {'format':<20} {'KiB before':>11} {'KiB after':>10} {'rel err':>9} {'SQNR dB':>8} {'out err':>9}"
+        header = f"{'layer':<44} {'kind':<7} {'shape (N x K)':>14} {'format':<24} {'KiB before':>11} {'KiB after':>10} {'rel err':>9} {'SQNR dB':>8} {'out err':>9} {'zeros':>6}"
         lines += [header, "-" * len(header)]
         shown = self.layers if max_layers is None else self.layers[:max_layers]
         for l in shown:
             shape = f"{l.out_features}x{l.in_features}"
             lines.append(
-                f"{l.name[-44:]:<44} {l.kind:<7} {shape:>14} {l.format:<20} {l.bytes_before / 1024:>11.1f} "
+                f"{l.name[-44:]:<44} {l.kind:<7} {shape:>14} {l.format:<24} {l.bytes_before / 1024:>11.1f} "
                 f"{l.bytes_after / 1024:>10.1f} {l.rel_error:>9.2e} {l.sqnr_db:>8.1f} "
                 + (f"{l.output_rel_error:>9.2e}" if l.output_rel_error is not None else f"{'-':>9}")
+                + (f" {l.sparsity:>6.1%}" if l.sparsity is not None else f" {'-':>6}")
             )
         if len(shown) < len(self.layers):
             lines.append(f"... {len(self.layers) - len(shown)} more converted layers (report.to_json() lists all)")
@@ -120,18 +124,9 @@ class CompressReport:
                          + (f"(e.g. {sm['not_smoothed'][0]['layer']}: {sm['not_smoothed'][0]['reason']})"
                             if sm.get("not_smoothed") else ""))
         if self.distillation:
-            d = self.distillation
-            sel = d.get("selection") or {}
-            before, after = d.get("before") or {}, d.get("after") or {}
-            metric = next((k for k in ("perplexity", "cosine", "kl") if k in after), None)
-            lines.append(
-                f"distillation: {d.get('teacher_layers')} -> {d.get('student_layers')} blocks "
-                f"(kept {d.get('kept_layers')}, selection {sel.get('method', 'given')}), {d.get('steps')} steps, "
-                f"{d.get('tokens')} tokens, {d.get('seconds', 0):.1f} s"
-                + (f"; held-out {metric}: teacher {d['teacher'][metric]:.4g}, " if metric in (d.get("teacher") or {}) else
-                   (f"; held-out {metric}: " if metric else ""))
-                + (f"student {before[metric]:.4g} -> {after[metric]:.4g}" if metric else "")
-            )
+            lines.append(_distill_line("distillation", self.distillation))
+        if self.recovery:
+            lines.append(_distill_line("2:4 recovery (masks fixed)", self.recovery))
         if self.calibration:
             c = self.calibration
             lines.append(f"calibration data: {c.get('batches')} batches, {c.get('tokens')} tokens, "
@@ -145,3 +140,19 @@ class CompressReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _distill_line(label: str, d: dict) -> str:
+    """One line of a DistillReport dict: depth, kept blocks, steps, tokens, time, held-out metric."""
+    sel = d.get("selection") or {}
+    before, after = d.get("before") or {}, d.get("after") or {}
+    metric = next((k for k in ("perplexity", "cosine", "kl") if k in after), None)
+    depth = f"{d.get('teacher_layers')} -> {d.get('student_layers')} blocks"
+    if d.get("teacher_layers") != d.get("student_layers") or sel:
+        depth += f" (kept {d.get('kept_layers')}, selection {sel.get('method', 'given')})"
+    return (
+        f"{label}: {depth}, {d.get('steps')} steps, {d.get('tokens')} tokens, {d.get('seconds', 0):.1f} s"
+        + (f"; held-out {metric}: teacher {d['teacher'][metric]:.4g}, " if metric in (d.get("teacher") or {}) else
+           (f"; held-out {metric}: " if metric else ""))
+        + (f"student {before[metric]:.4g} -> {after[metric]:.4g}" if metric else "")
+    )

@@ -25,7 +25,7 @@ print(subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=Tru
 EOF
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 | tee -a "$out/gpu_env.txt"
 
-timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_kernels.py tests/test_checkpoint.py \
+timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_sp24.py tests/test_checkpoint.py \
   2>&1 | tee "$out/gpu_tests.log" | tail -25
 
 timeout 420 python3 bench/bench_gpu_kernels.py ${QUICK---quick} --e2e --out "$out/gpu_kernels_h200.json" \

@@ -117,3 +117,23 @@ def test_compress_with_depth_stage(tiny_folder, tmp_path, capsys):
     assert "distillation: 2 -> 1 blocks" in err and "held-out perplexity: teacher" in err
     model = qruntime.load(out_dir)
     assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
+
+
+def test_compress_2_4_with_recovery(tiny_folder, tmp_path, capsys):
+    """2:4-kd+w8a16: SparseGPT masks, a masked KD fine-tune on the training split, INT8 kept values,
+    saved and reloaded with the same outputs; `info` lists the 2:4 format."""
+    import qruntime
+
+    out_dir = tmp_path / "ckpt"
+    code, out, err = _run(capsys, "compress", tiny_folder, "--recipe", "2:4-kd+w8a16", "--calib-samples", "2",
+                          "--seq-len", "32", "--train-samples", "8", "--train-seq-len", "16", "--distill-steps", "2",
+                          "--out", out_dir, "--quiet", "--json")
+    assert code == 0, err
+    report = json.loads(out)["report"]
+    assert report["config"] == "2:4-kd+w8a16" and report["recovery"]["steps"] == 2
+    assert all(l["format"] == "2:4+w8a16" and l["sparsity"] >= 0.5 for l in report["layers"])
+    assert "2:4 recovery (masks fixed): 2 -> 2 blocks" in err
+    model = qruntime.load(out_dir)
+    assert any(isinstance(m, qruntime.SparseLinear) for m in model.modules())
+    code, out, err = _run(capsys, "info", out_dir)
+    assert code == 0 and "2:4+w8a16" in out

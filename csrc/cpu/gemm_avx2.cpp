@@ -58,8 +58,24 @@ struct I {
   static F::R to_float(R a) { return _mm256_cvtepi32_ps(a); }
 };
 
+// 2:4 sparse (sp24_impl.h): x[4g .. 4g+3] in both 128-bit halves; vpermps reads the low 3 bits of an
+// index, so bit 2 picks a half holding the same four values.
+struct S {
+  using X = __m256;
+  using M = __m256i;
+  static X xrep(const float* p) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)); }
+  static M loadm(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static M shr(M v, int bits) { return _mm256_srli_epi32(v, bits); }
+  static F::R gather(X x, M idx) { return _mm256_permutevar8x32_ps(x, idx); }
+  static F::R bf16(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+};
+
 constexpr int kMrF = 3;  // 3 x 4 accumulators + 4 weight vectors of 16 ymm
 constexpr int kMrI = 2;
+constexpr int kMrS = 2;  // 2 x 4 accumulators, 2 broadcasts, a value, a metadata word, a gather of 16 ymm
 
 void quantize_row(const float* x, int64_t k, int64_t k4, uint8_t* q, float* a) {
   const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));

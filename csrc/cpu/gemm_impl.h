@@ -482,9 +482,12 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* xq, float* a) {
 }
 
 }  // namespace
+}  // namespace qruntime::cpu::QR_NS
 
+#include "sp24_impl.h"
+
+namespace qruntime::cpu::QR_NS {
 const KernelTable kTable = {
-    QR_ISA_NAME, w8a16, w4a16, w8a8, quantize_rows,
+    QR_ISA_NAME, w8a16, w4a16, w8a8, quantize_rows, sp24,
 };
-
 }  // namespace qruntime::cpu::QR_NS

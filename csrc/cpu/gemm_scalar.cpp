@@ -46,8 +46,25 @@ struct I {
   static F::R to_float(R a) { return static_cast<float>(a); }
 };
 
+// 2:4 sparse (sp24_impl.h): a "replicated" x is just a pointer to the group's four values.
+struct S {
+  using X = const float*;
+  using M = uint32_t;
+  static X xrep(const float* p) { return p; }
+  static M loadm(const uint32_t* p) { return *p; }
+  static M shr(M v, int bits) { return v >> bits; }
+  static F::R gather(X x, M idx) { return x[idx & 3]; }
+  static F::R bf16(const uint16_t* p) {
+    const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+};
+
 constexpr int kMrF = 4;
 constexpr int kMrI = 4;
+constexpr int kMrS = 4;
 
 void quantize_row(const float* x, int64_t k, int64_t k4, uint8_t* q, float* a) {
   float amax = 0.0f;

@@ -28,7 +28,20 @@ struct KernelTable {
                const float* scales, const float* bias, int64_t n, float* y, int threads);
   // The per-token quantization w8a8 applies, exposed for tests: xq int8 [m, k], a f32 [m].
   void (*quantize_rows)(const float* x, int64_t m, int64_t k, int8_t* xq, float* a);
+  // 2:4 sparse: y[m, n] = sum_k x[m, k] * W[n, k] + bias[n], W expanded from the sp24 layout:
+  //   values: [nb, kp / 4, 2, 32] of `kind` (f32, bf16 bit patterns, int8 codes) or, for kSp24U4,
+  //     u8 [nb, kp / 4, 2, 16] INT4 codes (byte j: low nibble lane j, high nibble lane j + 16);
+  //   meta: u32 [nb, ceil(kp / 32), 32], slot s of group g of channel j at bits 4 (g % 8) + 2 s of
+  //     word [g / 8][j] (a 2-bit position 0..3 inside the group);
+  //   s: kSp24I8: f32 [nb * 32] (W = code * s); kSp24U4: f32 [kp / group, nb * 32] with zs = -zero * s
+  //     (W = code * s + zs, group a multiple of 4 dividing kp); null otherwise. k <= kp, kp % 4 == 0.
+  void (*sp24)(const float* x, int64_t m, int64_t k, int64_t kp, int kind, const void* values,
+               const uint32_t* meta, const float* s, const float* zs, int64_t group, const float* bias,
+               int64_t n, float* y, int threads);
 };
+
+// Element type of the kept values in the sp24 layout.
+enum Sp24Kind : int { kSp24F32 = 0, kSp24Bf16 = 1, kSp24I8 = 2, kSp24U4 = 3 };
 
 const KernelTable& table_scalar();
 const KernelTable& table_avx2();

@@ -39,8 +39,24 @@ struct I {
   static F::R to_float(R a) { return _mm512_cvtepi32_ps(a); }
 };
 
+// 2:4 sparse (sp24_impl.h): x[4g .. 4g+3] replicated in the four 128-bit lanes, so vpermps, which reads
+// the low 4 bits of each index, picks x[4g + (idx & 3)] whatever bits 3:2 hold: no masking.
+struct S {
+  using X = __m512;
+  using M = __m512i;
+  static X xrep(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
+  static M loadm(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static M shr(M v, int bits) { return _mm512_srli_epi32(v, static_cast<unsigned>(bits)); }
+  static F::R gather(X x, M idx) { return _mm512_permutexvar_ps(idx, x); }
+  static F::R bf16(const uint16_t* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+};
+
 constexpr int kMrF = 12;  // 12 x 2 accumulators + 2 weight vectors + a broadcast of 32 zmm
 constexpr int kMrI = 12;
+constexpr int kMrS = 8;  // 8 x 2 accumulators, 8 broadcasts, a value, 2 metadata words, a gather
 
 void quantize_row(const float* x, int64_t k, int64_t k4, uint8_t* q, float* a) {
   __m512 mx = _mm512_setzero_ps();

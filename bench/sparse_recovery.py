@@ -1,0 +1,103 @@
+"""2:4 pruning of a causal LM, one-shot and with the knowledge-distillation recovery, side by side,
+scored by perplexity on the evaluation split against the original.
+
+    python bench/sparse_recovery.py --model smollm2-135m --method sparsegpt --minutes 30 \
+        --json bench/results/smollm2-135m_cpu_sparse24_recovery.json
+
+Text: calibration (masks, SparseGPT/Wanda statistics) on --calib-samples windows of the calibration
+split; recovery training on consecutive windows of the training split, monitored on calibration windows
+after those used for calibration; perplexity on the first --eval-tokens tokens of the evaluation split
+(as bench/eval_causal_lm.py). The --minutes budget is the recovery training time (time-based LR decay).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, write_json  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--quant", default="", help="weight recipe after 2:4, e.g. w8a16 (default: float values)")
+    p.add_argument("--minutes", type=float, default=30.0, help="recovery training budget")
+    p.add_argument("--steps", type=int, default=2000, help="upper bound; the time budget usually ends training first")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--alpha-ce", type=float, default=0.0)
+    p.add_argument("--autocast", default="auto")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--skip-one-shot", action="store_true", help="do not evaluate the one-shot model separately")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    import torch
+
+    from qruntime import compress
+    from qruntime.calibrate import calibration_batches, text_batches
+    from qruntime.config import DistillConfig, resolve_config
+    from qruntime.data import split_text
+    from qruntime.evaluate import evaluate_causal_lm, tokenize_text
+    from qruntime.models import load_causal_lm
+
+    model, tok = load_causal_lm(args.model)
+    eval_ids = tokenize_text(tok, split_text("eval"), args.eval_tokens)
+    calib = calibration_batches(tok, num_samples=args.calib_samples, seq_len=args.calib_len)
+    # monitoring windows: calibration text after the calibration windows (disjoint from training and eval)
+    skip = args.calib_samples * args.calib_len // args.seq_len
+    monitor = calibration_batches(tok, num_samples=skip + 4, seq_len=args.seq_len)[skip:]
+    train_text = split_text("train")
+    n_train = len(tok(train_text, add_special_tokens=False)["input_ids"]) // (args.seq_len * args.batch)
+    train = [w.reshape(args.batch, args.seq_len) for w in
+             torch.stack(text_batches(tok, train_text, n_train * args.batch, args.seq_len, source="train split"))
+             .reshape(n_train, args.batch, args.seq_len)]
+
+    base = "2:4" + ("" if args.method == "sparsegpt" else f"-{args.method}")
+    suffix = f"+{args.quant}" if args.quant else ""
+    rows = []
+    if not args.skip_one_shot:
+        t0 = time.perf_counter()
+        one_shot, report = compress(model, base + suffix, calib, inplace=False)
+        seconds = time.perf_counter() - t0
+        r = evaluate_causal_lm(one_shot, eval_ids, reference=model)
+        rows.append({"recipe": report.config, "recovery": False, "compress_seconds": seconds,
+                     "eval": r.to_dict(), "report": report.to_dict()})
+        print(f"{report.config}: one-shot perplexity {r.perplexity:.3f} (x{r.perplexity_ratio:.3f}) in {seconds:.0f} s", flush=True)
+        del one_shot
+
+    cfg = resolve_config(base + "-kd" + suffix)
+    recover = DistillConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, alpha_ce=args.alpha_ce,
+                            autocast=args.autocast, eval_every=args.eval_every, max_seconds=args.minutes * 60)
+    cfg = replace(cfg, sparsity=replace(cfg.sparsity, recover=recover))
+    t0 = time.perf_counter()
+    recovered, report = compress(model, cfg, calib, train_data=train, eval_data=monitor)
+    seconds = time.perf_counter() - t0
+    r = evaluate_causal_lm(recovered, eval_ids, reference=model)
+    rows.append({"recipe": report.config, "recovery": True, "compress_seconds": seconds,
+                 "recovery_minutes": report.recovery["seconds"] / 60, "eval": r.to_dict(), "report": report.to_dict()})
+    print(report)
+
+    ref_ppl = rows[-1]["eval"]["reference_perplexity"]
+    print(f"\nmodel {args.model}; {rows[-1]['eval']['protocol']}; original perplexity {ref_ppl:.3f}")
+    print(f"{'recipe':<28} {'recovery':>9} {'perplexity':>11} {'ratio':>8} {'top-1 agree':>12} {'minutes':>8}")
+    for row in rows:
+        e = row["eval"]
+        print(f"{row['recipe']:<28} {'yes' if row['recovery'] else 'no':>9} {e['perplexity']:>11.3f} "
+              f"{e['perplexity_ratio']:>8.3f} {100 * e['top1_agreement']:>11.2f}% {row['compress_seconds'] / 60:>8.1f}")
+    write_json(args.json, {"environment": environment(), "args": vars(args), "train_windows": len(train) * args.batch,
+                           "results": rows})
+
+
+if __name__ == "__main__":
+    main()

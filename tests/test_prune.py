@@ -1,0 +1,154 @@
+"""N:M masks and the pruning methods: exact patterns, SparseGPT's error vs magnitude and Wanda."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qruntime.formats import check_nm, nm_mask
+from qruntime.prune import prune_model, prune_weight, sparsegpt_prune, wanda_scores
+
+
+def _groups_ok(w: torch.Tensor, n: int, m: int) -> bool:
+    """Independent check: every group of m consecutive columns (last one short) has <= n nonzeros."""
+    rows, k = w.shape
+    for g0 in range(0, k, m):
+        if int((w[:, g0:g0 + m] != 0).sum(dim=1).max()) > n:
+            return False
+    return True
+
+
+def _real_like_inputs(rows: int, k: int, seed: int) -> torch.Tensor:
+    """Correlated activations with a few outlier channels, like a transformer's Linear inputs."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    x = torch.randn(rows, k, generator=g) @ mix
+    x[:, torch.randperm(k, generator=g)[: max(1, k // 32)]] *= 20
+    return x.double()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+@pytest.mark.parametrize("k", [16, 37, 64])
+def test_nm_mask_keeps_the_n_largest_of_every_group(n, m, k):
+    scores = torch.rand(9, k) + 0.01
+    mask = nm_mask(scores, n, m)
+    assert mask.shape == (9, k) and mask.dtype == torch.bool
+    assert _groups_ok(mask.int(), n, m)
+    for g0 in range(0, k, m):
+        cols = slice(g0, min(g0 + m, k))
+        kept = min(n, cols.stop - cols.start)
+        assert (mask[:, cols].sum(1) == kept).all()
+        # every kept score is >= every dropped score of the group
+        s, mk = scores[:, cols], mask[:, cols]
+        lo = torch.where(mk, s, torch.inf).amin(1)
+        hi = torch.where(~mk, s, -torch.inf).amax(1)
+        assert (lo >= hi).all()
+
+
+def test_nm_mask_ties_keep_the_lower_column_and_bad_args():
+    assert nm_mask(torch.ones(1, 4)).tolist() == [[True, True, False, False]]
+    with pytest.raises(ValueError, match="0 < n < m"):
+        nm_mask(torch.ones(2, 4), 4, 4)
+    with pytest.raises(ValueError, match="2 dims"):
+        nm_mask(torch.ones(4))
+
+
+def test_check_nm_names_the_offending_group():
+    w = torch.zeros(3, 8)
+    w[1, 4:7] = 1.0
+    with pytest.raises(ValueError, match=r"row 1, columns 4\.\.7 hold 3 nonzeros"):
+        check_nm(w)
+    check_nm(w, 3, 4)  # fine as 3:4
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("k", [64, 70])
+def test_every_method_gives_exact_2_4(method, k):
+    w = torch.randn(24, k)
+    x = _real_like_inputs(256, k, 1)
+    pruned, mask = prune_weight(w, method, x.T @ x / len(x))
+    assert _groups_ok(pruned, 2, 4)
+    assert torch.equal(pruned != 0, mask & (w != 0) if method != "sparsegpt" else pruned != 0)
+    assert not pruned[~mask].any()
+    assert int(mask.sum()) == 24 * (k // 4 * 2 + min(2, k % 4))
+    if method != "sparsegpt":  # kept weights untouched
+        assert torch.equal(pruned[mask], w.double()[mask])
+
+
+def test_magnitude_needs_no_data_and_the_others_do():
+    w = torch.randn(4, 8)
+    prune_weight(w, "magnitude")
+    for method in ("wanda", "sparsegpt"):
+        with pytest.raises(ValueError, match="Hessian"):
+            prune_weight(w, method)
+    with pytest.raises(ValueError, match="must be one of"):
+        prune_weight(w, "random")
+
+
+def test_wanda_keeps_the_weights_of_large_inputs():
+    w = torch.ones(2, 4) + torch.tensor([0.1, 0.2, 0.0, 0.0])  # magnitude would keep columns 0, 1
+    h = torch.diag(torch.tensor([1.0, 1.0, 100.0, 100.0]))  # but columns 2, 3 see 10x larger inputs
+    assert torch.allclose(wanda_scores(w, h)[0], torch.tensor([1.1, 1.2, 10.0, 10.0], dtype=torch.float64))
+    _, mask = prune_weight(w, "wanda", h)
+    assert mask.tolist() == [[False, False, True, True]] * 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparsegpt_beats_magnitude_and_wanda_on_output_error(seed):
+    torch.manual_seed(seed)
+    k, n = 128, 48
+    w = torch.randn(n, k).double()
+    x = _real_like_inputs(1024, k, seed)
+    h = x.T @ x / len(x)
+    y = x @ w.T
+
+    def err(pruned):
+        return (torch.linalg.vector_norm(x @ pruned.T - y) / torch.linalg.vector_norm(y)).item()
+
+    e = {m: err(prune_weight(w, m, h)[0]) for m in ("magnitude", "wanda", "sparsegpt")}
+    assert e["sparsegpt"] < e["wanda"] <= e["magnitude"] * 1.001, e
+    assert e["sparsegpt"] < 0.8 * e["magnitude"], e
+
+
+def test_sparsegpt_lazy_blocks_do_not_change_the_result():
+    k = 96
+    w = torch.randn(20, k)
+    x = _real_like_inputs(400, k, 3)
+    h = x.T @ x
+    a, ma = sparsegpt_prune(w, h, block_size=4)
+    b, mb = sparsegpt_prune(w, h, block_size=128)
+    c, mc = sparsegpt_prune(w, h, block_size=30)  # rounded down to 28: still whole groups
+    assert torch.equal(ma, mb) and torch.equal(ma, mc)
+    assert torch.allclose(a, b, atol=1e-9) and torch.allclose(a, c, atol=1e-9)
+
+
+def test_sparsegpt_dead_inputs_and_errors():
+    k = 16
+    w = torch.randn(6, k)
+    x = _real_like_inputs(64, k, 4)
+    x[:, 5] = 0  # an input that is always zero: its weights do not matter
+    pruned, mask = sparsegpt_prune(w, x.T @ x)
+    assert not pruned[:, 5].any()
+    assert _groups_ok(pruned, 2, 4)
+    with pytest.raises(ValueError, match=r"expected \(16, 16\)"):
+        sparsegpt_prune(w, torch.eye(8))
+    with pytest.raises(ValueError, match="block_size=2"):
+        sparsegpt_prune(w, torch.eye(k), block_size=2)
+
+
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
+def test_prune_model_in_place_with_masks(arch, nm, request):
+    model = request.getfixturevalue(arch)
+    ids = [torch.randint(0, 128, (1, 24)) for _ in range(3)]
+    masks, skipped = prune_model(model, "wanda", *nm, calib_data=ids, progress=False)
+    params = dict(model.named_parameters())
+    assert masks and all(name in params for name in masks)
+    for name, mask in masks.items():
+        w = params[name].detach()
+        assert mask.shape == w.shape
+        assert not w[mask == 0].any()
+        dense_nk = w.t() if arch == "tiny_gpt2" else w  # Conv1D stores [K, N]
+        assert _groups_ok(dense_nk, *nm)
+    assert any("lm_head" in name for name, _ in skipped)
+    with pytest.raises(ValueError, match="calib_data"):
+        prune_model(model, "sparsegpt", progress=False)
