@@ -98,10 +98,14 @@ def collect_stats(
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
     peaks: dict[str, torch.Tensor] = {}
+    # Layers fed the same tensor (q/k/v, gate/up) share one X^T X product per batch: the last input seen
+    # is kept alive with its version counter, so identity plus version means the same values.
+    last: list = [None, -1, None]  # [input tensor, its _version, X^T X]
 
     def make_hook(name: str):
         def hook(module, inputs, output):
-            x = inputs[0].detach()
+            src = inputs[0]
+            x = src.detach()
             x = x.reshape(-1, x.shape[-1]).to(torch.float32)
             if not torch.isfinite(x).all():
                 raise ValueError(f"calibration: non-finite activations at the input of layer {name!r}")
@@ -118,7 +122,10 @@ def collect_stats(
                 if name not in sums:
                     sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
                     rows[name] = 0
-                sums[name].addmm_(x.t(), x)
+                version = getattr(src, "_version", -1)
+                if last[0] is not src or last[1] != version:
+                    last[:] = [src, version, x.t() @ x]
+                sums[name].add_(last[2])
                 rows[name] += x.shape[0]
 
         return hook
@@ -135,6 +142,7 @@ def collect_stats(
     finally:
         for h in handles:
             h.remove()
+        last.clear()
     if n_batches == 0:
         raise ValueError("calib_data yielded no batches")
     if fingerprint is not None:

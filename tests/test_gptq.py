@@ -82,6 +82,29 @@ def test_collect_hessians_matches_explicit_sum():
     assert not model[0]._forward_hooks and not model[2]._forward_hooks
 
 
+def test_layers_sharing_an_input_share_its_product_and_others_do_not(tiny_llama):
+    """q/k/v (and gate/up) read the same tensor: one X^T X per batch serves them all; every Hessian still
+    equals the one computed from that layer's own recorded inputs, including layers whose input is a new
+    tensor of the same shape (o_proj, down_proj)."""
+    layers = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, nn.Linear) and "layers." in n}
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: seen[n].append(i[0].detach().reshape(-1, i[0].shape[-1]).double()))
+               for n, m in layers.items()]
+    batches = [torch.randint(0, 128, (2, 16)) for _ in range(3)]
+    with torch.no_grad():
+        for b in batches:
+            tiny_llama(b)
+    for h in handles:
+        h.remove()
+    hs = collect_hessians(tiny_llama, layers, batches, progress=False)
+    for name in layers:
+        x = torch.cat(seen[name])
+        assert torch.allclose(hs[name][0], x.t() @ x / len(x), rtol=1e-5, atol=1e-6), name
+    q, k = hs["model.layers.0.self_attn.q_proj"][0], hs["model.layers.0.self_attn.k_proj"][0]
+    assert torch.equal(q, k)
+    assert not torch.allclose(q, hs["model.layers.0.self_attn.o_proj"][0])
+
+
 def test_compress_gptq_on_tiny_llama_beats_rtn(tiny_llama):
     import copy
 
