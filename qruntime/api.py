@@ -238,6 +238,12 @@ def compress(
                 f"inputs, e.g. qruntime.calibrate.calibration_batches(tokenizer){hint}"
             )
         calib_data = calib_data if isinstance(calib_data, (list, tuple)) else list(calib_data)
+    pruned: dict[str, torch.Tensor] = {}  # 2:4 target -> its pruned weight [N, K] (float64)
+    if sp is not None and sp.needs_calibration and sp.sequential:
+        t0 = time.perf_counter()
+        hessians = _prune_blockwise(model, targets, sparse, calib_data, sp, pruned, calibration, progress)
+        stages["calibration + pruning (block by block)"] = time.perf_counter() - t0
+    elif cfg.needs_calibration:
         t0 = time.perf_counter()
         hessians, absmax = collect_stats(model, dict(targets), calib_data,
                                          hessian=quant_hessians or (sp is not None and sp.needs_calibration),
@@ -248,12 +254,11 @@ def compress(
         if cfg.smoothquant is not None:
             smoothed, smoothing = plan_smoothing(model, dict(targets), absmax, cfg.smoothquant, hessians)
 
-    pruned: dict[str, torch.Tensor] = {}  # 2:4 target -> its pruned weight [N, K] (float64)
     recovery: dict = {}
     if sp is not None:
         t0 = time.perf_counter()
-        for name, module in tqdm([t for t in targets if t[0] in sparse], desc=f"prune 2:4 {sp.method}",
-                                 unit="layer", disable=not progress):
+        for name, module in tqdm([t for t in targets if t[0] in sparse and t[0] not in pruned],
+                                 desc=f"prune 2:4 {sp.method}", unit="layer", disable=not progress):
             hessian = hessians.get(name, (None, 0))[0]
             method = sp.method if hessian is not None or sp.method == "magnitude" else "magnitude"
             with torch.no_grad():
@@ -270,7 +275,7 @@ def compress(
             if quant_hessians:  # GPTQ codes for the recovered weights: calibrate them again
                 t0 = time.perf_counter()
                 hessians = collect_stats(model, dict(targets), calib_data, progress=progress)[0]
-                stages["calibration"] += time.perf_counter() - t0
+                stages["calibration (recovered model)"] = time.perf_counter() - t0
 
     if not inplace:
         model = copy.deepcopy(model)
@@ -348,6 +353,51 @@ def _method(cfg: CompressConfig, sparse: bool, hessian: torch.Tensor | None, row
             parts.append(cfg.quant.method)
     text = " + ".join(parts)
     return text + (f" ({rows} calibration rows)" if hessian is not None else "")
+
+
+def _prune_blockwise(
+    model: nn.Module,
+    targets: list[tuple[str, nn.Module]],
+    sparse: set[str],
+    calib_data: list,
+    sp,
+    pruned: dict[str, torch.Tensor],
+    fingerprint: dict,
+    progress: bool,
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """SparseGPT / Wanda block by block (:mod:`qruntime.sequential`): each block's 2:4 targets are pruned
+    with Hessians measured after the earlier blocks were pruned. Fills ``pruned``; returns the Hessians
+    (for GPTQ). The model's weights are restored before returning, on every path. A model without one
+    list of blocks is calibrated in one pass instead (the report's calibration says which)."""
+    from .sequential import blockwise_calibrate
+
+    modules = dict(targets)
+    originals = {name: modules[name].weight.detach().clone() for name in sparse}
+
+    def compress_block(hessians: dict) -> None:
+        for name, (hessian, _) in hessians.items():
+            if name not in sparse:
+                continue
+            module = modules[name]
+            pruned[name] = prune_weight(linear_weight(module), sp.method, hessian, 2, 4, damp=sp.damp,
+                                        block_size=sp.block_size)[0]
+            w = pruned[name].to(module.weight.dtype)
+            module.weight.copy_(w.t() if is_conv1d(module) else w)
+
+    try:
+        with torch.no_grad():
+            return blockwise_calibrate(model, modules, calib_data, compress_block, progress=progress,
+                                       fingerprint=fingerprint)
+    except ValueError as exc:
+        if "nn.ModuleList" not in str(exc):
+            raise
+        pruned.clear()
+        fingerprint["mode"] = f"one pass ({exc})"
+        return collect_stats(model, modules, calib_data, progress=progress, fingerprint=fingerprint)[0]
+    finally:
+        with torch.no_grad():
+            for name, weight in originals.items():
+                modules[name].weight.copy_(weight)
 
 
 def _recover(

@@ -129,6 +129,10 @@ class SparsityConfig:
             calibration data) or ``"magnitude"`` (no data).
         damp: SparseGPT's dampening of the Hessian diagonal, as a fraction of its mean.
         block_size: SparseGPT's lazy-update block (a multiple of 4).
+        sequential: SparseGPT / Wanda calibrate block by block: each block's layers are pruned with
+            statistics of the inputs they see once the blocks before them are pruned (as in the
+            SparseGPT paper; one dense forward plus two passes per block). False: every layer's
+            statistics come from one pass of the dense model (faster, less accurate).
         skip: fnmatch patterns of target layers kept dense (still quantized if the recipe quantizes),
             e.g. sensitive layers; each is listed in the report.
         recover: a knowledge-distillation fine-tune of the pruned model against the original with the
@@ -138,6 +142,7 @@ class SparsityConfig:
     method: str = "sparsegpt"
     damp: float = 0.01
     block_size: int = 128
+    sequential: bool = True
     skip: tuple[str, ...] = ()
     recover: DistillConfig | None = None
 

@@ -152,3 +152,82 @@ def test_prune_model_in_place_with_masks(arch, nm, request):
     assert any("lm_head" in name for name, _ in skipped)
     with pytest.raises(ValueError, match="calib_data"):
         prune_model(model, "sparsegpt", progress=False)
+
+
+# ---- block-by-block calibration (qruntime.sequential) ----------------------------------------------
+
+def _linears(model):
+    from torch import nn
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"}
+
+
+def test_blockwise_hessians_equal_the_dense_ones_when_nothing_changes(tiny_llama):
+    from qruntime.calibrate import collect_hessians
+    from qruntime.sequential import blockwise_calibrate
+
+    layers = _linears(tiny_llama)
+    batches = [torch.randint(0, 128, (2, 16)) for _ in range(3)]
+    dense = collect_hessians(tiny_llama, layers, batches, progress=False)
+    calls = []
+    fp = {}
+    seq = blockwise_calibrate(tiny_llama, layers, batches, lambda hs: calls.append(sorted(hs)), progress=False,
+                              fingerprint=fp)
+    assert sorted(seq) == sorted(dense) and len(calls) == 2
+    assert calls[0] == sorted(n for n in layers if ".layers.0." in n)
+    for name in dense:
+        assert seq[name][1] == dense[name][1]
+        assert torch.allclose(seq[name][0], dense[name][0], rtol=1e-4, atol=1e-6), name
+    assert fp["batches"] == 3 and fp["mode"] == "block by block"
+
+
+def test_blockwise_hessians_follow_the_compressed_blocks(tiny_llama):
+    """Block 1's Hessians are those of the model whose block 0 is already pruned."""
+    from qruntime.calibrate import collect_hessians
+    from qruntime.sequential import blockwise_calibrate
+
+    layers = _linears(tiny_llama)
+    batches = [torch.randint(0, 128, (1, 24)) for _ in range(3)]
+    block0 = {n: m for n, m in layers.items() if ".layers.0." in n}
+
+    def prune_block(hs):
+        for name in hs:
+            w = layers[name].weight
+            w.mul_(nm_mask(w.abs()))
+
+    block1 = {n: m.weight.detach().clone() for n, m in layers.items() if ".layers.1." in n}
+    dense = collect_hessians(tiny_llama, layers, batches, progress=False)
+    seq = blockwise_calibrate(tiny_llama, layers, batches, prune_block, progress=False)
+    # both blocks are pruned now; with block 1 dense again, a plain pass sees what block 1 saw
+    with torch.no_grad():
+        for name, w in block1.items():
+            layers[name].weight.copy_(w)
+    ref = collect_hessians(tiny_llama, layers, batches, progress=False)
+    for name in layers:
+        if ".layers.1." in name:
+            assert torch.allclose(seq[name][0], ref[name][0], rtol=1e-4, atol=1e-6), name
+            assert not torch.allclose(seq[name][0], dense[name][0], rtol=1e-3, atol=1e-5), name
+    assert all(_groups_ok(m.weight, 2, 4) for m in block0.values())
+
+
+def test_compress_restores_weights_and_falls_back_without_blocks(tiny_llama):
+    import qruntime
+    from torch import nn
+
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    batches = [torch.randint(0, 128, (1, 16)) for _ in range(2)]
+    _, report = qruntime.compress(tiny_llama, "2:4", batches, inplace=False, progress=False)
+    assert report.calibration["mode"] == "block by block"
+    assert all(torch.equal(before[k], v) for k, v in tiny_llama.state_dict().items())
+
+    class Plain(nn.Module):  # no list of blocks: one pass over the dense model instead
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+
+        def forward(self, input_ids):
+            return self.b(torch.relu(self.a(input_ids.float())))
+
+    _, report = qruntime.compress(Plain(), "2:4", [torch.randn(4, 16).long()], progress=False)
+    assert report.calibration["mode"].startswith("one pass")
+    assert all(l.sparsity >= 0.5 for l in report.layers)

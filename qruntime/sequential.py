@@ -1,0 +1,143 @@
+"""Block-by-block calibration: each block's layers are calibrated on the outputs of the blocks before it
+*as already compressed*, so a layer's mask (or rounding) compensates for the errors upstream, as in the
+SparseGPT and GPTQ papers' sequential mode.
+
+One dense forward per batch records every block's call (its non-hidden arguments, e.g. attention mask
+and rotary embeddings) and the hidden states entering the first block; it stops after the last block (no
+output head). Then, block by block: run the block on the current hidden states with hooks collecting
+``X^T X`` of its target layers, compress those layers in place, and run the block again to get the hidden
+states for the next block. Targets outside the blocks get the Hessians of the dense pass.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import _digest
+from .distill import _first, _forward, _inputs, find_blocks
+
+__all__ = ["blockwise_calibrate"]
+
+
+class _Stop(Exception):
+    """Raised after the last block of the recording pass: the output head is not needed."""
+
+
+def _hessian_hooks(layers: Mapping[str, nn.Module], sums: dict, rows: dict) -> list:
+    """Forward hooks adding each layer's ``X^T X`` (float32) to ``sums``; layers fed the same tensor
+    share one product (see calibrate.collect_stats)."""
+    last: list = [None, -1, None]
+
+    def make(name: str):
+        def hook(module, inputs, output):
+            src = inputs[0]
+            x = src.detach().reshape(-1, src.shape[-1]).to(torch.float32)
+            if not torch.isfinite(x).all():
+                raise ValueError(f"calibration: non-finite activations at the input of layer {name!r}")
+            version = getattr(src, "_version", -1)
+            if last[0] is not src or last[1] != version:
+                last[:] = [src, version, x.t() @ x]
+            if name not in sums:
+                sums[name] = torch.zeros_like(last[2])
+                rows[name] = 0
+            sums[name].add_(last[2])
+            rows[name] += x.shape[0]
+
+        return hook
+
+    return [m.register_forward_hook(make(n)) for n, m in layers.items()]
+
+
+@torch.no_grad()
+def blockwise_calibrate(
+    model: nn.Module,
+    targets: Mapping[str, nn.Module],
+    batches: Iterable,
+    compress_block: Callable[[dict[str, tuple[torch.Tensor, int]]], None],
+    *,
+    progress: bool = True,
+    fingerprint: dict | None = None,
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """Runs the block-by-block pass; returns ``{layer: (X^T X / rows float64, rows)}`` as
+    :func:`qruntime.calibrate.collect_stats` does, each block's Hessians taken after the earlier blocks
+    were compressed.
+
+    ``compress_block(hessians)`` is called once per block with the Hessians of that block's targets and
+    must change those layers' weights in place (the next block is calibrated on the changed block's
+    outputs). Undoing the change is the caller's business.
+
+    Raises:
+        ValueError: no block list (see :func:`qruntime.distill.find_blocks`), no batch, non-finite
+            activations.
+    """
+    blocks = find_blocks(model).layers
+    device = next(model.parameters()).device
+    names = {id(m): n for n, m in targets.items()}
+    per_block = [{names[id(m)]: m for m in block.modules() if id(m) in names} for block in blocks]
+    inside = {n for group in per_block for n in group}
+    outside = {n: m for n, m in targets.items() if n not in inside}
+
+    # 1. one dense pass per batch: every block's call, the first block's input, Hessians outside blocks
+    calls: list[list[tuple[tuple, dict]]] = []
+    hidden: list[torch.Tensor] = []
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+    digest = hashlib.sha256()
+    tokens = 0
+    current: list = []
+
+    def record(module, args, kwargs):
+        state = args[0] if args else kwargs["hidden_states"]
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if not current:
+            hidden.append(state.detach())
+        current.append((tuple(args[1:]), rest))
+
+    def stop(module, args, kwargs, output):
+        raise _Stop
+
+    handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
+    handles.append(blocks[-1].register_forward_hook(stop, with_kwargs=True))
+    handles += _hessian_hooks(outside, sums, rows)
+    try:
+        for batch in tqdm(batches, desc="calibrate (record)", unit="batch", disable=not progress):
+            current = []
+            try:
+                _forward(model, _inputs(batch, device))
+            except _Stop:
+                pass
+            if len(current) != len(blocks):
+                raise ValueError(f"calibration: the forward pass called {len(current)} of the {len(blocks)} blocks")
+            calls.append(current)
+            tokens += _digest(batch, digest)
+    finally:
+        for h in handles:
+            h.remove()
+    if not calls:
+        raise ValueError("calib_data yielded no batches")
+    if fingerprint is not None:
+        fingerprint.update(batches=len(calls), tokens=tokens, sha256=digest.hexdigest(), mode="block by block")
+
+    # 2. block by block: calibrate on the current inputs, compress, recompute the outputs
+    result = {n: (sums[n].to(torch.float64) / rows[n], rows[n]) for n in sums}
+    for i, block in enumerate(tqdm(blocks, desc="calibrate + compress blocks", unit="block", disable=not progress)):
+        group = per_block[i]
+        if group:
+            b_sums: dict[str, torch.Tensor] = {}
+            b_rows: dict[str, int] = {}
+            handles = _hessian_hooks(group, b_sums, b_rows)
+            try:
+                for h, (args, kwargs) in zip(hidden, (c[i] for c in calls)):
+                    block(h, *args, **kwargs)
+            finally:
+                for hd in handles:
+                    hd.remove()
+            hessians = {n: (b_sums[n].to(torch.float64) / b_rows[n], b_rows[n]) for n in b_sums}
+            result.update(hessians)
+            compress_block(hessians)
+        hidden = [_first(block(h, *args, **kwargs)).detach() for h, (args, kwargs) in zip(hidden, (c[i] for c in calls))]
+    return result
