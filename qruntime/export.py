@@ -14,7 +14,8 @@ quantized Linear becomes (N = out_features, K = in_features; field names and pac
   points ``z`` (qruntime's 0..15 = signed zp + 8) packed along N.
 
 Scales stay float32, so the decompressed weights equal qruntime's dequantized weights bit for bit.
-Quantized embeddings (``-emb8`` / ``-emb4``) have no compressed-tensors form: they are written as float
+2:4 layers are stored dense with a ``sparsity_config`` (format ``dense``, structure ``2:4``); see
+:func:`export_compressed_tensors`. Quantized embeddings (``-emb8`` / ``-emb4``) have no compressed-tensors form: they are written as float
 tables (their dequantized values) and a head tied to them stays tied; the returned summary lists them.
 """
 from __future__ import annotations
@@ -87,6 +88,20 @@ def _linear_tensors(name: str, m) -> dict[str, torch.Tensor]:
     return out
 
 
+def _sparsity_config(sparse: dict, ignore: list[str]) -> dict:
+    """compressed-tensors' sparsity section for 2:4 layers stored dense: format "dense", structure "2:4",
+    the layers by name, and the fraction of zeros over them."""
+    zeros = sum(int((m.dequantized_weight() == 0).sum()) for m in sparse.values())
+    total = sum(m.out_features * m.in_features for m in sparse.values())
+    return {
+        "format": "dense",
+        "sparsity_structure": "2:4",
+        "global_sparsity": zeros / max(total, 1),
+        "targets": sorted(sparse),
+        "ignore": [n for n in ignore if n not in sparse],
+    }
+
+
 def _original_kinds(model: nn.Module, names: list[str]) -> dict[str, str]:
     """The module type each quantized layer had in the base architecture (built on the meta device)."""
     from accelerate import init_empty_weights
@@ -106,9 +121,12 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, toke
     """Writes ``model`` (from :func:`qruntime.compress` or :func:`qruntime.load`) as a compressed-tensors
     checkpoint folder that ``transformers`` and vLLM load.
 
+    2:4 layers (``SparseLinear``) are written dense: quantized ones as their codes (pruned positions hold
+    code 0 / the zero point), float ones as float weights (listed in ``ignore``), and the config's
+    ``sparsity_config`` says ``format: dense, sparsity_structure: 2:4`` with their names.
+
     Raises:
-        ValueError: the model is not a ``transformers`` model, has 2:4 sparse layers (not exported yet),
-            has no quantized Linear, has GPT-2 style
+        ValueError: the model is not a ``transformers`` model, has no quantized Linear, has GPT-2 style
             ``Conv1D`` layers (no compressed-tensors layout), or a grouped layer whose in_features is not a
             multiple of its group size (compressed-tensors and vLLM's kernels need whole groups; qruntime
             pads K instead): the error names the layers and the group sizes that would work.
@@ -122,21 +140,23 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, toke
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError(f"{type(model).__name__}: not a transformers model (no .config); compressed-tensors needs one")
-    sparse = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
-    if sparse:
-        raise ValueError(
-            f"{len(sparse)} layers are 2:4 sparse ({sparse[0]}, ...): the compressed-tensors export of 2:4 layers is "
-            "not implemented yet; save with qruntime.save (qruntime.load reads it back exactly)"
-        )
+    # 2:4 layers are written dense (compressed-tensors keeps a "dense" sparsity format that records the
+    # 2:4 structure for engines with sparse kernels): quantized ones as their dense codes, float ones as
+    # float weights
+    sparse = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    sparse_codes = {n: m.dense_codes() for n, m in sparse.items() if m.quant is not None}
+    sparse_float = {n: m for n, m in sparse.items() if m.quant is None}
     embeddings = {n: m for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
     shared = {id(m.qweight) for m in embeddings.values()}
     linears = {
         n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and id(m.qweight) not in shared
     }
+    linears.update(sparse_codes)
     tied_heads = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and id(m.qweight) in shared]
     if not linears:
-        raise ValueError(f"{type(model).__name__}: no quantized Linear to export; compress the model first")
-    conv1d = [n for n, kind in _original_kinds(model, list(linears)).items() if kind == "Conv1D"]
+        what = "only float 2:4 layers (no quantized Linear)" if sparse_float else "no quantized Linear"
+        raise ValueError(f"{type(model).__name__}: {what} to export; compress the model with a quantized recipe first")
+    conv1d = [n for n, kind in _original_kinds(model, list(linears) + list(sparse_float)).items() if kind == "Conv1D"]
     if conv1d:
         raise ValueError(
             f"{len(conv1d)} layers were transformers Conv1D ({conv1d[0]}, ...): compressed-tensors has no layout "
@@ -166,13 +186,17 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, toke
     formats = {g["format"] for g in groups.values()}
 
     state = {}
-    quantized = set(linears) | set(tied_heads) | set(embeddings)
+    quantized = set(linears) | set(tied_heads) | set(embeddings) | set(sparse_float)
     for key, t in model.state_dict().items():
         owner = key.rpartition(".")[0]
         if owner not in quantized:
             state[key] = t
     for n, m in linears.items():
         state.update(_linear_tensors(n, m))
+    for n, m in sparse_float.items():
+        state[f"{n}.weight"] = m.dequantized_weight().to(m.values.dtype)
+        if m.bias is not None:
+            state[f"{n}.bias"] = m.bias.detach()
     for n, m in embeddings.items():
         state[f"{n}.weight"] = m.dequantized_weight().to(m.out_dtype)
     if tied_heads and not getattr(config, "tie_word_embeddings", False):
@@ -182,7 +206,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, toke
     ignore = sorted(
         n for n, mod in model.named_modules()
         if isinstance(mod, nn.Linear) and n not in linears
-    ) + sorted(tied_heads)
+    ) + sorted(tied_heads) + sorted(sparse_float)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     save_hf_files(model, folder, tokenizer)
@@ -194,7 +218,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, toke
         "ignore": ignore,
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
-        "sparsity_config": {},
+        "sparsity_config": _sparsity_config(sparse, ignore) if sparse else {},
         "transform_config": {},
     }
     cfg_file = folder / "config.json"

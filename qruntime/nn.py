@@ -16,6 +16,7 @@ from .formats import (
     int8_scales,
     quantize_int4,
     quantize_int8_per_channel,
+    pack_int4,
     unpack_int4,
     INT4_SYM_ZERO,
     dequantize_sp24,
@@ -361,6 +362,34 @@ class SparseLinear(nn.Module):
             out.meta = meta
         if bias is not None:
             out.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=bias.requires_grad)
+        return out
+
+    def dense_codes(self) -> QuantLinear:
+        """A :class:`QuantLinear` holding the same quantized weight with the pruned positions as codes
+        (INT8 code 0; INT4 the zero point, 8 when symmetric): ``dequantized_weight()`` is identical. For
+        exporters whose formats store 2:4 weights dense (compressed-tensors)."""
+        if self.quant is None:
+            raise ValueError(f"{self.format}: float kept values have no codes; use dequantized_weight()")
+        n, k = self.out_features, self.in_features
+        out = QuantLinear(k, n, self.quant, bias=self.bias is not None,
+                          dtype=self.bias.dtype if self.bias is not None else torch.float32, device=self.values.device)
+        pos = sp24_positions(self.meta)
+        if self.quant.bits == 8:
+            dense = torch.zeros(n, pos.shape[1] * 2, dtype=torch.int8, device=self.values.device)
+            dense.scatter_(1, pos, self.values)
+            out.qweight, out.scales = dense[:, :k].contiguous(), self.scales.clone()
+        else:
+            kp = out.qweight.shape[1] * 2
+            group = pos // self.group_size  # [N, Kp/2] the group of every kept value
+            zero = (self.zeros.to(torch.int64).t() if self.zeros is not None
+                    else torch.full((n, self.scales.shape[0]), INT4_SYM_ZERO, dtype=torch.int64, device=pos.device))
+            dense = zero.repeat_interleave(self.group_size, dim=1)[:, : max(kp, pos.shape[1] * 2)]
+            dense = dense.scatter(1, pos, unpack_int4(self.values).to(torch.int64))[:, :kp]
+            out.qweight, out.scales = pack_int4(dense.to(torch.uint8)), self.scales.clone()
+            if self.zeros is not None:
+                out.zeros = self.zeros.clone()
+        if self.bias is not None:
+            out.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
         return out
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -89,3 +89,37 @@ def test_unexportable_models_are_refused_with_reasons(tiny_llama, tiny_gpt2, tmp
     plain, _ = qruntime.compress(nn.Sequential(nn.Linear(32, 32)), "w8a16", inplace=False, progress=False)
     with pytest.raises(ValueError, match="not a transformers model"):
         export_compressed_tensors(plain, tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["2:4-magnitude+w8a16", "2:4-magnitude+w4a16-g32", "2:4-magnitude+w4a16-sym"])
+def test_2_4_layers_export_dense_with_their_structure(tiny_llama, preset, tmp_path):
+    """2:4 layers are written as dense codes (pruned positions: code 0 / the zero point) that decompress
+    to our weights exactly, with a sparsity_config naming them; transformers loads the export."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from qruntime.nn import SparseLinear
+
+    q, _ = qruntime.compress(tiny_llama, preset, inplace=False, progress=False)
+    export_compressed_tensors(q, tmp_path)
+    got = _ct_decompressed(tmp_path)
+    ours = {n: m for n, m in q.named_modules() if isinstance(m, SparseLinear)}
+    assert set(got) == set(ours)
+    for name, module in ours.items():
+        assert torch.equal(got[name], module.dequantized_weight()), name
+    sc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    assert sc["format"] == "dense" and sc["sparsity_structure"] == "2:4" and sc["targets"] == sorted(ours)
+    assert sc["global_sparsity"] >= 0.5
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    SparsityCompressionConfig.load_from_registry("dense", **{k: v for k, v in sc.items() if k != "format"})
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        ref, out = q(ids).logits, hf(ids).logits
+    assert (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item() < 1e-5
+
+
+def test_float_2_4_alone_is_refused_with_the_reason(tiny_llama, tmp_path):
+    q, _ = qruntime.compress(tiny_llama, "2:4-magnitude", inplace=False, progress=False)
+    with pytest.raises(ValueError, match="only float 2:4 layers"):
+        export_compressed_tensors(q, tmp_path)

@@ -287,12 +287,6 @@ def test_tampered_metadata_is_refused(tiny_llama, tmp_path):
         qruntime.load(tmp_path, verify=False)
 
 
-def test_export_refuses_2_4_layers_clearly(tiny_llama, tmp_path):
-    out, _ = qruntime.compress(tiny_llama, "2:4-magnitude+w8a16", inplace=False, progress=False)
-    with pytest.raises(ValueError, match="2:4 sparse .*not implemented yet"):
-        qruntime.export_compressed_tensors(out, tmp_path)
-
-
 def test_int4_grid_is_that_of_the_pruned_weight():
     w = _sparse_weight(16, 64)
     m = SparseLinear.from_pruned(w, None, QuantConfig(4, 32, False))
