@@ -60,7 +60,29 @@ def _keep_scales_float32(module: nn.Module, fn, recurse: bool) -> torch.dtype | 
     return moved.dtype
 
 
-class QuantLinear(nn.Module):
+class _PackedLinear(nn.Module):
+    """What the packed Linear modules share: ``.to(dtype)`` keeps ``scales`` float32, the CPU kernels'
+    cached call is never pickled, and the repr names the format (``self.format``)."""
+
+    def _apply(self, fn, recurse=True):
+        _keep_scales_float32(self, fn, recurse)
+        return self
+
+    def __getstate__(self):
+        # the CPU kernels' cached arguments (ops.run_checked_module / run_sp24_module) are rebuilt on use
+        state = self.__dict__.copy()
+        state.pop("_cpu_plan", None)
+        state.pop("_cpu_sp24_plan", None)
+        return state
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class QuantLinear(_PackedLinear):
     """y = x @ dequant(W).T + b with W stored packed (docs/formats.md).
 
     Buffers: ``qweight`` (int8 [N, K] or uint8 [N, Kp / 2]), ``scales`` (float32 [N] or [G, N]),
@@ -68,10 +90,6 @@ class QuantLinear(nn.Module):
     ``.to(dtype)`` / ``.half()`` convert the bias and leave the scales in float32; the output always has
     the input's dtype.
     """
-
-    def _apply(self, fn, recurse=True):
-        _keep_scales_float32(self, fn, recurse)
-        return self
 
     def __init__(
         self,
@@ -173,17 +191,9 @@ class QuantLinear(nn.Module):
             y = ops.w4a16_linear(x2d, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def __getstate__(self):
-        # the CPU kernels' cached arguments (ops.run_checked_module) are rebuilt on use, never saved
-        state = self.__dict__.copy()
-        state.pop("_cpu_plan", None)
-        return state
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, format={self.quant.name}, "
-            f"bias={self.bias is not None}"
-        )
+    @property
+    def format(self) -> str:
+        return self.quant.name
 
 
 class QuantEmbedding(nn.Module):
@@ -258,7 +268,7 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.quant.name}, out_dtype={self.out_dtype}"
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(_PackedLinear):
     """y = x @ W.T + b with a 2:4-sparse W stored compressed (docs/formats.md, "2:4 sparse").
 
     Buffers: ``values`` (the kept values: float [N, Kp / 2] in the layer's dtype, INT8 codes [N, Kp / 2]
@@ -267,10 +277,6 @@ class SparseLinear(nn.Module):
     ``quant`` is the kept values' QuantConfig, or None when they stay float. ``.half()`` converts
     float values and the bias, never the scales.
     """
-
-    def _apply(self, fn, recurse=True):
-        _keep_scales_float32(self, fn, recurse)
-        return self
 
     def __init__(
         self,
@@ -410,17 +416,6 @@ class SparseLinear(nn.Module):
             y = ops.sp24_linear(x2d, self.values, self.meta, self.scales, self.zeros, self.group_size, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def __getstate__(self):
-        # the CPU kernel's cached arguments (ops.run_sp24_module) are rebuilt on use, never saved
-        state = self.__dict__.copy()
-        state.pop("_cpu_sp24_plan", None)
-        return state
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
-            f"bias={self.bias is not None}"
-        )
 
 
 def _gather_kept(weight: torch.Tensor, meta: torch.Tensor, kp: int) -> torch.Tensor:
