@@ -239,6 +239,7 @@ def compress(
             )
         calib_data = calib_data if isinstance(calib_data, (list, tuple)) else list(calib_data)
     pruned: dict[str, torch.Tensor] = {}  # 2:4 target -> its pruned weight [N, K] (float64)
+    originals: dict[str, torch.Tensor] = {}  # with a recovery stage: the original weights, for the report
     if sp is not None and sp.needs_calibration and sp.sequential:
         t0 = time.perf_counter()
         hessians = _prune_blockwise(model, targets, sparse, calib_data, sp, pruned, calibration, progress)
@@ -268,6 +269,8 @@ def compress(
                 dense_note[name] = " (magnitude: calibration data never reached this layer)"
         stages["pruning"] = time.perf_counter() - t0
         if sp.recover is not None:
+            # the report measures each layer against the original weights, not the trained ones
+            originals = {name: smoothed_weight(module, None) for name, module in targets}
             t0 = time.perf_counter()
             model, targets, recovery = _recover(model, targets, pruned, train_data, eval_data, sp.recover, progress)
             stages["recovery"] = time.perf_counter() - t0
@@ -287,7 +290,7 @@ def compress(
     layers: list[LayerReport] = []
     for name, module in tqdm(targets, desc=f"{'pack' if cfg.quant is None else 'quantize'} {cfg.name}",
                              unit="layer", disable=not progress):
-        weight = smoothed_weight(module, smoothed.get(name))
+        weight = originals[name] if name in originals else smoothed_weight(module, smoothed.get(name))
         hessian, rows = hessians.get(name, (None, 0))
         method = _method(cfg, name in sparse, hessian, rows) + dense_note.get(name, "")
         if name in smoothing.get("consumers", ()):
