@@ -2,7 +2,12 @@
 
 llm-compressor 0.14 pins transformers<=5.17 and compressed-tensors==0.19, so this runs in its own venv
 (/tmp/peer below) where qruntime is importable (its editable finder, no rebuild) for the identical model
-load, calibration windows and perplexity protocol as bench/eval_causal_lm.py:
+load, calibration windows and perplexity protocol as bench/eval_causal_lm.py. The venv:
+
+    python3 -m venv /tmp/peer && /tmp/peer/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1 gguf accelerate
+    /tmp/peer/bin/pip install --no-deps -r requirements-data.txt
+    cp <dev venv>/lib/python3.11/site-packages/{__editable___qruntime_0_1_0_finder.py,__editable__.qruntime-0.1.0.pth} \
+        /tmp/peer/lib/python3.11/site-packages/      # qruntime importable without a rebuild
 
     /tmp/peer/bin/python bench/peer_sparsegpt.py --also-qruntime \
         --json bench/results/smollm2-135m_cpu_peer_sparsegpt.json
@@ -14,9 +19,9 @@ llm-compressor as a pre-tokenized datasets.Dataset (input_ids + attention_mask o
 shuffling. Pruning: SparseGPTModifier(sparsity=0.5, mask_structure="2:4") on every Linear of the decoder
 blocks (targets = the blocks, lm_head ignored), its defaults otherwise (dampening_frac 0.01, block_size
 128, the same as qruntime's "2:4" preset), llm-compressor's default pipeline (sequential, with error
-propagation: each block is calibrated on the outputs of the already-pruned blocks before it; qruntime
-collects every Hessian from the dense model in one pass; --no-propagate-error makes llm-compressor do
-the same). Evaluation: qruntime.evaluate.evaluate_causal_lm(pruned, ids, reference=original) on the
+propagation: each block is calibrated on the outputs of the already-pruned blocks before it, as
+qruntime's default "2:4" does too; --no-propagate-error makes llm-compressor collect every Hessian from
+the dense model in one pass, like qruntime's SparsityConfig(sequential=False)). Evaluation: qruntime.evaluate.evaluate_causal_lm(pruned, ids, reference=original) on the
 first --eval-tokens tokens of the eval split.
 """
 from __future__ import annotations
