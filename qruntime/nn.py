@@ -64,6 +64,12 @@ class _PackedLinear(nn.Module):
     """What the packed Linear modules share: ``.to(dtype)`` keeps ``scales`` float32, the CPU kernels'
     cached call is never pickled, and the repr names the format (``self.format``)."""
 
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features={in_features}, out_features={out_features}: must be positive")
+        self.in_features, self.out_features = in_features, out_features
+
     def _apply(self, fn, recurse=True):
         _keep_scales_float32(self, fn, recurse)
         return self
@@ -100,10 +106,8 @@ class QuantLinear(_PackedLinear):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
-        if in_features <= 0 or out_features <= 0:
-            raise ValueError(f"in_features={in_features}, out_features={out_features}: must be positive")
-        self.in_features, self.out_features, self.quant = in_features, out_features, quant
+        super().__init__(in_features, out_features)
+        self.quant = quant
         n, k = out_features, in_features
         if quant.bits == 8:
             self.group_size = k
@@ -287,12 +291,10 @@ class SparseLinear(_PackedLinear):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
-        if in_features <= 0 or out_features <= 0:
-            raise ValueError(f"in_features={in_features}, out_features={out_features}: must be positive")
+        super().__init__(in_features, out_features)
         if quant is not None and quant.act_bits != 16:
             raise ValueError(f"quant={quant.name}: 2:4 layers take float activations (act_bits must be 16)")
-        self.in_features, self.out_features, self.quant = in_features, out_features, quant
+        self.quant = quant
         n = out_features
         int4 = quant is not None and quant.bits == 4
         kp = sp24_padded_k(in_features, quant.group_size if int4 else None)
