@@ -102,8 +102,10 @@ def test_isa_levels_agree_closely():
     for isa in ISAS:
         with ops.use_cpu_isa(isa):
             ys.append(ops.sp24_linear(x, values, meta, scales, zeros, gs, None))
+    # float32 sums in different orders: bounded relative to the norm of the output (a single output
+    # that is a small difference of large terms can differ by more than 1e-5 of itself)
     for y in ys[1:]:
-        assert torch.allclose(y, ys[0], rtol=1e-5, atol=1e-5)
+        assert (torch.linalg.vector_norm(y - ys[0]) / torch.linalg.vector_norm(ys[0])).item() < 1e-5
 
 
 def test_int4_group_not_a_multiple_of_4_runs_the_reference():
