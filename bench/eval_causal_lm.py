@@ -24,6 +24,9 @@ def main() -> None:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=None, help="default: --window (non-overlapping)")
     p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--budget-samples", type=int, default=0,
+                   help="recipes with an accuracy budget (-budget<x>, auto): measure it on this many windows of "
+                        "the training split (held out from calibration and evaluation); 0: on the calibration data")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -41,7 +44,10 @@ def main() -> None:
         calib = None
         if resolve_config(preset).needs_calibration:
             calib = calibration_batches(tok, num_samples=args.calib_samples, seq_len=args.window)
-        qmodel, report = compress(model, preset, calib, inplace=False)
+        held_out = None
+        if resolve_config(preset).max_ppl_increase is not None and args.budget_samples:
+            held_out = calibration_batches(tok, num_samples=args.budget_samples, seq_len=args.window, split="train")
+        qmodel, report = compress(model, preset, calib, inplace=False, eval_data=held_out)
         result = evaluate_causal_lm(qmodel, ids, reference=model, window=args.window, stride=args.stride)
         rows.append({"preset": report.config, "report": report.to_dict(), "eval": result.to_dict()})
         del qmodel

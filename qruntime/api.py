@@ -6,11 +6,13 @@ import fnmatch
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .awq import plan_awq
 from .calibrate import collect_stats
 from .config import CompressConfig, QuantConfig, resolve_config
 from .distill import distill as run_distill
@@ -147,6 +149,7 @@ def compress(
     eval_data: Iterable | None = None,
     inplace: bool = True,
     progress: bool = True,
+    max_ppl_increase: float | None = None,
 ) -> tuple[nn.Module, CompressReport]:
     """Quantizes the Linear and Conv1D layers of a (HuggingFace) model, after an optional depth stage
     (a shallower student distilled from it).
@@ -156,17 +159,22 @@ def compress(
         config: a preset name (``"w8a16"``, ``"w4a16-g128"``, see :mod:`qruntime.config`), a
             :class:`QuantConfig` or a :class:`CompressConfig`.
         calib_data: for calibrated methods (``*-gptq``): an iterable of input-id tensors [batch, seq]
-            or of dicts of model keyword arguments, e.g.
+            or of dicts of model keyword arguments (a tokenized ``datasets.Dataset`` works: its lists of ids
+            become tensors), e.g.
             ``qruntime.calibrate.calibration_batches(tokenizer)``. Ignored by round-to-nearest. With a
             depth stage, the student is calibrated on it after distillation.
         train_data: for a depth stage (``"d20+..."``, ``CompressConfig(distill=...)``): the batches the
             student is distilled on (see :func:`qruntime.distill`), e.g.
             ``qruntime.calibrate.calibration_batches(tokenizer, 64, 256, split="train")``.
-        eval_data: held-out batches to measure the student before and after distillation (optional).
+        eval_data: held-out batches to measure the student before and after distillation, and the
+            perplexity of the accuracy budget (optional; the budget uses the calibration data without it).
         inplace: swap the layers in ``model``; with False a deep copy is compressed and ``model`` is
             left untouched. With a depth stage the result is always a new model (the student) and
             ``model`` (the teacher) is left untouched.
         progress: show a progress bar.
+        max_ppl_increase: an accuracy budget (overrides the recipe's, see :mod:`qruntime.mixed`): e.g.
+            0.02 keeps the most sensitive layers in INT8 until the measured perplexity is within 2% of
+            the original's.
 
     Returns:
         ``(model, report)``. On any error the caller's model is left exactly as it was: every layer is
@@ -175,6 +183,10 @@ def compress(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     cfg = resolve_config(config)
+    if max_ppl_increase is not None:
+        cfg = replace(cfg, max_ppl_increase=max_ppl_increase)
+    if eval_data is not None and not isinstance(eval_data, (list, tuple)):
+        eval_data = list(eval_data)  # read by the depth stage and the budget
     start = time.perf_counter()
     stages: dict[str, float] = {}
     distillation: dict = {}
@@ -230,6 +242,10 @@ def compress(
     smoothing: dict = {}
     smoothed: dict[str, dict[str, torch.Tensor]] = {}  # module name -> its smoothed tensors
     quant_hessians = cfg.quant is not None and cfg.quant.needs_calibration
+    # GPTQ / activation-aware clipping block by block: each block quantized on the outputs of the
+    # quantized blocks before it (QuantConfig.sequential; 2:4 recipes have their own block-wise pass)
+    sequential = quant_hessians and cfg.quant.sequential and sp is None
+    prebuilt: dict[str, nn.Module] = {}  # layers quantized during the block-by-block pass
     if cfg.needs_calibration:
         if calib_data is None:
             hint = " (or '2:4-magnitude', which needs no data)" if sp is not None and sp.needs_calibration else ""
@@ -244,16 +260,26 @@ def compress(
         t0 = time.perf_counter()
         hessians = _prune_blockwise(model, targets, sparse, calib_data, sp, pruned, calibration, progress)
         stages["calibration + pruning (block by block)"] = time.perf_counter() - t0
-    elif cfg.needs_calibration:
+    elif cfg.needs_calibration and not (sequential and cfg.smoothquant is None and not cfg.awq):
         t0 = time.perf_counter()
         hessians, absmax = collect_stats(model, dict(targets), calib_data,
-                                         hessian=quant_hessians or (sp is not None and sp.needs_calibration),
+                                         hessian=quant_hessians or cfg.awq or cfg.max_ppl_increase is not None
+                                         or (sp is not None and sp.needs_calibration),
                                          absmax=cfg.smoothquant is not None,
                                          samples=1024 if cfg.smoothquant == "auto" else 0,
                                          progress=progress, fingerprint=calibration)
         stages["calibration"] = time.perf_counter() - t0
         if cfg.smoothquant is not None:
             smoothed, smoothing = plan_smoothing(model, dict(targets), absmax, cfg.smoothquant, hessians)
+        elif cfg.awq:
+            t0 = time.perf_counter()
+            smoothed, smoothing = plan_awq(model, dict(targets), hessians, cfg.quant)
+            stages["awq scale search"] = time.perf_counter() - t0
+    if sequential and calib_data is not None:
+        t0 = time.perf_counter()
+        hessians = _quantize_blockwise(model, targets, calib_data, cfg.quant, smoothed, prebuilt, calibration,
+                                       progress)
+        stages["calibration + quantization (block by block)" if prebuilt else "calibration"] = time.perf_counter() - t0
 
     recovery: dict = {}
     if sp is not None:
@@ -294,14 +320,16 @@ def compress(
         hessian, rows = hessians.get(name, (None, 0))
         method = _method(cfg, name in sparse, hessian, rows) + dense_note.get(name, "")
         if name in smoothing.get("consumers", ()):
-            method += f" + smoothquant (alpha {smoothing['alpha_of'][name]:g})"
+            method += f" + {smoothing['method']} (alpha {smoothing['alpha_of'][name]:g})"
         with torch.no_grad():
             if name in sparse:
                 q = SparseLinear.from_pruned(pruned[name], module.bias, cfg.quant,
                                              hessian if quant_hessians else None, dtype=weight.dtype)
+            elif name in prebuilt:
+                q = prebuilt[name]
             else:
                 source = module if name not in smoothed else as_linear(weight, smoothed[name].get("bias"))
-                q = QuantLinear.from_linear(source, cfg.quant, hessian=hessian)
+                q = QuantLinear.from_linear(source, _layer_quant(cfg.quant, hessian), hessian=hessian)
             rel, sqnr = _weight_error(weight, q)
             out_err = _output_error(weight, q, hessian) if hessian is not None else None
         replacements.append((name, q))
@@ -323,6 +351,13 @@ def compress(
         )
     if cfg.embeddings is not None:
         _quantize_embeddings(model, cfg.embeddings, replacements, layers, skipped)
+    budget: dict = {}
+    if cfg.max_ppl_increase is not None:
+        t1 = time.perf_counter()
+        budget = _apply_budget(model, cfg, targets, replacements, layers, skipped, smoothed, originals,
+                               eval_data if eval_data is not None else calib_data,
+                               "eval_data" if eval_data is not None else "calibration data", progress)
+        stages["accuracy budget"] = time.perf_counter() - t1
     # last: the smoothed norms / producer Linears that stay in float, then the quantized layers
     apply_smoothing(model, {n: t for n, t in smoothed.items() if n not in target_names})
     for name, q in replacements:
@@ -342,18 +377,88 @@ def compress(
         smoothing={k: v for k, v in smoothing.items() if k not in ("consumers", "alpha_of")},
         distillation=distillation,
         recovery=recovery,
+        budget=budget,
     )
     return model, report
+
+
+def _format_bytes(module: nn.Module) -> int:
+    """Bytes of a layer's weight as stored: packed (QuantLinear) or float."""
+    if hasattr(module, "packed_bytes"):
+        return module.packed_bytes()
+    w = linear_weight(module)
+    return w.numel() * w.element_size()
+
+
+def _apply_budget(model, cfg, targets, replacements, layers, skipped, smoothed, originals,
+                  batches, data_name, progress) -> dict:
+    """The accuracy budget (:mod:`qruntime.mixed`): measures which targets need the fallback format and
+    rewrites ``replacements``, ``layers`` and ``skipped`` for them. Returns the report entry."""
+    from .mixed import budget_search, fisher_sensitivity
+
+    target_names = {name for name, _ in targets}
+    fallback = QuantConfig(bits=8) if cfg.fallback == "w8a16" else None
+    high: dict[str, nn.Module] = {}
+    with torch.no_grad():
+        for name, module in targets:
+            weight = originals[name] if name in originals else smoothed_weight(module, smoothed.get(name))
+            source = module if name not in smoothed else as_linear(weight, smoothed[name].get("bias"))
+            high[name] = QuantLinear.from_linear(source, fallback) if fallback is not None else source
+    low = {name: q for name, q in replacements if name in target_names}
+    fixed = {name: q for name, q in replacements if name not in target_names}
+    params = {n: t for n, t in smoothed.items() if n not in target_names}
+    modules = dict(targets)
+    batches = list(batches)
+    with torch.no_grad():
+        deltas = {name: smoothed_weight(modules[name], smoothed.get(name)).to(torch.float32) - q.dequantized_weight()
+                  for name, q in low.items()}
+    loss_increase = fisher_sensitivity(model, deltas, batches, smoothed)
+    # accuracy per byte: the estimated loss increase avoided by each extra byte of the fallback format
+    extra = {name: max(1, _format_bytes(high[name]) - low[name].packed_bytes()) for name in low}
+    score = {name: loss_increase[name] / extra[name] for name in low}
+    promoted, budget = budget_search(model, low, high, score, params, batches, cfg.max_ppl_increase,
+                                     progress=progress, fixed=fixed)
+    budget["fallback"] = cfg.fallback
+    budget["data"] = data_name
+    budget["sensitivity"] = "estimated loss increase (diagonal Fisher) per extra byte of the fallback format"
+    rank = {name: i for i, name in enumerate(budget["promoted"])}
+    for layer in layers:
+        if layer.name in loss_increase:
+            layer.sensitivity = loss_increase[layer.name]
+    kept: list[LayerReport] = []
+    for layer in layers:
+        if layer.name not in promoted:
+            kept.append(layer)
+            continue
+        reason = (f"accuracy budget: rank {rank[layer.name] + 1}, estimated loss increase "
+                  f"{loss_increase[layer.name]:.3g} nats/token if quantized")
+        if fallback is None:
+            skipped.append(SkippedLayer(layer.name, layer.kind, f"kept in float by the {reason}"))
+            continue
+        q = high[layer.name]
+        weight = originals.get(layer.name)
+        if weight is None:
+            weight = smoothed_weight(modules[layer.name], smoothed.get(layer.name))
+        rel, sqnr = _weight_error(weight, q)
+        kept.append(replace(layer, format=fallback.name, bytes_after=q.packed_bytes(), rel_error=rel, sqnr_db=sqnr,
+                            method=f"rtn (w8a16 by the {reason})", output_rel_error=None))
+    layers[:] = kept
+    # a float fallback without smoothing is the layer itself: nothing to swap
+    replacements[:] = [(name, high[name] if name in promoted else q) for name, q in replacements
+                       if not (name in promoted and high[name] is modules[name])]
+    return budget
 
 
 def _method(cfg: CompressConfig, sparse: bool, hessian: torch.Tensor | None, rows: int) -> str:
     """How a layer's weights were chosen, for the report: e.g. ``sparsegpt + gptq (8192 calibration rows)``."""
     parts = [cfg.sparsity.method] if sparse else []
     if cfg.quant is not None:
+        clip = {"none": "", "mse": " + mse clipping", "act": " + activation-aware clipping"}[cfg.quant.clip]
         if cfg.quant.needs_calibration and hessian is None:
-            parts.append("rtn (calibration data never reached this layer)")
+            clip = " + mse clipping" if clip else ""
+            parts.append(f"rtn{clip} (calibration data never reached this layer)")
         else:
-            parts.append(cfg.quant.method)
+            parts.append(cfg.quant.method + clip)
     text = " + ".join(parts)
     return text + (f" ({rows} calibration rows)" if hessian is not None else "")
 
@@ -401,6 +506,56 @@ def _prune_blockwise(
         with torch.no_grad():
             for name, weight in originals.items():
                 modules[name].weight.copy_(weight)
+
+
+def _layer_quant(quant: QuantConfig, hessian: torch.Tensor | None) -> QuantConfig:
+    """A layer no calibration data reached has no activations to weight its clipping: "mse" instead."""
+    return replace(quant, clip="mse") if quant.clip == "act" and hessian is None else quant
+
+
+def _quantize_blockwise(
+    model: nn.Module,
+    targets: list[tuple[str, nn.Module]],
+    calib_data: list,
+    quant: QuantConfig,
+    smoothed: dict[str, dict[str, torch.Tensor]],
+    prebuilt: dict[str, nn.Module],
+    fingerprint: dict,
+    progress: bool,
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """GPTQ (and activation-aware clipping) block by block (:mod:`qruntime.sequential`): each block's
+    targets are quantized with Hessians of the inputs they see once the blocks before them are quantized
+    (and smoothed, when SmoothQuant/AWQ scales were planned). Fills ``prebuilt`` with the quantized
+    layers; returns every target's Hessian. The model is restored before returning, on every path. A
+    model without one list of blocks is calibrated in one pass instead (the report's calibration says so)."""
+    from .mixed import swapped
+    from .sequential import blockwise_calibrate
+
+    modules = dict(targets)
+    replaced: dict[str, nn.Parameter] = {}
+
+    def compress_block(hessians: dict) -> None:
+        for name, (hessian, _) in hessians.items():
+            module = modules[name]
+            q = QuantLinear.from_linear(module, _layer_quant(quant, hessian), hessian=hessian)
+            prebuilt[name] = q
+            w = q.dequantized_weight().to(module.weight.dtype)
+            replaced.setdefault(name, module.weight)
+            module.weight = nn.Parameter(w.t().contiguous() if is_conv1d(module) else w, requires_grad=False)
+
+    with torch.no_grad(), swapped(model, {}, smoothed):
+        try:
+            return blockwise_calibrate(model, modules, calib_data, compress_block, progress=progress,
+                                       fingerprint=fingerprint)
+        except ValueError as exc:
+            if "nn.ModuleList" not in str(exc):
+                raise
+            prebuilt.clear()
+            fingerprint["mode"] = f"one pass ({exc})"
+            return collect_stats(model, modules, calib_data, progress=progress, fingerprint=fingerprint)[0]
+        finally:
+            for name, weight in replaced.items():
+                modules[name].weight = weight
 
 
 def _recover(

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["calibration_batches", "text_batches", "collect_hessians", "collect_stats"]
+__all__ = ["calibration_batches", "text_batches", "collect_hessians", "collect_stats", "check_token_ids"]
 
 
 def calibration_batches(tokenizer, num_samples: int = 16, seq_len: int = 512, split: str = "calibration") -> list[torch.Tensor]:
@@ -36,17 +36,34 @@ def text_batches(tokenizer, text: str, num_samples: int = 16, seq_len: int = 512
     return list(torch.tensor(ids[: num_samples * seq_len]).reshape(num_samples, 1, seq_len))
 
 
-def _run(model: nn.Module, batch, device: torch.device) -> None:
-    if isinstance(batch, torch.Tensor):
-        ids = batch if batch.dim() == 2 else batch.unsqueeze(0)
-        model(ids.to(device))
-    elif isinstance(batch, Mapping):
-        model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-    else:
-        raise TypeError(
-            f"calibration batch of type {type(batch).__name__}: expected a LongTensor of input ids "
-            "[batch, seq] or a dict of model keyword arguments"
+def check_token_ids(model: nn.Module, batch, what: str = "calibration batch") -> None:
+    """Raises ValueError when ``batch``'s input ids fall outside the model's vocabulary (text tokenized
+    with another model's tokenizer): an embedding lookup would fail with an opaque IndexError or, on a
+    GPU, an assertion deep in a kernel."""
+    ids = batch if isinstance(batch, torch.Tensor) else batch.get("input_ids") if isinstance(batch, Mapping) else None
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    size = getattr(emb, "num_embeddings", None)
+    if not isinstance(ids, torch.Tensor) or ids.numel() == 0 or size is None or ids.is_floating_point():
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= size:
+        bad = high if high >= size else low
+        raise ValueError(
+            f"{what}: token id {bad} outside the model's vocabulary [0, {size}): was the text tokenized with "
+            "another model's tokenizer?"
         )
+
+
+def _run(model: nn.Module, batch, device: torch.device) -> None:
+    from .distill import _inputs
+
+    try:
+        inputs = _inputs(batch, device)
+    except TypeError as exc:
+        raise TypeError(f"calibration {exc}") from None
+    check_token_ids(model, inputs)
+    model(**inputs)
 
 
 def _digest(batch, h) -> int:
@@ -58,6 +75,8 @@ def _digest(batch, h) -> int:
         h.update(str(key).encode())
         if not isinstance(value, torch.Tensor):
             h.update(repr(value).encode())
+            if key == "input_ids" and isinstance(value, (list, tuple)):  # a `datasets` row
+                tokens = torch.tensor(value).numel()
             continue
         t = value.detach().cpu().contiguous().reshape(-1) if value.dim() else value.detach().cpu().reshape(1)
         h.update(f"{value.dtype}{tuple(value.shape)}".encode())

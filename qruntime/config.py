@@ -8,6 +8,14 @@ A preset string is parsed into a :class:`CompressConfig`; grammar::
     w4a16-g64-sym         ... symmetric (no zero points)
     w8a8                  INT8 weights per channel + INT8 activations quantized per token at run time
     w8a16-gptq            any of the above with GPTQ rounding (needs calibration data)
+    w4a16-g128-mse        any of the above with each group's range searched to minimize the rounding error
+                          ("-clip": weighted by the calibration activations, needs data); also after -gptq
+    w4a16-g128-gptq-budget0.02  any of the above under an accuracy budget: the most sensitive layers are
+                          given INT8 ("-budget0.02-float": left in float) until the perplexity measured
+                          on the budget data is within 2% of the original's (calibrated; causal LMs)
+    auto                  w4a16-g128-gptq-clip-budget0.02
+    w4a16-g128-awq        weight-only recipes: AWQ activation-aware channel scaling folded into the norms
+                          (calibrated); combines with -gptq and -mse/-clip (w4a16-g128-gptq-clip-awq)
     w4a16-g128-emb8       any of the above, plus the input embedding (and an output head tied to it)
                           in INT8 per row; "-emb4": INT4, in the recipe's groups (default 128), asymmetric
     d20+w4a16-g128-gptq   any of the above after a depth stage: a 20-block student distilled from the
@@ -54,6 +62,10 @@ def _check_group_size(group_size: int | None) -> None:
         raise ValueError(f"group_size={group_size}: must be a power of two >= 16, or None for per-channel")
 
 
+# clip method -> its preset suffix
+CLIP_METHODS: dict[str, str] = {"none": "", "mse": "-mse", "act": "-clip"}
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How the weights of one Linear are quantized.
@@ -73,6 +85,15 @@ class QuantConfig:
             format is unchanged).
         act_bits: 16 (activations stay floating point) or 8 (dynamic per-token INT8 activations and
             int32 accumulation; INT8 weights only).
+        clip: how each group's (INT4) or row's (INT8) range is set (:mod:`qruntime.clip`): ``"none"``
+            (its min and max, round to nearest's grid), ``"mse"`` (shrunk to minimize the weight's
+            squared rounding error; no data) or ``"act"`` (shrunk to minimize the error weighted by each
+            input column's mean squared activation; needs calibration data). Same packed format; with
+            GPTQ the codes are chosen on the searched grid.
+        sequential: calibrated methods (GPTQ, clip "act") run block by block: each block's layers are
+            calibrated on the outputs of the blocks before them *as quantized* (:mod:`qruntime.sequential`;
+            about three forward passes of the calibration data instead of one). False: one pass of the
+            float model.
     """
 
     bits: int = 8
@@ -83,6 +104,8 @@ class QuantConfig:
     gptq_block_size: int = 128
     gptq_act_order: bool = True
     act_bits: int = 16
+    clip: str = "none"
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -102,10 +125,12 @@ class QuantConfig:
             raise ValueError(f"gptq_damp={self.gptq_damp}: must be in [0, 1)")
         if self.gptq_block_size < 1:
             raise ValueError(f"gptq_block_size={self.gptq_block_size}: must be >= 1")
+        if self.clip not in CLIP_METHODS:
+            raise ValueError(f"clip={self.clip!r}: must be one of {list(CLIP_METHODS)}")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq"
+        return self.method == "gptq" or self.clip == "act"
 
     @property
     def name(self) -> str:
@@ -116,7 +141,7 @@ class QuantConfig:
             s += "-sym" if self.symmetric else "-asym"
         if self.method != "rtn":
             s += f"-{self.method}"
-        return s
+        return s + CLIP_METHODS[self.clip]
 
 
 @dataclass(frozen=True)
@@ -192,6 +217,15 @@ class CompressConfig:
             blocks, distilled from it (:class:`DistillConfig`; needs training data), or None.
         sparsity: 2:4 structured sparsity of the targets (:class:`SparsityConfig`), or None. With
             sparsity, ``quant`` may be None: the kept values stay in the layer's float dtype.
+        awq: weight-only recipes: activation-aware scaling of the input channels (:mod:`qruntime.awq`),
+            searched per group of layers on the calibration Hessians and folded into the preceding norm
+            or Linear like SmoothQuant (needs calibration data).
+        max_ppl_increase: an accuracy budget (:mod:`qruntime.mixed`): the most sensitive layers are given
+            the ``fallback`` format until the measured perplexity is at most ``(1 + max_ppl_increase)``
+            times the original's (causal LMs; measured on ``eval_data`` if given, else the calibration
+            data), or None.
+        fallback: the budget's higher-precision format: ``"w8a16"`` (INT8 per channel, round to nearest)
+            or ``"float"`` (the layer is left unconverted, listed as skipped with the reason).
     """
 
     quant: QuantConfig | None = field(default_factory=QuantConfig)
@@ -201,6 +235,9 @@ class CompressConfig:
     smoothquant: float | str | None = None
     distill: DistillConfig | None = None
     sparsity: SparsityConfig | None = None
+    awq: bool = False
+    max_ppl_increase: float | None = None
+    fallback: str = "w8a16"
 
     def __post_init__(self) -> None:
         if self.sparsity is not None:
@@ -208,6 +245,9 @@ class CompressConfig:
                 raise TypeError(f"sparsity={self.sparsity!r}: must be a SparsityConfig or None")
             if self.quant is not None and self.quant.act_bits != 16:
                 raise ValueError(f"sparsity with {self.quant.name}: 2:4 kernels take float activations (w8a16 / w4a16)")
+            if self.quant is not None and self.quant.clip != "none":
+                raise ValueError(f"sparsity with {self.quant.name}: the clipping search is not implemented for 2:4 "
+                                 "kept values (use clip='none')")
         elif self.quant is None:
             raise ValueError("quant=None: nothing to do; give a QuantConfig, or a SparsityConfig for 2:4 alone")
         if self.distill is not None:
@@ -220,10 +260,10 @@ class CompressConfig:
         if self.embeddings is not None:
             if not isinstance(self.embeddings, QuantConfig):
                 raise TypeError(f"embeddings={self.embeddings!r}: must be a QuantConfig or None")
-            if self.embeddings.act_bits != 16 or self.embeddings.method != "rtn":
+            if self.embeddings.act_bits != 16 or self.embeddings.method != "rtn" or self.embeddings.clip == "act":
                 raise ValueError(
                     f"embeddings={self.embeddings.name}: embeddings are quantized round-to-nearest with "
-                    "float activations (act_bits=16, method='rtn')"
+                    "float activations and no calibration data (act_bits=16, method='rtn', clip 'none' or 'mse')"
                 )
         for attr in ("include", "exclude"):
             value = getattr(self, attr)
@@ -232,6 +272,22 @@ class CompressConfig:
             object.__setattr__(self, attr, tuple(value))
         if not self.include:
             raise ValueError("include=(): no layer could ever be selected; use ('*',) for all")
+        if self.max_ppl_increase is not None:
+            if isinstance(self.max_ppl_increase, bool) or not isinstance(self.max_ppl_increase, (int, float)) \
+                    or not 0 < self.max_ppl_increase < 10:
+                raise ValueError(f"max_ppl_increase={self.max_ppl_increase!r}: must be a number in (0, 10), e.g. "
+                                 "0.02 for perplexity within 2% of the original's")
+            if self.sparsity is not None or self.quant is None:
+                raise ValueError(f"max_ppl_increase with {self.format_name}: the accuracy budget chooses between "
+                                 "quantization formats; it does not apply to 2:4 recipes")
+        if self.fallback not in ("w8a16", "float"):
+            raise ValueError(f"fallback={self.fallback!r}: must be 'w8a16' or 'float'")
+        if self.awq:
+            if self.quant is None or self.quant.act_bits != 16 or self.sparsity is not None:
+                raise ValueError(
+                    f"awq=True with {self.format_name}: AWQ scaling is for weight-only recipes without 2:4 "
+                    "(w8a16 / w4a16); W8A8 has SmoothQuant ('-sq')"
+                )
         if self.smoothquant is not None:
             if self.quant is None or self.quant.act_bits != 8:
                 raise ValueError(
@@ -249,6 +305,8 @@ class CompressConfig:
         return (
             (self.quant is not None and self.quant.needs_calibration)
             or self.smoothquant is not None
+            or self.awq
+            or self.max_ppl_increase is not None
             or (self.sparsity is not None and self.sparsity.needs_calibration)
         )
 
@@ -269,11 +327,15 @@ class CompressConfig:
         s = self.quant_name if self.quant is not None else ""
         if self.sparsity is not None:
             s = self.sparsity.name + (f"+{s}" if s else "")
+        if self.awq:
+            s += "-awq"
         if self.smoothquant is not None:
             s += "-sq" if self.smoothquant == 0.5 else (
                 "-sqauto" if self.smoothquant == "auto" else f"-sq{self.smoothquant:g}")
         if self.embeddings is not None:
             s += f"-emb{self.embeddings.bits}"
+        if self.max_ppl_increase is not None:
+            s += f"-budget{self.max_ppl_increase:g}" + ("-float" if self.fallback == "float" else "")
         if self.distill is not None:
             depth = self.distill.num_layers if self.distill.num_layers is not None else len(self.distill.keep)
             s = f"d{depth}+{s}"
@@ -281,8 +343,10 @@ class CompressConfig:
 
 
 _PRESET_RE = re.compile(
-    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?(?P<sqflag>-sq(?P<sq>0?\.\d+|auto)?)?(?:-emb(?P<emb>8|4))?$"
+    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?(?:-(?P<clip>mse|clip))?(?P<awq>-awq)?(?P<sqflag>-sq(?P<sq>0?\.\d+|auto)?)?(?:-emb(?P<emb>8|4))?(?:-budget(?P<budget>\d*\.?\d+)(?P<float>-float)?)?$"
 )
+
+AUTO_PRESET = "w4a16-g128-gptq-clip-budget0.02"
 
 PRESETS: dict[str, str] = {
     "w8a16": "INT8 weights, per-channel symmetric scales",
@@ -297,6 +361,10 @@ PRESETS: dict[str, str] = {
     "w4a16-g64": "INT4 weights, groups of 64 along K, asymmetric",
     "w4a16-g32": "INT4 weights, groups of 32 along K, asymmetric",
     "w4a16-g128-gptq": "INT4 weights, groups of 128, asymmetric, GPTQ rounding (calibrated)",
+    "w4a16-g128-mse": "INT4 g128, each group's range shrunk to minimize its squared rounding error (no data)",
+    "w4a16-g128-gptq-clip": "INT4 g128, range searched with activation-weighted error (calibrated), then GPTQ",
+    "auto": f"{AUTO_PRESET}: INT4 where the accuracy budget allows, INT8 for the most sensitive layers",
+    "w4a16-g128-awq": "INT4 g128 after AWQ scaling (alpha searched per group on calibration Hessians, folded)",
     "w4a16-g128-gptq-emb4": "w4a16-g128-gptq, plus the token embedding (and a tied lm_head) in INT4 g128",
     "w8a16-emb8": "w8a16, plus the token embedding (and a tied lm_head) in INT8 per row",
     "2:4": "2:4 structured sparsity by SparseGPT (calibrated), kept values in the layer's float dtype",
@@ -310,6 +378,8 @@ PRESETS: dict[str, str] = {
 
 def parse_preset(name: str) -> CompressConfig:
     """Turns a preset name (see the module docstring) into a :class:`CompressConfig`."""
+    if name.strip().lower() == "auto":
+        return parse_preset(AUTO_PRESET)
     depth = re.match(r"^d(\d+)\+(.+)$", name.strip().lower())
     if depth is not None:
         return replace(parse_preset(depth[2]), distill=DistillConfig(num_layers=int(depth[1])))
@@ -333,8 +403,8 @@ def parse_preset(name: str) -> CompressConfig:
     if m is None:
         raise ValueError(
             f"unknown preset {name!r}: expected one of {sorted(PRESETS)} or the form "
-            "'w8a16' / 'w8a8' / 'w4a16[-g<group>][-sym|-asym]' with an optional '-gptq', '-sq[<alpha>]' (w8a8), "
-            "'-emb8|4'"
+            "'w8a16' / 'w8a8' / 'w4a16[-g<group>][-sym|-asym]' with an optional '-gptq', '-mse' or '-clip', '-awq', '-sq[<alpha>]' (w8a8), '-emb8|4', "
+            "'-budget<x>[-float]'"
         )
     bits = int(m["bits"])
     act_bits = int(m["abits"])
@@ -343,19 +413,24 @@ def parse_preset(name: str) -> CompressConfig:
     group = int(m["group"]) if m["group"] else None
     sym = m["sym"]
     method = m["method"] or "rtn"
+    clip = {"mse": "mse", "clip": "act", None: "none"}[m["clip"]]
     if bits == 8:
         if sym == "asym":
             raise ValueError(f"preset {name!r}: INT8 weights are symmetric only")
-        quant = QuantConfig(bits=8, group_size=group, symmetric=True, method=method, act_bits=act_bits)
+        quant = QuantConfig(bits=8, group_size=group, symmetric=True, method=method, act_bits=act_bits, clip=clip)
     else:
-        quant = QuantConfig(bits=4, group_size=group, symmetric=(sym == "sym"), method=method)
+        quant = QuantConfig(bits=4, group_size=group, symmetric=(sym == "sym"), method=method, clip=clip)
     smoothquant = None
     if m["sqflag"]:
         smoothquant = "auto" if m["sq"] == "auto" else (float(m["sq"]) if m["sq"] else 0.5)
         if act_bits != 8:
             raise ValueError(f"preset {name!r}: SmoothQuant ('-sq') is for INT8 activations (w8a8)")
+    if m["awq"] and act_bits != 16:
+        raise ValueError(f"preset {name!r}: AWQ ('-awq') is for weight-only recipes (w8a16 / w4a16); W8A8 has '-sq'")
     return CompressConfig(quant=quant, embeddings=embedding_config(int(m["emb"]), quant) if m["emb"] else None,
-                          smoothquant=smoothquant)
+                          smoothquant=smoothquant, awq=bool(m["awq"]),
+                          max_ppl_increase=float(m["budget"]) if m["budget"] else None,
+                          fallback="float" if m["float"] else "w8a16")
 
 
 def embedding_config(bits: int, quant: QuantConfig) -> QuantConfig:

@@ -165,7 +165,16 @@ def _inputs(batch, device: torch.device) -> dict:
     if isinstance(batch, Mapping):
         if "input_ids" not in batch and "inputs_embeds" not in batch:
             raise ValueError(f"batch keys {sorted(batch)}: need 'input_ids'")
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, str):
+                raise TypeError(f"batch key {key!r} holds text: tokenize first (batches are token ids), or drop "
+                                "the text column of the dataset")
+            if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, list, tuple)) for v in value):
+                value = torch.tensor(value)  # a row of a `datasets` dataset: lists of ids
+                value = value.unsqueeze(0) if value.dim() == 1 else value
+            out[key] = value.to(device) if isinstance(value, torch.Tensor) else value
+        return out
     raise TypeError(
         f"batch of type {type(batch).__name__}: expected a LongTensor of input ids [batch, seq] or a dict "
         "of model keyword arguments"

@@ -14,8 +14,6 @@ from .formats import (
     int4_params,
     int8_codes,
     int8_scales,
-    quantize_int4,
-    quantize_int8_per_channel,
     pack_int4,
     unpack_int4,
     INT4_SYM_ZERO,
@@ -24,6 +22,7 @@ from .formats import (
     sp24_padded_k,
     sp24_positions,
 )
+from .clip import quant_grid
 from .gptq import column_quantizer, gptq_quantize
 
 __all__ = ["QuantLinear", "QuantEmbedding", "SparseLinear", "linear_weight", "is_conv1d"]
@@ -130,19 +129,18 @@ class QuantLinear(_PackedLinear):
     ) -> "QuantLinear":
         """Quantizes an ``nn.Linear`` or a ``transformers`` ``Conv1D``.
 
-        Scales and zero points come from the weight itself (round-to-nearest grid). With ``hessian``
-        (float [K, K], X^T X of the layer's calibration inputs) the codes are chosen by GPTQ on that grid.
+        Scales and zero points come from the weight itself: round to nearest's grid, or with
+        ``quant.clip`` a searched one (:mod:`qruntime.clip`). ``hessian`` (float [K, K], X^T X of the
+        layer's calibration inputs) weights that search (clip "act") and, with ``quant.method == "gptq"``,
+        the codes are chosen by GPTQ on the grid.
         """
         weight = linear_weight(module)
         n, k = weight.shape
         bias = module.bias
         out = cls(k, n, quant, bias=bias is not None, dtype=weight.dtype, device=weight.device)
-        if quant.bits == 8:
-            scales, zeros, group_size = int8_scales(weight), None, k
-        else:
-            scales, zeros, group_size = int4_params(weight, quant.group_size, quant.symmetric)
+        scales, zeros, group_size = quant_grid(weight, quant, hessian)
         target = weight
-        if hessian is not None:
+        if hessian is not None and quant.method == "gptq":
             target = gptq_quantize(
                 weight,
                 hessian,
@@ -235,10 +233,11 @@ class QuantEmbedding(nn.Module):
             raise TypeError(f"{type(module).__name__}: not an nn.Embedding")
         w = module.weight
         out = cls(module.num_embeddings, module.embedding_dim, quant, module.padding_idx, w.dtype, device=w.device)
+        scales, zeros, group_size = quant_grid(w, quant)
         if quant.bits == 8:
-            out.qweight, out.scales = quantize_int8_per_channel(w)
+            out.qweight, out.scales = int8_codes(w, scales), scales
         else:
-            out.qweight, out.scales, zeros, _ = quantize_int4(w, quant.group_size, quant.symmetric)
+            out.qweight, out.scales = int4_codes(w, scales, zeros, group_size), scales
             if zeros is not None:
                 out.zeros = zeros
         return out
@@ -388,7 +387,6 @@ class SparseLinear(_PackedLinear):
             out.qweight, out.scales = dense[:, :k].contiguous(), self.scales.clone()
         else:
             kp = out.qweight.shape[1] * 2
-            group = pos // self.group_size  # [N, Kp/2] the group of every kept value
             zero = (self.zeros.to(torch.int64).t() if self.zeros is not None
                     else torch.full((n, self.scales.shape[0]), INT4_SYM_ZERO, dtype=torch.int64, device=pos.device))
             dense = zero.repeat_interleave(self.group_size, dim=1)[:, : max(kp, pos.shape[1] * 2)]

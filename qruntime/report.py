@@ -21,6 +21,9 @@ class LayerReport:
     # of its sensitivity (None without calibration data)
     output_rel_error: float | None = None
     sparsity: float | None = None  # 2:4 layers: fraction of the weights that are zero
+    # accuracy budget: the estimated increase of the mean next-token loss (nats/token) if this layer
+    # alone is in the recipe's format (qruntime.mixed.fisher_sensitivity)
+    sensitivity: float | None = None
 
 
 @dataclass
@@ -44,15 +47,19 @@ class CompressReport:
     # numbers (windows are consecutive, GPTQ's order is by the Hessian), so there is no seed to record:
     # the same model, recipe and data give bit-identical weights on the same machine and thread count.
     calibration: dict = field(default_factory=dict)
-    # SmoothQuant (w8a8-sq): {"alpha" (a number or "auto"), "groups": [{"producer", "consumers", "alpha",
-    # "scale_min", "scale_max", and with "auto" "sample_error" per alpha tried}],
-    # "not_smoothed": [{"layer", "reason"}]}
+    # SmoothQuant (w8a8-sq) or AWQ (-awq): {"method": "smoothquant" | "awq", "alpha" (a number or "auto"),
+    # "groups": [{"producer", "consumers", "alpha", "scale_min", "scale_max", and with a search the error
+    # per alpha tried: "sample_error" (SmoothQuant), "output_error" (AWQ)}], "not_smoothed": [{"layer", "reason"}]}
     smoothing: dict = field(default_factory=dict)
     # depth stage (d<N>+...): qruntime.distill.DistillReport.to_dict(): teacher/student depth, kept
     # blocks and their selection, steps, tokens, seconds, held-out metrics before/after
     distillation: dict = field(default_factory=dict)
     # 2:4 recovery stage (2:4-kd+...): the DistillReport of the masked fine-tune against the original
     recovery: dict = field(default_factory=dict)
+    # accuracy budget (max_ppl_increase, qruntime.mixed): {"max_ppl_increase", "reference_perplexity",
+    # "perplexity", "perplexity_ratio", "met", "promoted" (most sensitive first), "layers", "trials":
+    # [{"promoted", "perplexity"}], "batches", "fallback", "data"}
+    budget: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CompressReport":
@@ -118,15 +125,22 @@ class CompressReport:
         if self.smoothing:
             sm = self.smoothing
             alphas = sorted({g.get("alpha") for g in sm.get("groups", [])} - {None})
-            lines.append(f"smoothquant alpha {sm.get('alpha')} (used: {', '.join(f'{a:g}' for a in alphas) or '-'}): "
+            lines.append(f"{sm.get('method', 'smoothquant')} alpha {sm.get('alpha')} (used: {', '.join(f'{a:g}' for a in alphas) or '-'}): "
                          f"{len(sm.get('groups', []))} groups folded into "
-                         f"their producers; {len(sm.get('not_smoothed', []))} W8A8 layers not smoothed "
+                         f"their producers; {len(sm.get('not_smoothed', []))} layers not scaled "
                          + (f"(e.g. {sm['not_smoothed'][0]['layer']}: {sm['not_smoothed'][0]['reason']})"
                             if sm.get("not_smoothed") else ""))
         if self.distillation:
             lines.append(_distill_line("distillation", self.distillation))
         if self.recovery:
             lines.append(_distill_line("2:4 recovery (masks fixed)", self.recovery))
+        if self.budget:
+            b = self.budget
+            lines.append(
+                f"accuracy budget: perplexity x{b['perplexity_ratio']:.4f} of the original's (limit "
+                f"x{1 + b['max_ppl_increase']:g}, {'met' if b['met'] else 'NOT met'}) on {b['batches']} batches of "
+                f"{b['data']}; {len(b['promoted'])} of {b['layers']} layers in {b['fallback']}, "
+                f"{len(b['trials'])} measurements")
         if self.calibration:
             c = self.calibration
             lines.append(f"calibration data: {c.get('batches')} batches, {c.get('tokens')} tokens, "

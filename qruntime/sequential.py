@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import _digest
+from .calibrate import _digest, check_token_ids
 from .distill import _first, _forward, _inputs, find_blocks
 
 __all__ = ["blockwise_calibrate"]
@@ -107,7 +107,12 @@ def blockwise_calibrate(
         for batch in tqdm(batches, desc="calibrate (record)", unit="batch", disable=not progress):
             current = []
             try:
-                _forward(model, _inputs(batch, device))
+                inputs = _inputs(batch, device)
+            except TypeError as exc:
+                raise TypeError(f"calibration {exc}") from None
+            check_token_ids(model, inputs)
+            try:
+                _forward(model, inputs)
             except _Stop:
                 pass
             if len(current) != len(blocks):

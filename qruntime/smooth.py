@@ -26,7 +26,7 @@ from torch import nn
 
 from .nn import is_conv1d, linear_weight
 
-__all__ = ["SmoothGroup", "find_groups", "smoothing_scales", "search_alpha", "fold", "plan_smoothing", "apply"]
+__all__ = ["SmoothGroup", "find_groups", "smoothing_scales", "search_alpha", "fold", "plan_smoothing", "plan_groups", "apply"]
 
 _MIN_SCALE, _MAX_SCALE = 1e-5, 1e5
 
@@ -173,25 +173,39 @@ def plan_smoothing(model, targets: dict[str, nn.Module], absmax: dict[str, torch
     (``alpha`` a number, or "auto" to search it per group on the ``"<name>#rows"`` samples of
     ``absmax``), the smoothed tensors (:func:`fold`; the model is not touched) and the report entry.
     The Hessians of smoothed layers (GPTQ) are rescaled in place to the smoothed inputs."""
-    groups, not_smoothed = find_groups(model, set(targets))
-    entries = []
-    for group in groups:
+
+    def choose(group: SmoothGroup, weights: list[torch.Tensor]) -> dict | str:
         peaks = [absmax[c] for c in group.consumers if c in absmax]
         if not peaks:
-            for c in group.consumers:
-                not_smoothed[c] = "calibration data never reached it"
-            continue
-        weights = [linear_weight(targets[c]) for c in group.consumers]
+            return "calibration data never reached it"
         peak = torch.stack(peaks).amax(dim=0)
-        entry = {"producer": group.producer, "consumers": group.consumers}
         rows = absmax.get(f"{group.consumers[0]}#rows")
         if alpha == "auto" and rows is not None:
             chosen, group.scales, errors = search_alpha(peak, rows.to(peak.device), weights)
-            entry.update(alpha=chosen, sample_error={f"{a:g}": e for a, e in errors.items()})
-        else:
-            group.scales = smoothing_scales(peak, weights, 0.5 if alpha == "auto" else alpha)
-            entry["alpha"] = 0.5 if alpha == "auto" else alpha
-        entries.append(entry | {"scale_min": float(group.scales.min()), "scale_max": float(group.scales.max())})
+            return {"alpha": chosen, "sample_error": {f"{a:g}": e for a, e in errors.items()}}
+        group.scales = smoothing_scales(peak, weights, 0.5 if alpha == "auto" else alpha)
+        return {"alpha": 0.5 if alpha == "auto" else alpha}
+
+    return plan_groups(model, targets, hessians, choose, {"method": "smoothquant", "alpha": alpha})
+
+
+def plan_groups(model, targets: dict[str, nn.Module], hessians, choose, header: dict):
+    """Shared by SmoothQuant and AWQ: for every foldable group of ``targets`` (:func:`find_groups`),
+    ``choose(group, weights)`` sets ``group.scales`` and returns its report entry, or returns the reason
+    it is left alone. Returns the folded tensors (:func:`fold`; the model is not touched) and the report
+    (``header`` + groups, layers not scaled with reasons, and the consumers with their alpha). The
+    Hessians of scaled layers are rescaled in place to the scaled inputs: X' = X / s."""
+    groups, not_smoothed = find_groups(model, set(targets))
+    entries = []
+    for group in groups:
+        entry = choose(group, [linear_weight(targets[c]) for c in group.consumers])
+        if isinstance(entry, str):
+            group.scales = None
+            for c in group.consumers:
+                not_smoothed[c] = entry
+            continue
+        entries.append({"producer": group.producer, "consumers": group.consumers} | entry
+                       | {"scale_min": float(group.scales.min()), "scale_max": float(group.scales.max())})
     groups = [g for g in groups if g.scales is not None]
     for group in groups:  # X' = X / s: H' = diag(1/s) H diag(1/s)
         inv = (1.0 / group.scales).to(torch.float64)
@@ -201,10 +215,10 @@ def plan_smoothing(model, targets: dict[str, nn.Module], absmax: dict[str, torch
                 hessians[c] = (h * inv.to(h.device)[:, None] * inv.to(h.device)[None, :], rows)
     with torch.no_grad():
         tensors = fold(model, groups)
-    report = {"alpha": alpha, "groups": entries,
-              "not_smoothed": [{"layer": k, "reason": v} for k, v in sorted(not_smoothed.items())],
-              "consumers": {c for g in groups for c in g.consumers},
-              "alpha_of": {c: e["alpha"] for e in entries for c in e["consumers"]}}
+    report = header | {"groups": entries,
+                       "not_smoothed": [{"layer": k, "reason": v} for k, v in sorted(not_smoothed.items())],
+                       "consumers": {c for g in groups for c in g.consumers},
+                       "alpha_of": {c: e["alpha"] for e in entries for c in e["consumers"]}}
     return tensors, report
 
 

@@ -24,6 +24,17 @@ def _llama():
                                         max_position_embeddings=32)).eval()
 
 
+class _Encoder(nn.Module):
+    """Returns hidden states, no logits (an encoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.proj = nn.Embedding(16, 8), nn.Linear(8, 8)
+
+    def forward(self, input_ids):
+        return self.proj(self.emb(input_ids))
+
+
 def _with(model, edit):
     edit(model)
     return model
@@ -95,6 +106,13 @@ CASES = [
      ValueError, r"symmetric=False"),
     ("config-smoothquant", "compress", "SmoothQuant on weight-only activations", lambda t: compress(_llama(), "w8a16-sq"),
      ValueError, r"SmoothQuant \('-sq'\) is for INT8 activations"),
+    ("config-clip", "QuantConfig", "unknown clipping method", lambda t: QuantConfig(clip="percentile"),
+     ValueError, r"clip='percentile': must be one of"),
+    ("config-awq", "compress", "AWQ on INT8 activations", lambda t: compress(_llama(), "w8a8-awq"),
+     ValueError, r"AWQ \('-awq'\) is for weight-only recipes"),
+    ("compress-budget-encoder", "compress", "accuracy budget on a model without per-token logits",
+     lambda t: compress(_Encoder(), "w8a16", [torch.randint(0, 16, (1, 6))], max_ppl_increase=0.02),
+     ValueError, r"no per-token logits \[batch, seq, vocab\]"),
     ("compress-int-weight", "compress", "integer weight dtype", lambda t: compress(_with(_llama(), _int_weight), "w8a16"),
      TypeError, r"up_proj.*torch.int32 is not a floating-point dtype"),
     ("compress-inf-weight", "compress", "NaN/Inf in weights", lambda t: compress(_with(_llama(), _nan_weight), "w4a16-g32"),
@@ -109,6 +127,9 @@ CASES = [
      lambda t: compress(_llama(), "w4a16-g32-gptq", _nan_embeds()), ValueError, r"non-finite activations at the input of layer"),
     ("compress-bad-batch", "compress", "calibration batch of a wrong type",
      lambda t: compress(_llama(), "w4a16-g32-gptq", ["some text"]), TypeError, r"calibration batch of type str"),
+    ("compress-calib-vocab", "compress", "calibration ids outside the vocabulary (another model's tokenizer)",
+     lambda t: compress(_llama(), "w4a16-g32-gptq", [torch.tensor([[1, 2, 50000]])]),
+     ValueError, r"token id 50000 outside the model's vocabulary \[0, 64\)"),
     ("compress-no-layer", "compress", "model without Linear/Conv1D", lambda t: compress(nn.Sequential(nn.Conv2d(2, 2, 1))),
      ValueError, r"no convertible layer in Sequential"),
     ("quantlinear-module-type", "QuantLinear.from_linear", "unsupported module type",

@@ -137,3 +137,27 @@ def test_compress_2_4_with_recovery(tiny_folder, tmp_path, capsys):
     assert any(isinstance(m, qruntime.SparseLinear) for m in model.modules())
     code, out, err = _run(capsys, "info", out_dir)
     assert code == 0 and "2:4+w8a16" in out
+
+
+def test_compress_auto_budget_mixed_formats_round_trip(tiny_folder, tmp_path, capsys):
+    """--recipe auto: INT4 with the accuracy budget; whatever mix of INT4 and INT8 it chooses is saved,
+    and reloads with each layer in the format the report gives."""
+    import qruntime
+
+    out_dir = tmp_path / "ckpt"
+    code, out, err = _run(capsys, "compress", tiny_folder, "--recipe", "auto", "--calib-samples", "2",
+                          "--seq-len", "32", "--out", out_dir, "--quiet", "--json")
+    assert code == 0, err
+    report = json.loads(out)["report"]
+    budget = report["budget"]
+    assert report["config"] == "w4a16-g128-asym-gptq-clip-budget0.02" and budget["max_ppl_increase"] == 0.02
+    assert budget["met"] == (budget["perplexity_ratio"] <= 1.02) and "accuracy budget: perplexity x" in err
+    formats = {l["name"]: l["format"] for l in report["layers"]}
+    assert {formats[n] for n in budget["promoted"]} <= {"w8a16"}
+    assert all(f.startswith("w4a16") for n, f in formats.items() if n not in budget["promoted"])
+    model = qruntime.load(out_dir)
+    ids = torch.randint(0, 256, (1, 12))
+    saved_formats = {n: m.quant.name for n, m in model.named_modules() if isinstance(m, qruntime.QuantLinear)}
+    assert saved_formats == formats
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()

@@ -1,4 +1,6 @@
 """GPTQ against round-to-nearest on the same grid: lower output error, codes on the grid, same format."""
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -25,8 +27,9 @@ def test_gptq_beats_rtn_on_output_error(quant):
     linear = nn.Linear(k, n)
     x = _correlated_inputs(512, k)
     h = x.double().t() @ x.double()
-    rtn = QuantLinear.from_linear(linear, quant)
-    gptq = QuantLinear.from_linear(linear, quant, hessian=h)
+    rtn = QuantLinear.from_linear(linear, quant, hessian=h)  # method "rtn": the Hessian changes nothing
+    assert torch.equal(rtn.qweight, QuantLinear.from_linear(linear, quant).qweight)
+    gptq = QuantLinear.from_linear(linear, replace(quant, method="gptq"), hessian=h)
     with torch.no_grad():
         ref = linear(x)
         assert sqnr_db(ref, gptq(x)) > sqnr_db(ref, rtn(x)) + 0.5
