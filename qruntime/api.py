@@ -477,7 +477,6 @@ def _prune_blockwise(
     with Hessians measured after the earlier blocks were pruned. Fills ``pruned``; returns the Hessians
     (for GPTQ). The model's weights are restored before returning, on every path. A model without one
     list of blocks is calibrated in one pass instead (the report's calibration says which)."""
-    from .sequential import blockwise_calibrate
 
     modules = dict(targets)
     originals = {name: modules[name].weight.detach().clone() for name in sparse}
@@ -494,18 +493,27 @@ def _prune_blockwise(
 
     try:
         with torch.no_grad():
-            return blockwise_calibrate(model, modules, calib_data, compress_block, progress=progress,
-                                       fingerprint=fingerprint)
-    except ValueError as exc:
-        if "nn.ModuleList" not in str(exc):
-            raise
-        pruned.clear()
-        fingerprint["mode"] = f"one pass ({exc})"
-        return collect_stats(model, modules, calib_data, progress=progress, fingerprint=fingerprint)[0]
+            return _blockwise_or_one_pass(model, modules, calib_data, compress_block, pruned, fingerprint, progress)
     finally:
         with torch.no_grad():
             for name, weight in originals.items():
                 modules[name].weight.copy_(weight)
+
+
+def _blockwise_or_one_pass(model, modules, calib_data, compress_block, results: dict, fingerprint, progress):
+    """:func:`qruntime.sequential.blockwise_calibrate`; for a model without one list of blocks, one pass
+    of :func:`collect_stats` instead (``results`` of the blocks cleared, the fingerprint says why)."""
+    from .sequential import blockwise_calibrate
+
+    try:
+        return blockwise_calibrate(model, modules, calib_data, compress_block, progress=progress,
+                                   fingerprint=fingerprint)
+    except ValueError as exc:
+        if "nn.ModuleList" not in str(exc):
+            raise
+        results.clear()
+        fingerprint["mode"] = f"one pass ({exc})"
+        return collect_stats(model, modules, calib_data, progress=progress, fingerprint=fingerprint)[0]
 
 
 def _layer_quant(quant: QuantConfig, hessian: torch.Tensor | None) -> QuantConfig:
@@ -529,7 +537,6 @@ def _quantize_blockwise(
     layers; returns every target's Hessian. The model is restored before returning, on every path. A
     model without one list of blocks is calibrated in one pass instead (the report's calibration says so)."""
     from .mixed import swapped
-    from .sequential import blockwise_calibrate
 
     modules = dict(targets)
     replaced: dict[str, nn.Parameter] = {}
@@ -545,14 +552,7 @@ def _quantize_blockwise(
 
     with torch.no_grad(), swapped(model, {}, smoothed):
         try:
-            return blockwise_calibrate(model, modules, calib_data, compress_block, progress=progress,
-                                       fingerprint=fingerprint)
-        except ValueError as exc:
-            if "nn.ModuleList" not in str(exc):
-                raise
-            prebuilt.clear()
-            fingerprint["mode"] = f"one pass ({exc})"
-            return collect_stats(model, modules, calib_data, progress=progress, fingerprint=fingerprint)[0]
+            return _blockwise_or_one_pass(model, modules, calib_data, compress_block, prebuilt, fingerprint, progress)
         finally:
             for name, weight in replaced.items():
                 modules[name].weight = weight
