@@ -58,11 +58,14 @@ def check_token_ids(model: nn.Module, batch, what: str = "calibration batch") ->
 def _run(model: nn.Module, batch, device: torch.device) -> None:
     from .distill import _inputs
 
+    check_token_ids(model, batch)
+    if isinstance(batch, torch.Tensor):  # the model's one positional input (any dtype: not only token ids)
+        model((batch if batch.dim() == 2 else batch.unsqueeze(0)).to(device))
+        return
     try:
         inputs = _inputs(batch, device)
     except TypeError as exc:
         raise TypeError(f"calibration {exc}") from None
-    check_token_ids(model, inputs)
     model(**inputs)
 
 

@@ -343,7 +343,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="compress the default model and report size and accuracy")
     demo.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m), local folder or HF name")
-    demo.add_argument("--preset", default="w8a16-gptq", help="w8a16-gptq, w8a16, w4a16-g128, ... (qruntime presets)")
+    demo.add_argument("--preset", default="w8a16-gptq-clip", help="w8a16-gptq-clip, w8a16, w4a16-g128-gptq-clip-awq, auto, ... (qruntime presets)")
     demo.add_argument("--calib-samples", type=int, default=16, help="calibration windows (of --window tokens)")
     demo.add_argument("--eval-tokens", type=int, default=16384, help="tokens of the Wikipedia eval split")
     demo.add_argument("--window", type=int, default=512, help="perplexity window (non-overlapping)")
