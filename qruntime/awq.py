@@ -19,6 +19,8 @@ and GPTQ then run on the scaled weights with the rescaled Hessian.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .clip import quant_grid
@@ -44,9 +46,7 @@ def awq_scales(act_rms: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def fake_quantize(weight: torch.Tensor, quant) -> torch.Tensor:
     """``weight`` [N, K] rounded to nearest on ``quant``'s grid (clip ignored), float32 [N, K]."""
-    plain = quant if quant.clip == "none" else type(quant)(bits=quant.bits, group_size=quant.group_size,
-                                                             symmetric=quant.symmetric)
-    scales, zeros, gs = quant_grid(weight, plain)
+    scales, zeros, gs = quant_grid(weight, replace(quant, clip="none"))
     if quant.bits == 8:
         return dequantize_int8(int8_codes(weight, scales), scales)
     return dequantize_int4(int4_codes(weight, scales, zeros, gs), scales, zeros, gs, weight.shape[1])

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distill import _inputs
+
 __all__ = ["calibration_batches", "text_batches", "collect_hessians", "collect_stats", "check_token_ids"]
 
 
@@ -56,8 +58,6 @@ def check_token_ids(model: nn.Module, batch, what: str = "calibration batch") ->
 
 
 def _run(model: nn.Module, batch, device: torch.device) -> None:
-    from .distill import _inputs
-
     check_token_ids(model, batch)
     if isinstance(batch, torch.Tensor):  # the model's one positional input (any dtype: not only token ids)
         model((batch if batch.dim() == 2 else batch.unsqueeze(0)).to(device))

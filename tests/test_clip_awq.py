@@ -76,7 +76,6 @@ def test_activation_weighted_search_favours_the_loud_columns():
     w = _weight(32, 128)
     imp = torch.ones(128)
     imp[5] = 1000.0
-    quant = QuantConfig(bits=4, group_size=128, symmetric=False)
     d_mse = _deq4(w, *search_int4_params(w, 128, False))
     d_act = _deq4(w, *search_int4_params(w, 128, False, imp))
     assert _err(w, d_act, imp) <= _err(w, d_mse, imp) * (1 + 1e-6)
@@ -85,7 +84,6 @@ def test_activation_weighted_search_favours_the_loud_columns():
                        search_int4_params(w, 128, False, imp)[0])
     with pytest.raises(ValueError, match="clip='act' needs the layer's calibration Hessian"):
         quant_grid(w, QuantConfig(bits=4, group_size=128, symmetric=False, clip="act"))
-    del quant
 
 
 def test_importance_is_validated():
@@ -273,7 +271,7 @@ def test_sequential_with_awq_and_without_blocks(tiny_llama):
 def test_calibration_accepts_a_datasets_dataset(tiny_llama):
     """Rows of a tokenized `datasets.Dataset` (lists of ids) calibrate like tensors; a text column is
     refused with the reason."""
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a dependency of qruntime (pyproject)
     calib = _calib(3)
     ds = datasets.Dataset.from_dict({"input_ids": [c[0].tolist() for c in calib],
                                      "attention_mask": [[1] * c.shape[1] for c in calib]})
