@@ -1,10 +1,10 @@
-"""Peer comparison for weight quantization: llm-compressor (GPTQ, AWQ) and torchao vs qruntime, one run,
-same model, calibration windows and perplexity protocol as bench/eval_causal_lm.py.
+"""Peer comparison for weight quantization: llm-compressor (GPTQ, AWQ), torchao, optimum-quanto and HQQ vs
+qruntime, one run, same model, calibration windows and perplexity protocol as bench/eval_causal_lm.py.
 
 Runs in the peer venv of bench/peer_sparsegpt.py (llm-compressor 0.14 pins transformers <= 5.17), plus
-torchao:
+torchao, optimum-quanto and HQQ:
 
-    /tmp/peer/bin/pip install "torchao==0.18.*"
+    /tmp/peer/bin/pip install "torchao==0.18.*" "optimum-quanto==0.2.*" "hqq==0.2.*"
     /tmp/peer/bin/python bench/peer_quant.py --json bench/results/smollm2-135m_cpu_peer_quant.json
     /tmp/peer/bin/python bench/peer_quant.py --smoke          # a random 2-layer Llama, seconds
 
@@ -15,6 +15,11 @@ Rows (each one deep copy of the float model; a peer that refuses a setting is a 
   them (--skip-awq to leave it out: it is the slowest row).
 - torchao quantize_: Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig (W8A8 dynamic),
   IntxWeightOnlyConfig int4 per group (asymmetric; its CPU path) at --group and 128.
+- optimum-quanto quantize + freeze: qint4 weights (its own group choice: 128, or the largest multiple of 32
+  below it that divides the input columns, so 96 for SmolLM2's 576), qint8 weights, and W8A8 (qint8
+  weights and activations, activation ranges from its Calibration pass over the calibration windows).
+- HQQ (half-quadratic, data-free): every Linear but lm_head replaced by HQQLinear, 4 bits, groups of --group
+  and 128 (HQQ groups the flattened weight, so with 576 columns a group of 128 spans two rows).
 - qruntime.compress with --qruntime presets.
 """
 from __future__ import annotations
@@ -26,6 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
+from importlib.metadata import version
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, write_json  # noqa: E402
@@ -73,6 +79,32 @@ def torchao_row(model, config):
     return model.eval(), time.perf_counter() - start
 
 
+def quanto_row(model, weights: str, activations: str | None = None, calib=None):
+    from optimum import quanto
+
+    start = time.perf_counter()
+    quanto.quantize(model, weights=getattr(quanto, weights),
+                    activations=getattr(quanto, activations) if activations else None, exclude=["lm_head"])
+    if activations:
+        with torch.no_grad(), quanto.Calibration():
+            for batch in calib:
+                model(batch)
+    quanto.freeze(model)
+    return model.eval(), time.perf_counter() - start
+
+
+def hqq_row(model, nbits: int, group: int):
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    start = time.perf_counter()
+    config = BaseQuantizeConfig(nbits=nbits, group_size=group)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and name != "lm_head":
+                setattr(parent, name, HQQLinear(child, config, compute_dtype=torch.float32, device="cpu"))
+    return model.eval(), time.perf_counter() - start
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -85,6 +117,8 @@ def main() -> None:
     p.add_argument("--skip-awq", action="store_true")
     p.add_argument("--skip-llmcompressor", action="store_true")
     p.add_argument("--skip-torchao", action="store_true")
+    p.add_argument("--skip-quanto", action="store_true")
+    p.add_argument("--skip-hqq", action="store_true")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -140,6 +174,17 @@ def main() -> None:
             jobs.append((f"{ta} int4 g{g} asym (intx weight-only)",
                          lambda m, g=g: torchao_row(m, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(g),
                                                                              mapping_type=MappingType.ASYMMETRIC))))
+    if not args.skip_quanto:
+        versions["optimum-quanto"] = version("optimum-quanto")
+        qt = f"optimum-quanto {versions['optimum-quanto']}"
+        jobs.append((f"{qt} qint4 weights (g128, g96 on 576 columns)", lambda m: quanto_row(m, "qint4")))
+        jobs.append((f"{qt} qint8 weights", lambda m: quanto_row(m, "qint8")))
+        jobs.append((f"{qt} W8A8 (qint8 weights + activations, calibrated)",
+                     lambda m: quanto_row(m, "qint8", "qint8", calib)))
+    if not args.skip_hqq:
+        versions["hqq"] = version("hqq")
+        for g in (args.group, 128):
+            jobs.append((f"HQQ {versions['hqq']} int4 g{g} (data-free)", lambda m, g=g: hqq_row(m, 4, g)))
     for preset in args.qruntime:
         jobs.append((f"qruntime {preset}",
                      lambda m, preset=preset: (lambda t0: (compress(m, preset, calib, progress=False)[0],
@@ -155,7 +200,13 @@ def main() -> None:
                          "traceback": traceback.format_exc()[-4000:]})
             print(f"    refused: {rows[-1]['error'][:300]}", flush=True)
             continue
-        result = evaluate_causal_lm(model, ids, reference=original, window=args.window)
+        try:
+            result = evaluate_causal_lm(model, ids, reference=original, window=args.window)
+        except Exception as exc:  # a model that quantizes but cannot run is a refusal too
+            rows.append({"method": name, "error": f"{type(exc).__name__} in evaluation: {exc}"[:2000],
+                         "traceback": traceback.format_exc()[-4000:]})
+            print(f"    failed in evaluation: {rows[-1]['error'][:300]}", flush=True)
+            continue
         rows.append({"method": name, "seconds": seconds, "eval": result.to_dict()})
         print(f"    ppl ratio {result.perplexity_ratio:.4f} in {seconds:.1f} s", flush=True)
         del model

@@ -500,14 +500,15 @@ def _prune_blockwise(
                 modules[name].weight.copy_(weight)
 
 
-def _blockwise_or_one_pass(model, modules, calib_data, compress_block, results: dict, fingerprint, progress):
+def _blockwise_or_one_pass(model, modules, calib_data, compress_block, results: dict, fingerprint, progress,
+                           tune_block=None):
     """:func:`qruntime.sequential.blockwise_calibrate`; for a model without one list of blocks, one pass
     of :func:`collect_stats` instead (``results`` of the blocks cleared, the fingerprint says why)."""
     from .sequential import blockwise_calibrate
 
     try:
         return blockwise_calibrate(model, modules, calib_data, compress_block, progress=progress,
-                                   fingerprint=fingerprint)
+                                   fingerprint=fingerprint, tune_block=tune_block)
     except ValueError as exc:
         if "nn.ModuleList" not in str(exc):
             raise
@@ -540,8 +541,11 @@ def _quantize_blockwise(
 
     modules = dict(targets)
     replaced: dict[str, nn.Parameter] = {}
+    current: list[str] = []
+    tuned: list[dict] = []
 
     def compress_block(hessians: dict) -> None:
+        current[:] = list(hessians)
         for name, (hessian, _) in hessians.items():
             module = modules[name]
             q = QuantLinear.from_linear(module, _layer_quant(quant, hessian), hessian=hessian)
@@ -550,12 +554,25 @@ def _quantize_blockwise(
             replaced.setdefault(name, module.weight)
             module.weight = nn.Parameter(w.t().contiguous() if is_conv1d(module) else w, requires_grad=False)
 
+    def tune_block(index: int, block: nn.Module, inputs: list, outputs: list) -> None:
+        from .tune import tune_block_scales
+
+        relative = {id(m): n for n, m in block.named_modules()}
+        layers = {relative[id(modules[n])]: (modules[n], prebuilt[n]) for n in current}
+        result = tune_block_scales(block, layers, inputs, outputs, steps=quant.tune_steps, lr=quant.tune_lr,
+                                   transpose={r: is_conv1d(m) for r, (m, _) in layers.items()})
+        tuned.append({"block": index, "error_before": result.loss_before, "error_after": result.loss_after,
+                      "kept": result.kept, "step": result.step})
+
     with torch.no_grad(), swapped(model, {}, smoothed):
         try:
-            return _blockwise_or_one_pass(model, modules, calib_data, compress_block, prebuilt, fingerprint, progress)
+            return _blockwise_or_one_pass(model, modules, calib_data, compress_block, prebuilt, fingerprint, progress,
+                                          tune_block if quant.tune_steps else None)
         finally:
             for name, weight in replaced.items():
                 modules[name].weight = weight
+            if quant.tune_steps:
+                fingerprint["tuned_blocks"] = tuned
 
 
 def _recover(

@@ -16,6 +16,9 @@ A preset string is parsed into a :class:`CompressConfig`; grammar::
     auto                  w4a16-g128-gptq-clip-budget0.02
     w4a16-g128-awq        weight-only recipes: AWQ activation-aware channel scaling folded into the norms
                           (calibrated); combines with -gptq and -mse/-clip (w4a16-g128-gptq-clip-awq)
+    w4a16-g128-gptq-tune  weight-only recipes: after each block is quantized, its scales are tuned to bring
+                          its output closer to the float block's (64 steps; "-tune32": 32; calibrated);
+                          before -awq in the name (w4a16-g128-gptq-clip-tune-awq)
     w4a16-g128-emb8       any of the above, plus the input embedding (and an output head tied to it)
                           in INT8 per row; "-emb4": INT4, in the recipe's groups (default 128), asymmetric
     d20+w4a16-g128-gptq   any of the above after a depth stage: a 20-block student distilled from the
@@ -62,6 +65,9 @@ def _check_group_size(group_size: int | None) -> None:
         raise ValueError(f"group_size={group_size}: must be a power of two >= 16, or None for per-channel")
 
 
+# steps of "-tune" without a number (QuantConfig.tune_steps)
+DEFAULT_TUNE_STEPS = 64
+
 # clip method -> its preset suffix
 CLIP_METHODS: dict[str, str] = {"none": "", "mse": "-mse", "act": "-clip"}
 
@@ -94,6 +100,12 @@ class QuantConfig:
             calibrated on the outputs of the blocks before them *as quantized* (:mod:`qruntime.sequential`;
             about three forward passes of the calibration data instead of one). False: one pass of the
             float model.
+        tune_steps: after each block is quantized, its layers' scales are tuned for this many Adam steps
+            (one calibration window each) to bring the block's output closer to the float block's
+            (:mod:`qruntime.tune`; codes, zero points and format unchanged; kept only if the block's
+            error on the calibration windows went down). 0: off. Needs calibration data and
+            ``sequential``.
+        tune_lr: the Adam learning rate of that tuning, on the relative change of each scale.
     """
 
     bits: int = 8
@@ -106,6 +118,8 @@ class QuantConfig:
     act_bits: int = 16
     clip: str = "none"
     sequential: bool = True
+    tune_steps: int = 0
+    tune_lr: float = 2e-3
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -127,10 +141,20 @@ class QuantConfig:
             raise ValueError(f"gptq_block_size={self.gptq_block_size}: must be >= 1")
         if self.clip not in CLIP_METHODS:
             raise ValueError(f"clip={self.clip!r}: must be one of {list(CLIP_METHODS)}")
+        if isinstance(self.tune_steps, bool) or not isinstance(self.tune_steps, int) or self.tune_steps < 0:
+            raise ValueError(f"tune_steps={self.tune_steps!r}: must be an int >= 0 (0: no tuning)")
+        if not (isinstance(self.tune_lr, (int, float)) and 0 < self.tune_lr <= 0.1):
+            raise ValueError(f"tune_lr={self.tune_lr!r}: must be in (0, 0.1]")
+        if self.tune_steps and self.act_bits == 8:
+            raise ValueError(f"tune_steps={self.tune_steps} with act_bits=8: the tuning runs the block with float "
+                             "activations and would not see their INT8 rounding (weight-only recipes only)")
+        if self.tune_steps and not self.sequential:
+            raise ValueError(f"tune_steps={self.tune_steps} with sequential=False: scale tuning runs inside the "
+                             "block-by-block pass (sequential=True)")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq" or self.clip == "act"
+        return self.method == "gptq" or self.clip == "act" or self.tune_steps > 0
 
     @property
     def name(self) -> str:
@@ -141,7 +165,10 @@ class QuantConfig:
             s += "-sym" if self.symmetric else "-asym"
         if self.method != "rtn":
             s += f"-{self.method}"
-        return s + CLIP_METHODS[self.clip]
+        s += CLIP_METHODS[self.clip]
+        if self.tune_steps:
+            s += "-tune" if self.tune_steps == DEFAULT_TUNE_STEPS else f"-tune{self.tune_steps}"
+        return s
 
 
 @dataclass(frozen=True)
@@ -343,7 +370,7 @@ class CompressConfig:
 
 
 _PRESET_RE = re.compile(
-    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?(?:-(?P<clip>mse|clip))?(?P<awq>-awq)?(?P<sqflag>-sq(?P<sq>0?\.\d+|auto)?)?(?:-emb(?P<emb>8|4))?(?:-budget(?P<budget>\d*\.?\d+)(?P<float>-float)?)?$"
+    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?(?:-(?P<clip>mse|clip))?(?:-tune(?P<tune>\d+)?(?P<tuneflag>))?(?P<awq>-awq)?(?P<sqflag>-sq(?P<sq>0?\.\d+|auto)?)?(?:-emb(?P<emb>8|4))?(?:-budget(?P<budget>\d*\.?\d+)(?P<float>-float)?)?$"
 )
 
 AUTO_PRESET = "w4a16-g128-gptq-clip-budget0.02"
@@ -365,6 +392,8 @@ PRESETS: dict[str, str] = {
     "w4a16-g128-gptq-clip": "INT4 g128, range searched with activation-weighted error (calibrated), then GPTQ",
     "auto": f"{AUTO_PRESET}: INT4 where the accuracy budget allows, INT8 for the most sensitive layers",
     "w4a16-g128-awq": "INT4 g128 after AWQ scaling (alpha searched per group on calibration Hessians, folded)",
+    "w4a16-g128-gptq-clip-tune-awq": "INT4 g128: AWQ, clipping search, GPTQ, then each block's scales tuned "
+                                     "to its float output (64 steps; '-tune<steps>' for another number)",
     "w4a16-g128-gptq-emb4": "w4a16-g128-gptq, plus the token embedding (and a tied lm_head) in INT4 g128",
     "w8a16-emb8": "w8a16, plus the token embedding (and a tied lm_head) in INT8 per row",
     "2:4": "2:4 structured sparsity by SparseGPT (calibrated), kept values in the layer's float dtype",
@@ -403,7 +432,7 @@ def parse_preset(name: str) -> CompressConfig:
     if m is None:
         raise ValueError(
             f"unknown preset {name!r}: expected one of {sorted(PRESETS)} or the form "
-            "'w8a16' / 'w8a8' / 'w4a16[-g<group>][-sym|-asym]' with an optional '-gptq', '-mse' or '-clip', '-awq', '-sq[<alpha>]' (w8a8), '-emb8|4', "
+            "'w8a16' / 'w8a8' / 'w4a16[-g<group>][-sym|-asym]' with an optional '-gptq', '-mse' or '-clip', '-tune[<steps>]', '-awq', '-sq[<alpha>]' (w8a8), '-emb8|4', "
             "'-budget<x>[-float]'"
         )
     bits = int(m["bits"])
@@ -414,12 +443,17 @@ def parse_preset(name: str) -> CompressConfig:
     sym = m["sym"]
     method = m["method"] or "rtn"
     clip = {"mse": "mse", "clip": "act", None: "none"}[m["clip"]]
+    tune = 0 if m["tuneflag"] is None else (int(m["tune"]) if m["tune"] else DEFAULT_TUNE_STEPS)
+    if m["tuneflag"] is not None and tune < 1:
+        raise ValueError(f"preset {name!r}: '-tune<steps>' needs steps >= 1")
     if bits == 8:
         if sym == "asym":
             raise ValueError(f"preset {name!r}: INT8 weights are symmetric only")
-        quant = QuantConfig(bits=8, group_size=group, symmetric=True, method=method, act_bits=act_bits, clip=clip)
+        quant = QuantConfig(bits=8, group_size=group, symmetric=True, method=method, act_bits=act_bits, clip=clip,
+                            tune_steps=tune)
     else:
-        quant = QuantConfig(bits=4, group_size=group, symmetric=(sym == "sym"), method=method, clip=clip)
+        quant = QuantConfig(bits=4, group_size=group, symmetric=(sym == "sym"), method=method, clip=clip,
+                            tune_steps=tune)
     smoothquant = None
     if m["sqflag"]:
         smoothquant = "auto" if m["sq"] == "auto" else (float(m["sq"]) if m["sq"] else 0.5)

@@ -70,7 +70,9 @@ def _windows(n_tokens: int, window: int, stride: int):
             break
 
 
-@torch.inference_mode()
+# no_grad rather than inference_mode: tensor subclasses of other toolkits (optimum-quanto's weights) cannot
+# run under inference mode, and the peer comparison evaluates them with this same function.
+@torch.no_grad()
 def evaluate_causal_lm(
     model: nn.Module,
     token_ids: torch.Tensor,

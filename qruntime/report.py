@@ -145,6 +145,17 @@ class CompressReport:
             c = self.calibration
             lines.append(f"calibration data: {c.get('batches')} batches, {c.get('tokens')} tokens, "
                          f"sha256 {str(c.get('sha256', ''))[:16]}")
+            if "tuned_blocks" in c:
+                tuned = c["tuned_blocks"]
+                kept = [t for t in tuned if t["kept"]]
+                if tuned:
+                    lines.append(f"scale tuning: kept in {len(kept)} of {len(tuned)} blocks; block output error "
+                                 f"{sum(t['error_before'] for t in tuned) / len(tuned):.3g} -> "
+                                 f"{sum(t['error_after'] for t in tuned) / len(tuned):.3g} "
+                                 "(mean relative MSE on held-out calibration windows)")
+                else:
+                    lines.append(f"scale tuning: not run (it needs the block-by-block pass; calibration was "
+                                 f"{c.get('mode')})")
         lines.append(
             f"converted weights: {self.weight_bytes_before / 2**20:.2f} MiB -> {self.weight_bytes_after / 2**20:.2f} MiB "
             f"({self.weight_compression:.2f}x); whole model: {self.model_bytes_before / 2**20:.2f} MiB -> "

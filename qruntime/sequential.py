@@ -61,6 +61,7 @@ def blockwise_calibrate(
     *,
     progress: bool = True,
     fingerprint: dict | None = None,
+    tune_block: Callable[[int, nn.Module, list, list], None] | None = None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """Runs the block-by-block pass; returns ``{layer: (X^T X / rows float64, rows)}`` as
     :func:`qruntime.calibrate.collect_stats` does, each block's Hessians taken after the earlier blocks
@@ -69,6 +70,10 @@ def blockwise_calibrate(
     ``compress_block(hessians)`` is called once per block with the Hessians of that block's targets and
     must change those layers' weights in place (the next block is calibrated on the changed block's
     outputs). Undoing the change is the caller's business.
+
+    ``tune_block(index, block, inputs, targets)``, when given, is called after ``compress_block`` with
+    the block's calls on the calibration windows (``[(hidden_states, args, kwargs)]``) and the outputs of
+    the block before compression for those calls; it may change the block's layers again.
 
     Raises:
         ValueError: no block list (see :func:`qruntime.distill.find_blocks`), no batch, non-finite
@@ -134,15 +139,21 @@ def blockwise_calibrate(
         if group:
             b_sums: dict[str, torch.Tensor] = {}
             b_rows: dict[str, int] = {}
+            float_out: list[torch.Tensor] = []  # the block's outputs before compression (tuning targets)
             handles = _hessian_hooks(group, b_sums, b_rows)
             try:
                 for h, (args, kwargs) in zip(hidden, (c[i] for c in calls)):
-                    block(h, *args, **kwargs)
+                    out = block(h, *args, **kwargs)
+                    if tune_block is not None:
+                        float_out.append(_first(out).detach())
             finally:
                 for hd in handles:
                     hd.remove()
             hessians = {n: (b_sums[n].to(torch.float64) / b_rows[n], b_rows[n]) for n in b_sums}
             result.update(hessians)
             compress_block(hessians)
+            if tune_block is not None:
+                tune_block(i, block, [(h, args, kwargs) for h, (args, kwargs) in zip(hidden, (c[i] for c in calls))],
+                           float_out)
         hidden = [_first(block(h, *args, **kwargs)).detach() for h, (args, kwargs) in zip(hidden, (c[i] for c in calls))]
     return result

@@ -110,6 +110,8 @@ CASES = [
      ValueError, r"clip='percentile': must be one of"),
     ("config-awq", "compress", "AWQ on INT8 activations", lambda t: compress(_llama(), "w8a8-awq"),
      ValueError, r"AWQ \('-awq'\) is for weight-only recipes"),
+    ("config-tune", "compress", "scale tuning on INT8 activations", lambda t: compress(_llama(), "w8a8-tune"),
+     ValueError, r"tune_steps=64 with act_bits=8"),
     ("compress-budget-encoder", "compress", "accuracy budget on a model without per-token logits",
      lambda t: compress(_Encoder(), "w8a16", [torch.randint(0, 16, (1, 6))], max_ppl_increase=0.02),
      ValueError, r"no per-token logits \[batch, seq, vocab\]"),

@@ -1,0 +1,178 @@
+"""Block output tuning of the quantization scales (qruntime.tune, the "-tune" suffix)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qruntime import compress
+from qruntime.config import QuantConfig, parse_preset
+from qruntime.nn import QuantLinear
+from qruntime.tune import _code_matrix, tune_block_scales
+
+
+@pytest.mark.parametrize("quant", [QuantConfig(bits=4, group_size=32, symmetric=False),
+                                   QuantConfig(bits=4, group_size=32, symmetric=True),
+                                   QuantConfig(bits=4, group_size=None, symmetric=False),
+                                   QuantConfig(bits=8)], ids=lambda q: q.name)
+def test_codes_times_scales_is_the_dequantized_weight(quant):
+    lin = nn.Linear(72, 40)  # 72 columns: INT4 pads K to the group
+    q = QuantLinear.from_linear(lin, quant)
+    codes = _code_matrix(q)
+    if quant.bits == 8:
+        w = codes * q.scales[:, None]
+    else:
+        w = (codes * q.scales.t().repeat_interleave(q.group_size, dim=1))[:, :72]
+    assert torch.equal(w, q.dequantized_weight())
+
+
+def _block_io(model, n_windows=3, seq=16, vocab=128):
+    """The first block's calls and float outputs on random windows (recorded with a pre-hook)."""
+    block = model.model.layers[0]
+    calls = []
+
+    def record(module, args, kwargs):
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        state = args[0] if args else kwargs["hidden_states"]
+        calls.append((state.detach(), tuple(args[1:]), rest))
+
+    h = block.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for _ in range(n_windows):
+                model(torch.randint(0, vocab, (1, seq)), use_cache=False)
+    finally:
+        h.remove()
+    calls = calls[::len(model.model.layers)] if len(calls) > n_windows else calls
+    with torch.no_grad():
+        outs = [block(x, *a, **k) for x, a, k in calls]
+    outs = [o[0] if isinstance(o, tuple) else o for o in outs]
+    return block, calls, outs
+
+
+def _quantize_block(block, quant):
+    layers = {}
+    for name, module in list(block.named_modules()):
+        if isinstance(module, nn.Linear):
+            q = QuantLinear.from_linear(module, quant)
+            module.weight = nn.Parameter(q.dequantized_weight(), requires_grad=False)
+            layers[name] = (module, q)
+    return layers
+
+
+def test_tuning_lowers_the_block_error_and_keeps_codes_and_format(tiny_llama):
+    block, calls, outs = _block_io(tiny_llama)
+    layers = _quantize_block(block, QuantConfig(bits=4, group_size=32, symmetric=False))
+    before = {n: (q.qweight.clone(), q.zeros.clone(), q.scales.clone()) for n, (_, q) in layers.items()}
+    result = tune_block_scales(block, layers, calls, outs, steps=30, lr=5e-3, check_every=5)
+    assert result.kept and result.loss_after < result.loss_before and result.step in range(5, 31, 5)
+    changed = 0
+    for name, (module, q) in layers.items():
+        qweight, zeros, scales = before[name]
+        assert torch.equal(q.qweight, qweight) and torch.equal(q.zeros, zeros)
+        assert q.scales.shape == scales.shape and q.scales.dtype == torch.float32
+        changed += int(not torch.equal(q.scales, scales))
+        # the block now runs exactly the weights the packed layer holds
+        assert torch.equal(module.weight, q.dequantized_weight())
+    assert changed == len(layers)
+    assert all(p.grad is None for p in block.parameters())  # nothing leaks into the model
+
+
+def test_tuning_that_cannot_help_changes_nothing(tiny_llama):
+    """Targets equal to the quantized block's own output: the error starts at 0 and cannot go down."""
+    block, calls, _ = _block_io(tiny_llama)
+    layers = _quantize_block(block, QuantConfig(bits=8))
+    with torch.no_grad():
+        own = [block(x, *a, **k) for x, a, k in calls]
+    own = [o[0] if isinstance(o, tuple) else o for o in own]
+    scales = {n: q.scales.clone() for n, (_, q) in layers.items()}
+    weights = {n: m.weight for n, (m, _) in layers.items()}
+    result = tune_block_scales(block, layers, calls, own, steps=5, lr=1e-2)
+    assert not result.kept and result.loss_before == 0.0 and result.step == 0
+    for name, (module, q) in layers.items():
+        assert torch.equal(q.scales, scales[name]) and module.weight is weights[name]
+
+
+def test_tune_argument_errors(tiny_llama):
+    block, calls, outs = _block_io(tiny_llama)
+    layers = _quantize_block(block, QuantConfig(bits=8))
+    with pytest.raises(ValueError, match="steps=0"):
+        tune_block_scales(block, layers, calls, outs, steps=0)
+    with pytest.raises(ValueError, match="3 inputs for 2 targets"):
+        tune_block_scales(block, layers, calls, outs[:2], steps=1)
+    with pytest.raises(ValueError, match="check_every=0"):
+        tune_block_scales(block, layers, calls, outs, steps=1, check_every=0)
+
+
+def test_the_kept_scales_are_those_with_the_lowest_held_out_error(tiny_llama):
+    """8 windows: 6 train, 2 held out. The kept step's held-out error is the smallest measured, and it is
+    the error the block has afterwards."""
+    from qruntime.tune import _relative_error
+
+    block, calls, outs = _block_io(tiny_llama, n_windows=8)
+    layers = _quantize_block(block, QuantConfig(bits=4, group_size=32, symmetric=False))
+    result = tune_block_scales(block, layers, calls, outs, steps=24, lr=5e-3, check_every=4)
+    assert result.kept
+    now = _relative_error(block, {}, calls[6:], outs[6:])
+    assert now == pytest.approx(result.loss_after, rel=1e-5)
+
+
+def test_preset_and_config_validation():
+    assert parse_preset("w4a16-g128-gptq-clip-tune-awq").quant.tune_steps == 64
+    cfg = parse_preset("w4a16-g64-gptq-tune16")
+    assert cfg.quant.tune_steps == 16 and cfg.name == "w4a16-g64-asym-gptq-tune16"
+    assert parse_preset(parse_preset("w8a16-tune").name).quant.tune_steps == 64
+    assert parse_preset("w4a16-g128-gptq").quant.tune_steps == 0
+    assert QuantConfig(bits=8, tune_steps=4).needs_calibration
+    with pytest.raises(ValueError, match="steps >= 1"):
+        parse_preset("w4a16-g128-tune0")
+    with pytest.raises(ValueError, match="tune_steps=-1"):
+        QuantConfig(tune_steps=-1)
+    with pytest.raises(ValueError, match="sequential=False"):
+        QuantConfig(tune_steps=8, sequential=False)
+    with pytest.raises(ValueError, match="act_bits=8"):
+        QuantConfig(bits=8, act_bits=8, tune_steps=8)
+    with pytest.raises(ValueError, match="tune_lr=0"):
+        QuantConfig(tune_steps=8, tune_lr=0)
+
+
+def _batches(vocab, n=4, seq=16):
+    return [torch.randint(0, vocab, (1, seq)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
+def test_compress_with_tuning_reports_each_block_and_leaves_the_original(model_name, request, tmp_path):
+    import qruntime
+
+    model = request.getfixturevalue(model_name)
+    vocab = model.config.vocab_size
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = _batches(vocab, n=8)
+    q, report = compress(model, "w4a16-g32-gptq-tune16", calib, progress=False, inplace=False)
+    tuned = report.calibration["tuned_blocks"]
+    assert [t["block"] for t in tuned] == list(range(model.config.num_hidden_layers if model_name == "tiny_llama"
+                                                     else model.config.n_layer))
+    for t in tuned:
+        assert t["kept"] == (t["error_after"] < t["error_before"]) == (t["step"] > 0)
+    assert any(t["kept"] for t in tuned)
+    assert f"scale tuning: kept in {sum(t['kept'] for t in tuned)} of {len(tuned)} blocks" in str(report)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # original untouched
+    x = torch.randint(0, vocab, (1, 12))
+    qruntime.save(q, tmp_path / "m", report=report)
+    again = qruntime.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(q(x).logits, again(x).logits)
+
+
+def test_a_model_without_blocks_is_not_tuned_and_the_report_says_so():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 8)
+
+        def forward(self, input_ids):
+            return self.b(torch.relu(self.a(input_ids.float())))
+
+    _, report = compress(Flat(), "w4a16-g32-tune4", [torch.randint(0, 9, (4, 32)) for _ in range(2)], progress=False)
+    assert report.calibration["mode"].startswith("one pass") and report.calibration["tuned_blocks"] == []
+    assert "scale tuning: not run" in str(report)
