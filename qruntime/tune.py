@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .formats import dequantize_int4, dequantize_int8
+
 __all__ = ["BlockTuneResult", "tune_block_scales"]
 
 
@@ -37,22 +39,12 @@ class BlockTuneResult:
     step: int = 0
 
 
-def _code_matrix(q) -> torch.Tensor:
-    """float32 [N, Kp] of ``code - zero`` (INT4) or ``code`` (INT8): the weight is this times the scales."""
-    if q.quant.bits == 8:
-        return q.qweight.to(torch.float32)
-    packed = q.qweight
-    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1).to(torch.float32)
-    zeros = q.zeros if q.zeros is not None else torch.full_like(q.scales, 8, dtype=torch.uint8)
-    return codes - zeros.t().to(torch.float32).repeat_interleave(q.group_size, dim=1)
-
-
 class _ScaledWeight:
-    """``W(t) = codes * (s0 * (1 + t))`` expanded over each group, cropped to in_features."""
+    """``W(t)``: the layer's codes dequantized (:mod:`qruntime.formats`) with the scales ``s0 * (1 + t)``,
+    differentiable in ``t``; at ``t = 0`` exactly ``QuantLinear.dequantized_weight()``."""
 
     def __init__(self, q, transpose: bool) -> None:
         self.q = q
-        self.codes = _code_matrix(q)
         self.s0 = q.scales.detach().to(torch.float32)
         self.t = torch.zeros_like(self.s0, requires_grad=True)
         self.transpose = transpose
@@ -61,11 +53,11 @@ class _ScaledWeight:
         return self.s0 * (1 + self.t)
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
-        s = self.scales()
-        if self.q.quant.bits == 8:
-            w = self.codes * s[:, None]
+        q = self.q
+        if q.quant.bits == 8:
+            w = dequantize_int8(q.qweight, self.scales())
         else:
-            w = (self.codes * s.t().repeat_interleave(self.q.group_size, dim=1))[:, : self.q.in_features]
+            w = dequantize_int4(q.qweight, self.scales(), q.zeros, q.group_size, q.in_features)
         w = w.to(dtype)
         return w.t() if self.transpose else w
 

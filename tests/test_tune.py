@@ -8,22 +8,22 @@ from torch import nn
 from qruntime import compress
 from qruntime.config import QuantConfig, parse_preset
 from qruntime.nn import QuantLinear
-from qruntime.tune import _code_matrix, tune_block_scales
+from qruntime.tune import _ScaledWeight, tune_block_scales
 
 
 @pytest.mark.parametrize("quant", [QuantConfig(bits=4, group_size=32, symmetric=False),
                                    QuantConfig(bits=4, group_size=32, symmetric=True),
                                    QuantConfig(bits=4, group_size=None, symmetric=False),
                                    QuantConfig(bits=8)], ids=lambda q: q.name)
-def test_codes_times_scales_is_the_dequantized_weight(quant):
+def test_untuned_scales_give_the_dequantized_weight_and_a_gradient(quant):
     lin = nn.Linear(72, 40)  # 72 columns: INT4 pads K to the group
     q = QuantLinear.from_linear(lin, quant)
-    codes = _code_matrix(q)
-    if quant.bits == 8:
-        w = codes * q.scales[:, None]
-    else:
-        w = (codes * q.scales.t().repeat_interleave(q.group_size, dim=1))[:, :72]
+    sw = _ScaledWeight(q, transpose=False)
+    w = sw.weight(torch.float32)
     assert torch.equal(w, q.dequantized_weight())
+    assert torch.equal(_ScaledWeight(q, transpose=True).weight(torch.float32), w.t())
+    w.sum().backward()
+    assert sw.t.grad is not None and sw.t.grad.shape == q.scales.shape and sw.t.grad.abs().sum() > 0
 
 
 def _block_io(model, n_windows=3, seq=16, vocab=128):
