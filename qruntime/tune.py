@@ -62,13 +62,14 @@ class _ScaledWeight:
         return w.t() if self.transpose else w
 
 
+@torch.no_grad()
 def _relative_error(block, params, inputs, targets) -> float:
+    """sum ||block(x; params) - y||^2 / sum ||y||^2 over the windows."""
     num = den = 0.0
-    with torch.no_grad():
-        for (h, args, kwargs), y in zip(inputs, targets):
-            out = _output(torch.func.functional_call(block, params, (h, *args), kwargs))
-            num += torch.sum((out.float() - y.float()) ** 2).item()
-            den += torch.sum(y.float() ** 2).item()
+    for (h, args, kwargs), y in zip(inputs, targets):
+        out = _output(torch.func.functional_call(block, params, (h, *args), kwargs))
+        num += torch.sum((out.float() - y.float()) ** 2).item()
+        den += torch.sum(y.float() ** 2).item()
     return num / max(den, 1e-30)
 
 
@@ -116,8 +117,7 @@ def tune_block_scales(
     train = list(range(len(inputs) - held))
     val = list(range(len(inputs) - held, len(inputs))) or train
     val_in, val_out = [inputs[i] for i in val], [targets[i] for i in val]
-    with torch.no_grad():
-        before = _relative_error(block, params(), val_in, val_out)
+    before = _relative_error(block, params(), val_in, val_out)
     best, best_step, best_t = before, 0, None
     ts = [sw.t for sw in weights.values()]
     opt = torch.optim.Adam(ts, lr=lr)
@@ -133,8 +133,7 @@ def tune_block_scales(
                 t.grad = g
         opt.step()
         if step % check_every == 0 or step == steps:
-            with torch.no_grad():
-                error = _relative_error(block, params(), val_in, val_out)
+            error = _relative_error(block, params(), val_in, val_out)
             if error < best:
                 best, best_step = error, step
                 best_t = {name: sw.t.detach().clone() for name, sw in weights.items()}
