@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--tune", type=int, default=0,
+                   help="block output tuning of the kept weights after pruning, this many steps per block (2:4-tune)")
     p.add_argument("--skip-one-shot", action="store_true", help="do not evaluate the one-shot model separately")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -63,7 +65,7 @@ def main() -> None:
              torch.stack(text_batches(tok, train_text, n_train * args.batch, args.seq_len, source="train split"))
              .reshape(n_train, args.batch, args.seq_len)]
 
-    base = "2:4" + ("" if args.method == "sparsegpt" else f"-{args.method}")
+    base = "2:4" + ("" if args.method == "sparsegpt" else f"-{args.method}") + (f"-tune{args.tune}" if args.tune else "")
     suffix = f"+{args.quant}" if args.quant else ""
     rows = []
     if not args.skip_one_shot:

@@ -479,25 +479,42 @@ def _prune_blockwise(
     list of blocks is calibrated in one pass instead (the report's calibration says which)."""
 
     modules = dict(targets)
-    originals = {name: modules[name].weight.detach().clone() for name in sparse}
+    originals = {name: modules[name].weight for name in sparse}
+    masks: dict[str, torch.Tensor] = {}
+    current: list[str] = []
+    tuned: list[dict] = []
 
     def compress_block(hessians: dict) -> None:
-        for name, (hessian, _) in hessians.items():
-            if name not in sparse:
-                continue
+        current[:] = [name for name in hessians if name in sparse]
+        for name in current:
             module = modules[name]
-            pruned[name] = prune_weight(linear_weight(module), sp.method, hessian, 2, 4, damp=sp.damp,
-                                        block_size=sp.block_size)[0]
+            pruned[name], masks[name] = prune_weight(linear_weight(module), sp.method, hessians[name][0], 2, 4,
+                                                     damp=sp.damp, block_size=sp.block_size)
             w = pruned[name].to(module.weight.dtype)
-            module.weight.copy_(w.t() if is_conv1d(module) else w)
+            module.weight = nn.Parameter(w.t().contiguous() if is_conv1d(module) else w, requires_grad=False)
+
+    def tune_block(index: int, block: nn.Module, inputs: list, outputs: list) -> None:
+        from .tune import tune_block_weights
+
+        relative = {id(m): n for n, m in block.named_modules()}
+        layers = {relative[id(modules[n])]: (modules[n], masks[n]) for n in current}
+        result = tune_block_weights(block, layers, inputs, outputs, steps=sp.tune_steps, lr=sp.tune_lr,
+                                    transpose={r: is_conv1d(m) for r, (m, _) in layers.items()})
+        if result.kept:
+            for name in current:
+                pruned[name] = linear_weight(modules[name]).detach().to(torch.float64)
+        tuned.append({"block": index, "error_before": result.loss_before, "error_after": result.loss_after,
+                      "kept": result.kept, "step": result.step})
 
     try:
         with torch.no_grad():
-            return _blockwise_or_one_pass(model, modules, calib_data, compress_block, pruned, fingerprint, progress)
+            return _blockwise_or_one_pass(model, modules, calib_data, compress_block, pruned, fingerprint, progress,
+                                          tune_block if sp.tune_steps else None)
     finally:
-        with torch.no_grad():
-            for name, weight in originals.items():
-                modules[name].weight.copy_(weight)
+        for name, weight in originals.items():
+            modules[name].weight = weight
+        if sp.tune_steps:
+            fingerprint.update(tuned="kept weights", tuned_blocks=tuned)
 
 
 def _blockwise_or_one_pass(model, modules, calib_data, compress_block, results: dict, fingerprint, progress,
@@ -572,7 +589,7 @@ def _quantize_blockwise(
             for name, weight in replaced.items():
                 modules[name].weight = weight
             if quant.tune_steps:
-                fingerprint["tuned_blocks"] = tuned
+                fingerprint.update(tuned="scales", tuned_blocks=tuned)
 
 
 def _recover(

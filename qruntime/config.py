@@ -28,6 +28,9 @@ A preset string is parsed into a :class:`CompressConfig`; grammar::
     2:4+w8a16             ... with the kept values in INT8 (any weight-only recipe above: 2:4+w4a16-g128)
     2:4-kd+w8a16          ... with a recovery stage: the pruned model is distilled from the original with
                           the masks fixed (DistillConfig defaults; needs training data) before packing
+    2:4-tune              ... each block's kept weights tuned to its float output after the block is
+                          pruned, masks fixed (128 steps; "-tune64": 64; calibration data only), before -kd
+                          and any +<weight recipe> (2:4-tune+w8a16, 2:4-wanda-tune-kd)
 
 Group sizes are powers of two >= 16. With "a16" the activations stay in the model's float dtype;
 "a8" (INT8 weights only) quantizes each token's activations to INT8 with its own scale at run time.
@@ -65,8 +68,10 @@ def _check_group_size(group_size: int | None) -> None:
         raise ValueError(f"group_size={group_size}: must be a power of two >= 16, or None for per-channel")
 
 
-# steps of "-tune" without a number (QuantConfig.tune_steps)
+# steps of "-tune" without a number: QuantConfig.tune_steps (scales), SparsityConfig.tune_steps (2:4 kept
+# weights: more free values, more steps before the held-out error stops falling)
 DEFAULT_TUNE_STEPS = 64
+DEFAULT_SPARSE_TUNE_STEPS = 128
 
 # clip method -> its preset suffix
 CLIP_METHODS: dict[str, str] = {"none": "", "mse": "-mse", "act": "-clip"}
@@ -189,6 +194,13 @@ class SparsityConfig:
             e.g. sensitive layers; each is listed in the report.
         recover: a knowledge-distillation fine-tune of the pruned model against the original with the
             masks fixed (:func:`qruntime.distill`; needs training data), or None.
+        tune_steps: after each block is pruned, its kept weights are tuned for this many Adam steps (one
+            calibration window each, masks fixed) to bring the block's output closer to the float
+            block's (:mod:`qruntime.tune`; kept only if the block's error on held-out calibration windows
+            went down); before any quantization of the kept values. 0: off. Needs a calibrated
+            ``method`` and ``sequential``.
+        tune_lr: the Adam learning rate of that tuning, on each weight's change relative to its row's
+            root mean square.
     """
 
     method: str = "sparsegpt"
@@ -197,6 +209,8 @@ class SparsityConfig:
     sequential: bool = True
     skip: tuple[str, ...] = ()
     recover: DistillConfig | None = None
+    tune_steps: int = 0
+    tune_lr: float = 3e-3
 
     def __post_init__(self) -> None:
         from .prune import PRUNE_METHODS
@@ -215,6 +229,16 @@ class SparsityConfig:
                 raise TypeError(f"recover={self.recover!r}: must be a DistillConfig or None")
             if self.recover.num_layers is not None or self.recover.keep is not None:
                 raise ValueError("recover: the pruned model keeps every block (num_layers/keep must be None)")
+        if isinstance(self.tune_steps, bool) or not isinstance(self.tune_steps, int) or self.tune_steps < 0:
+            raise ValueError(f"tune_steps={self.tune_steps!r}: must be an int >= 0 (0: no tuning)")
+        if not (isinstance(self.tune_lr, (int, float)) and 0 < self.tune_lr <= 0.1):
+            raise ValueError(f"tune_lr={self.tune_lr!r}: must be in (0, 0.1]")
+        if self.tune_steps and not self.needs_calibration:
+            raise ValueError(f"tune_steps={self.tune_steps} with method={self.method!r}: tuning runs inside the "
+                             "calibrated block-by-block pass; use 'sparsegpt' or 'wanda'")
+        if self.tune_steps and not self.sequential:
+            raise ValueError(f"tune_steps={self.tune_steps} with sequential=False: tuning runs inside the "
+                             "block-by-block pass (sequential=True)")
 
     @property
     def needs_calibration(self) -> bool:
@@ -222,7 +246,9 @@ class SparsityConfig:
 
     @property
     def name(self) -> str:
-        return "2:4" + ("" if self.method == "sparsegpt" else f"-{self.method}") + ("-kd" if self.recover else "")
+        tune = "" if not self.tune_steps else (
+            "-tune" if self.tune_steps == DEFAULT_SPARSE_TUNE_STEPS else f"-tune{self.tune_steps}")
+        return "2:4" + ("" if self.method == "sparsegpt" else f"-{self.method}") + tune + ("-kd" if self.recover else "")
 
 
 @dataclass(frozen=True)
@@ -275,6 +301,10 @@ class CompressConfig:
             if self.quant is not None and self.quant.clip != "none":
                 raise ValueError(f"sparsity with {self.quant.name}: the clipping search is not implemented for 2:4 "
                                  "kept values (use clip='none')")
+            if self.quant is not None and self.quant.tune_steps:
+                raise ValueError(f"sparsity with {self.quant.name}: scale tuning is not implemented for 2:4 kept "
+                                 "values; tune the kept weights before quantization instead (SparsityConfig."
+                                 "tune_steps, preset '2:4-tune+...')")
         elif self.quant is None:
             raise ValueError("quant=None: nothing to do; give a QuantConfig, or a SparsityConfig for 2:4 alone")
         if self.distill is not None:
@@ -401,6 +431,8 @@ PRESETS: dict[str, str] = {
     "2:4+w8a16": "2:4 (SparseGPT) with the kept values in INT8 per channel",
     "2:4+w4a16-g128": "2:4 (SparseGPT) with the kept values in INT4, groups of 128, asymmetric",
     "2:4-kd+w8a16": "2:4, then a KD recovery fine-tune with the masks fixed (needs training data), then INT8",
+    "2:4-tune": "2:4 (SparseGPT), each block's kept weights then tuned to its float output on the calibration "
+                "data (128 steps; '-tune<steps>' for another number)",
     "d20+w4a16-g128-gptq": "d<N>+<recipe>: distill an N-block student from the model (measured block choice + KD; needs training data), then <recipe>",
 }
 
@@ -412,12 +444,20 @@ def parse_preset(name: str) -> CompressConfig:
     depth = re.match(r"^d(\d+)\+(.+)$", name.strip().lower())
     if depth is not None:
         return replace(parse_preset(depth[2]), distill=DistillConfig(num_layers=int(depth[1])))
-    sparse = re.match(r"^2:4(?:-(magnitude|wanda|sparsegpt))?(-kd)?(?:\+(.+))?$", name.strip().lower())
+    sparse = re.match(r"^2:4(?:-(magnitude|wanda|sparsegpt))?(?:-tune(\d+)?(?P<tuneflag>))?(-kd)?(?:\+(.+))?$",
+                      name.strip().lower())
     if sparse is not None:
-        sparsity = SparsityConfig(method=sparse[1] or "sparsegpt", recover=DistillConfig() if sparse[2] else None)
-        if sparse[3] is None:
+        tune = 0 if sparse["tuneflag"] is None else (int(sparse[2]) if sparse[2] else DEFAULT_SPARSE_TUNE_STEPS)
+        if sparse["tuneflag"] is not None and tune < 1:
+            raise ValueError(f"preset {name!r}: '-tune<steps>' needs steps >= 1")
+        if tune and sparse[1] == "magnitude":
+            raise ValueError(f"preset {name!r}: '-tune' needs calibration data and a calibrated mask "
+                             "('2:4-tune' (SparseGPT) or '2:4-wanda-tune')")
+        sparsity = SparsityConfig(method=sparse[1] or "sparsegpt", recover=DistillConfig() if sparse[4] else None,
+                                  tune_steps=tune)
+        if sparse[5] is None:
             return CompressConfig(quant=None, sparsity=sparsity)
-        base = parse_preset(sparse[3])
+        base = parse_preset(sparse[5])
         if base.sparsity is not None or base.distill is not None or base.smoothquant is not None or base.embeddings is not None:
             raise ValueError(f"preset {name!r}: after '2:4+' give a weight recipe such as 'w8a16' or 'w4a16-g128'")
         if base.quant.act_bits != 16:
@@ -425,7 +465,7 @@ def parse_preset(name: str) -> CompressConfig:
         return replace(base, sparsity=sparsity)
     if name.strip().lower().startswith(("2:", "4:")):
         raise ValueError(
-            f"unknown preset {name!r}: sparse recipes are '2:4[-magnitude|-wanda|-sparsegpt][-kd][+<weight recipe>]'; "
+            f"unknown preset {name!r}: sparse recipes are '2:4[-magnitude|-wanda|-sparsegpt][-tune[<steps>]][-kd][+<weight recipe>]'; "
             "other N:M patterns (e.g. 4:8) have no kernels: use qruntime.prune.prune_model for them"
         )
     m = _PRESET_RE.match(name.strip().lower())

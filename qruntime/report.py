@@ -148,13 +148,14 @@ class CompressReport:
             if "tuned_blocks" in c:
                 tuned = c["tuned_blocks"]
                 kept = [t for t in tuned if t["kept"]]
+                what = "kept-weight tuning" if c.get("tuned") == "kept weights" else "scale tuning"
                 if tuned:
-                    lines.append(f"scale tuning: kept in {len(kept)} of {len(tuned)} blocks; block output error "
+                    lines.append(f"{what}: kept in {len(kept)} of {len(tuned)} blocks; block output error "
                                  f"{sum(t['error_before'] for t in tuned) / len(tuned):.3g} -> "
                                  f"{sum(t['error_after'] for t in tuned) / len(tuned):.3g} "
                                  "(mean relative MSE on held-out calibration windows)")
                 else:
-                    lines.append(f"scale tuning: not run (it needs the block-by-block pass; calibration was "
+                    lines.append(f"{what}: not run (it needs the block-by-block pass; calibration was "
                                  f"{c.get('mode')})")
         lines.append(
             f"converted weights: {self.weight_bytes_before / 2**20:.2f} MiB -> {self.weight_bytes_after / 2**20:.2f} MiB "

@@ -1,16 +1,22 @@
-"""Block output tuning of quantization scales (``-tune``): after a block's layers are quantized (codes
-fixed, by round to nearest or GPTQ), their float scales are adjusted by gradient descent so that the
-block's output on the calibration inputs comes closer to the float block's output on the same inputs.
+"""Block output tuning (``-tune``): after a block's layers are compressed, what is left free in them is
+adjusted by gradient descent so that the block's output on the calibration inputs comes closer to the
+float block's output on the same inputs.
 
-Per layer the dequantized weight is ``W(s) = (codes - zeros) * s`` (docs/formats.md), linear in the
-scales ``s`` ([G, N] for INT4, [N] for INT8); only ``s`` is trained, as ``s = s0 * (1 + t)`` with ``t``
-initialized to 0, so the packed codes, the zero points and the format do not change. Unlike GPTQ's
-layer-by-layer objective, the block objective sees the attention and MLP nonlinearities and how the
-errors of the block's layers combine.
+* Quantized layers (:func:`tune_block_scales`): codes fixed (round to nearest or GPTQ), the float scales
+  are trained. Per layer the dequantized weight is ``W(s) = (codes - zeros) * s`` (docs/formats.md),
+  linear in the scales ``s`` ([G, N] for INT4, [N] for INT8); only ``s`` is trained, as
+  ``s = s0 * (1 + t)`` with ``t`` initialized to 0, so the packed codes, the zero points and the format
+  do not change.
+* 2:4-pruned layers (:func:`tune_block_weights`): the mask fixed (SparseGPT or Wanda), the kept weights
+  are trained, as ``mask * (W0 + r * t)`` with ``r`` each row's root mean square; pruned weights stay
+  exactly zero.
+
+Unlike GPTQ's and SparseGPT's layer-by-layer objective, the block objective sees the attention and MLP
+nonlinearities and how the errors of the block's layers combine.
 
 The loss is the mean squared error of the block's output relative to the mean square of the float
 output. A quarter of the calibration windows (at least one; none when there is only one window) is held
-out of the steps: the loss on them is measured before tuning and every few steps, the scales with the
+out of the steps: the loss on them is measured before tuning and every few steps, the values with the
 lowest held-out loss are kept, and only if it is below the loss before tuning. So tuning stops before it
 fits the calibration windows at the expense of other text, and a block is never made worse on its own
 held-out measure.
@@ -25,7 +31,7 @@ from torch import nn
 
 from .formats import dequantize_int4, dequantize_int8
 
-__all__ = ["BlockTuneResult", "tune_block_scales"]
+__all__ = ["BlockTuneResult", "tune_block_scales", "tune_block_weights"]
 
 
 @dataclass
@@ -100,12 +106,7 @@ def tune_block_scales(
         transpose: names whose module stores the weight transposed (GPT-2 ``Conv1D``).
         check_every: steps between measurements of the held-out loss (and after the last step).
     """
-    if steps < 1:
-        raise ValueError(f"steps={steps}: must be >= 1")
-    if check_every < 1:
-        raise ValueError(f"check_every={check_every}: must be >= 1")
-    if not inputs or len(inputs) != len(targets):
-        raise ValueError(f"tune_block_scales: {len(inputs)} inputs for {len(targets)} targets")
+    _check(steps, check_every, inputs, targets)
     transpose = transpose or {}
     weights = {name: _ScaledWeight(q, transpose.get(name, False)) for name, (_, q) in layers.items()}
     dtypes = {name: module.weight.dtype for name, (module, _) in layers.items()}
@@ -113,30 +114,8 @@ def tune_block_scales(
     def params() -> dict[str, torch.Tensor]:
         return {f"{name}.weight": sw.weight(dtypes[name]) for name, sw in weights.items()}
 
-    held = len(inputs) // 4 if len(inputs) >= 4 else min(1, len(inputs) - 1)
-    train = list(range(len(inputs) - held))
-    val = list(range(len(inputs) - held, len(inputs))) or train
-    val_in, val_out = [inputs[i] for i in val], [targets[i] for i in val]
-    before = _relative_error(block, params(), val_in, val_out)
-    best, best_step, best_t = before, 0, None
-    ts = [sw.t for sw in weights.values()]
-    opt = torch.optim.Adam(ts, lr=lr)
-    norms = [torch.mean(y.float() ** 2).clamp_min(1e-30) for y in targets]
-    for step in range(1, steps + 1):
-        i = train[(step - 1) % len(train)]
-        h, args, kwargs = inputs[i]
-        with torch.enable_grad():
-            out = _output(torch.func.functional_call(block, params(), (h, *args), kwargs))
-            loss = torch.mean((out.float() - targets[i].float()) ** 2) / norms[i]
-            # gradients of the scales only: the model's own parameters get no .grad
-            for t, g in zip(ts, torch.autograd.grad(loss, ts)):
-                t.grad = g
-        opt.step()
-        if step % check_every == 0 or step == steps:
-            error = _relative_error(block, params(), val_in, val_out)
-            if error < best:
-                best, best_step = error, step
-                best_t = {name: sw.t.detach().clone() for name, sw in weights.items()}
+    result, best_t = _tune(block, params, {name: sw.t for name, sw in weights.items()}, inputs, targets,
+                           steps=steps, lr=lr, check_every=check_every)
     if best_t is not None:
         with torch.no_grad():
             for name, sw in weights.items():
@@ -146,4 +125,109 @@ def tune_block_scales(
                 module, q = layers[name]
                 q.scales = sw.scales().detach().clone().to(q.scales.dtype)
                 module.weight = nn.Parameter(final[f"{name}.weight"].detach().clone(), requires_grad=False)
-    return BlockTuneResult(before, best, best_t is not None, best_step)
+    return result
+
+
+class _MaskedWeight:
+    """``W(t) = mask * (W0 + r * t)``: the pruned weight ``W0`` [N, K] moved only where ``mask`` keeps it,
+    in steps relative to each output row's root mean square ``r`` (so one learning rate fits layers of
+    any scale); at ``t = 0`` exactly ``W0``."""
+
+    def __init__(self, module: nn.Module, mask: torch.Tensor, transpose: bool) -> None:
+        w = module.weight.detach()
+        self.transpose = transpose
+        self.w0 = (w.t() if transpose else w).to(torch.float32).contiguous()
+        if mask.shape != self.w0.shape:
+            raise ValueError(f"mask: shape {tuple(mask.shape)}, expected {tuple(self.w0.shape)} ([N, K] of the layer)")
+        self.keep = mask.to(torch.float32)
+        self.w0 = self.w0 * self.keep
+        kept = self.keep.sum(1, keepdim=True).clamp_min(1)
+        self.rms = torch.sqrt((self.w0**2).sum(1, keepdim=True) / kept).clamp_min(1e-12)
+        self.t = torch.zeros_like(self.w0, requires_grad=True)
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        w = (self.keep * (self.w0 + self.rms * self.t)).to(dtype)
+        return w.t() if self.transpose else w
+
+
+def tune_block_weights(
+    block: nn.Module,
+    layers: Mapping[str, tuple[nn.Module, torch.Tensor]],
+    inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
+    targets: Sequence[torch.Tensor],
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    transpose: Mapping[str, bool] | None = None,
+    check_every: int = 8,
+) -> BlockTuneResult:
+    """Tunes the kept weights of the pruned layers of ``block`` in place, the masks fixed (2:4 ``-tune``).
+
+    Args:
+        block: the transformer block, its target layers holding the pruned weights.
+        layers: ``{name relative to block: (layer in block, mask bool [N, K], True = kept)}``; on success
+            each layer's weight is replaced by the tuned one, still zero wherever its mask is False.
+        inputs, targets, steps, transpose, check_every: as in :func:`tune_block_scales`.
+        lr: the Adam learning rate, on each weight's change relative to its row's root mean square.
+    """
+    _check(steps, check_every, inputs, targets)
+    transpose = transpose or {}
+    weights = {name: _MaskedWeight(module, mask, transpose.get(name, False)) for name, (module, mask) in layers.items()}
+    dtypes = {name: module.weight.dtype for name, (module, _) in layers.items()}
+
+    def params() -> dict[str, torch.Tensor]:
+        return {f"{name}.weight": mw.weight(dtypes[name]) for name, mw in weights.items()}
+
+    result, best_t = _tune(block, params, {name: mw.t for name, mw in weights.items()}, inputs, targets,
+                           steps=steps, lr=lr, check_every=check_every)
+    if best_t is not None:
+        with torch.no_grad():
+            for name, mw in weights.items():
+                mw.t.copy_(best_t[name])
+            final = params()
+            for name in weights:
+                module = layers[name][0]
+                module.weight = nn.Parameter(final[f"{name}.weight"].detach().clone(), requires_grad=False)
+    return result
+
+
+def _check(steps: int, check_every: int, inputs: Sequence, targets: Sequence) -> None:
+    if steps < 1:
+        raise ValueError(f"steps={steps}: must be >= 1")
+    if check_every < 1:
+        raise ValueError(f"check_every={check_every}: must be >= 1")
+    if not inputs or len(inputs) != len(targets):
+        raise ValueError(f"block tuning: {len(inputs)} inputs for {len(targets)} targets")
+
+
+def _tune(block, params, trainables: dict[str, torch.Tensor], inputs, targets, *, steps: int, lr: float,
+          check_every: int) -> tuple[BlockTuneResult, dict[str, torch.Tensor] | None]:
+    """The shared loop: Adam on ``trainables`` (leaves ``params()`` is differentiable in), one window a
+    step cycling through the windows not held out, the held-out loss measured before and every
+    ``check_every`` steps. Returns the result and the trainables' values at the best held-out step
+    (None when no step beat the loss before tuning)."""
+    held = len(inputs) // 4 if len(inputs) >= 4 else min(1, len(inputs) - 1)
+    train = list(range(len(inputs) - held))
+    val = list(range(len(inputs) - held, len(inputs))) or train
+    val_in, val_out = [inputs[i] for i in val], [targets[i] for i in val]
+    before = _relative_error(block, params(), val_in, val_out)
+    best, best_step, best_t = before, 0, None
+    ts = list(trainables.values())
+    opt = torch.optim.Adam(ts, lr=lr)
+    norms = [torch.mean(y.float() ** 2).clamp_min(1e-30) for y in targets]
+    for step in range(1, steps + 1):
+        i = train[(step - 1) % len(train)]
+        h, args, kwargs = inputs[i]
+        with torch.enable_grad():
+            out = _output(torch.func.functional_call(block, params(), (h, *args), kwargs))
+            loss = torch.mean((out.float() - targets[i].float()) ** 2) / norms[i]
+            # gradients of the trainables only: the model's own parameters get no .grad
+            for t, g in zip(ts, torch.autograd.grad(loss, ts)):
+                t.grad = g
+        opt.step()
+        if step % check_every == 0 or step == steps:
+            error = _relative_error(block, params(), val_in, val_out)
+            if error < best:
+                best, best_step = error, step
+                best_t = {name: t.detach().clone() for name, t in trainables.items()}
+    return BlockTuneResult(before, best, best_t is not None, best_step), best_t

@@ -112,6 +112,8 @@ CASES = [
      ValueError, r"AWQ \('-awq'\) is for weight-only recipes"),
     ("config-tune", "compress", "scale tuning on INT8 activations", lambda t: compress(_llama(), "w8a8-tune"),
      ValueError, r"tune_steps=64 with act_bits=8"),
+    ("config-tune-sparse", "compress", "scale tuning of 2:4 kept values", lambda t: compress(_llama(), "2:4+w8a16-tune"),
+     ValueError, r"scale tuning is not implemented for 2:4 kept values"),
     ("compress-budget-encoder", "compress", "accuracy budget on a model without per-token logits",
      lambda t: compress(_Encoder(), "w8a16", [torch.randint(0, 16, (1, 6))], max_ppl_increase=0.02),
      ValueError, r"no per-token logits \[batch, seq, vocab\]"),

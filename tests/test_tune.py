@@ -1,4 +1,4 @@
-"""Block output tuning of the quantization scales (qruntime.tune, the "-tune" suffix)."""
+"""Block output tuning (qruntime.tune, the "-tune" suffix): quantization scales, and 2:4 kept weights."""
 from __future__ import annotations
 
 import pytest
@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from qruntime import compress
-from qruntime.config import QuantConfig, parse_preset
+from qruntime.config import QuantConfig, SparsityConfig, parse_preset
 from qruntime.nn import QuantLinear
-from qruntime.tune import _ScaledWeight, tune_block_scales
+from qruntime.prune import prune_weight
+from qruntime.tune import _MaskedWeight, _ScaledWeight, tune_block_scales, tune_block_weights
 
 
 @pytest.mark.parametrize("quant", [QuantConfig(bits=4, group_size=32, symmetric=False),
@@ -176,3 +177,116 @@ def test_a_model_without_blocks_is_not_tuned_and_the_report_says_so():
     _, report = compress(Flat(), "w4a16-g32-tune4", [torch.randint(0, 9, (4, 32)) for _ in range(2)], progress=False)
     assert report.calibration["mode"].startswith("one pass") and report.calibration["tuned_blocks"] == []
     assert "scale tuning: not run" in str(report)
+
+
+# ---- 2:4 kept weights ("2:4-tune") ----
+
+def _prune_block(block):
+    layers = {}
+    for name, module in list(block.named_modules()):
+        if isinstance(module, nn.Linear):
+            pruned, mask = prune_weight(module.weight, "magnitude")
+            module.weight = nn.Parameter(pruned.to(module.weight.dtype), requires_grad=False)
+            layers[name] = (module, mask)
+    return layers
+
+
+def test_untuned_masked_weight_is_the_pruned_weight_and_its_gradient_respects_the_mask():
+    lin = nn.Linear(24, 10)
+    pruned, mask = prune_weight(lin.weight, "magnitude")
+    lin.weight = nn.Parameter(pruned.float())
+    mw = _MaskedWeight(lin, mask, transpose=False)
+    w = mw.weight(torch.float32)
+    assert torch.equal(w, lin.weight)
+    (w * torch.randn_like(w)).sum().backward()
+    assert mw.t.grad.abs().sum() > 0 and torch.all(mw.t.grad[~mask] == 0)
+    conv = nn.Parameter(pruned.float().t().contiguous())  # GPT-2 Conv1D layout [K, N]
+    holder = nn.Module()
+    holder.weight = conv
+    assert torch.equal(_MaskedWeight(holder, mask, transpose=True).weight(torch.float32), conv)
+    with pytest.raises(ValueError, match=r"mask: shape \(24, 10\), expected \(10, 24\)"):
+        _MaskedWeight(lin, mask.t(), transpose=False)
+
+
+def test_weight_tuning_lowers_the_block_error_and_keeps_the_masks(tiny_llama):
+    block, calls, outs = _block_io(tiny_llama, n_windows=4)
+    layers = _prune_block(block)
+    before = {n: m.weight.clone() for n, (m, _) in layers.items()}
+    result = tune_block_weights(block, layers, calls, outs, steps=30, lr=1e-2, check_every=5)
+    assert result.kept and result.loss_after < result.loss_before and result.step in range(5, 31, 5)
+    for name, (module, mask) in layers.items():
+        w = module.weight
+        assert torch.all(w[~mask] == 0)  # still exactly the mask's zeros: 2:4 along K
+        assert not torch.equal(w, before[name]) and not w.requires_grad
+    from qruntime.tune import _relative_error
+
+    # the kept step's error is what the block now gives on the held-out window
+    assert _relative_error(block, {}, calls[-1:], outs[-1:]) == pytest.approx(result.loss_after, rel=1e-4)
+    assert all(p.grad is None for p in block.parameters())
+
+
+def test_weight_tuning_that_cannot_help_changes_nothing(tiny_llama):
+    block, calls, _ = _block_io(tiny_llama)
+    layers = _prune_block(block)
+    with torch.no_grad():
+        own = [block(x, *a, **k) for x, a, k in calls]
+    own = [o[0] if isinstance(o, tuple) else o for o in own]
+    weights = {n: m.weight for n, (m, _) in layers.items()}
+    result = tune_block_weights(block, layers, calls, own, steps=4, lr=1e-2)
+    assert not result.kept and result.loss_before == 0.0
+    assert all(m.weight is weights[n] for n, (m, _) in layers.items())
+
+
+def test_sparse_tune_presets_and_errors():
+    cfg = parse_preset("2:4-tune")
+    assert cfg.sparsity.tune_steps == 128 and cfg.name == "2:4-tune" and cfg.quant is None
+    assert parse_preset("2:4-tune64").name == "2:4-tune64"
+    cfg = parse_preset("2:4-wanda-tune16-kd+w8a16")
+    assert cfg.sparsity.tune_steps == 16 and cfg.sparsity.method == "wanda" and cfg.sparsity.recover is not None
+    assert cfg.name == "2:4-wanda-tune16-kd+w8a16" and parse_preset(cfg.name) == cfg
+    assert parse_preset("2:4").sparsity.tune_steps == 0
+    with pytest.raises(ValueError, match="'-tune' needs calibration data"):
+        parse_preset("2:4-magnitude-tune")
+    with pytest.raises(ValueError, match="needs steps >= 1"):
+        parse_preset("2:4-tune0")
+    with pytest.raises(ValueError, match="scale tuning is not implemented for 2:4"):
+        parse_preset("2:4+w4a16-g128-tune")
+    with pytest.raises(ValueError, match="tune_steps=8 with sequential=False"):
+        SparsityConfig(tune_steps=8, sequential=False)
+    with pytest.raises(ValueError, match="tune_steps=8 with method='magnitude'"):
+        SparsityConfig(method="magnitude", tune_steps=8)
+    with pytest.raises(ValueError, match="tune_lr=0.5"):
+        SparsityConfig(tune_steps=8, tune_lr=0.5)
+    with pytest.raises(ValueError, match="tune_steps=-2"):
+        SparsityConfig(tune_steps=-2)
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
+def test_compress_2_4_tune_reports_each_block_keeps_2_4_and_round_trips(model_name, request, tmp_path):
+    import qruntime
+    from qruntime.distill import find_blocks
+    from qruntime.nn import SparseLinear
+
+    model = request.getfixturevalue(model_name)
+    vocab = model.config.vocab_size
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = _batches(vocab, n=8)
+    plain, _ = compress(model, "2:4", calib, progress=False, inplace=False)
+    q, report = compress(model, "2:4-tune16", calib, progress=False, inplace=False)
+    tuned = report.calibration["tuned_blocks"]
+    assert report.calibration["tuned"] == "kept weights" and len(tuned) == len(find_blocks(model).layers)
+    for t in tuned:
+        assert t["kept"] == (t["error_after"] < t["error_before"]) == (t["step"] > 0)
+    assert any(t["kept"] for t in tuned)
+    assert f"kept-weight tuning: kept in {sum(t['kept'] for t in tuned)} of {len(tuned)} blocks" in str(report)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # original untouched
+    sparse = {n: m for n, m in q.named_modules() if isinstance(m, SparseLinear)}
+    assert sparse and all(r.sparsity == pytest.approx(0.5, abs=0.01) for r in report.layers)
+    # the tuned weights differ from plain SparseGPT's in at least one layer (the kept values moved)
+    plain_sparse = dict(plain.named_modules())
+    assert any(not torch.equal(m.values, plain_sparse[n].values) for n, m in sparse.items())
+    x = torch.randint(0, vocab, (1, 12))
+    qruntime.save(q, tmp_path / "m", report=report)
+    again = qruntime.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(q(x).logits, again(x).logits)
