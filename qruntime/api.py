@@ -493,18 +493,14 @@ def _prune_blockwise(
             w = pruned[name].to(module.weight.dtype)
             module.weight = nn.Parameter(w.t().contiguous() if is_conv1d(module) else w, requires_grad=False)
 
-    def tune_block(index: int, block: nn.Module, inputs: list, outputs: list) -> None:
-        from .tune import tune_block_weights
+    from .tune import tune_block_weights
 
-        relative = {id(m): n for n, m in block.named_modules()}
-        layers = {relative[id(modules[n])]: (modules[n], masks[n]) for n in current}
-        result = tune_block_weights(block, layers, inputs, outputs, steps=sp.tune_steps, lr=sp.tune_lr,
-                                    transpose={r: is_conv1d(m) for r, (m, _) in layers.items()})
-        if result.kept:
+    tune = _block_tuner(tune_block_weights, modules, current, masks, tuned, steps=sp.tune_steps, lr=sp.tune_lr)
+
+    def tune_block(index: int, block: nn.Module, inputs: list, outputs: list) -> None:
+        if tune(index, block, inputs, outputs).kept:
             for name in current:
                 pruned[name] = linear_weight(modules[name]).detach().to(torch.float64)
-        tuned.append({"block": index, "error_before": result.loss_before, "error_after": result.loss_after,
-                      "kept": result.kept, "step": result.step})
 
     try:
         with torch.no_grad():
@@ -532,6 +528,24 @@ def _blockwise_or_one_pass(model, modules, calib_data, compress_block, results: 
         results.clear()
         fingerprint["mode"] = f"one pass ({exc})"
         return collect_stats(model, modules, calib_data, progress=progress, fingerprint=fingerprint)[0]
+
+
+def _block_tuner(tune, modules: dict[str, nn.Module], current: list[str], state: dict, tuned: list[dict], **kwargs):
+    """The ``tune_block`` callback of :func:`qruntime.sequential.blockwise_calibrate` for a
+    :mod:`qruntime.tune` function: tunes the layers ``current`` (those the block's ``compress_block`` just
+    compressed) with ``state[name]`` beside each (its QuantLinear, or its 2:4 mask), appends the block's
+    entry to ``tuned`` (the report's ``calibration["tuned_blocks"]``) and returns the result."""
+
+    def tune_block(index: int, block: nn.Module, inputs: list, outputs: list):
+        relative = {id(m): n for n, m in block.named_modules()}
+        layers = {relative[id(modules[n])]: (modules[n], state[n]) for n in current}
+        result = tune(block, layers, inputs, outputs, transpose={r: is_conv1d(m) for r, (m, _) in layers.items()},
+                      **kwargs)
+        tuned.append({"block": index, "error_before": result.loss_before, "error_after": result.loss_after,
+                      "kept": result.kept, "step": result.step})
+        return result
+
+    return tune_block
 
 
 def _layer_quant(quant: QuantConfig, hessian: torch.Tensor | None) -> QuantConfig:
@@ -571,15 +585,10 @@ def _quantize_blockwise(
             replaced.setdefault(name, module.weight)
             module.weight = nn.Parameter(w.t().contiguous() if is_conv1d(module) else w, requires_grad=False)
 
-    def tune_block(index: int, block: nn.Module, inputs: list, outputs: list) -> None:
-        from .tune import tune_block_scales
+    from .tune import tune_block_scales
 
-        relative = {id(m): n for n, m in block.named_modules()}
-        layers = {relative[id(modules[n])]: (modules[n], prebuilt[n]) for n in current}
-        result = tune_block_scales(block, layers, inputs, outputs, steps=quant.tune_steps, lr=quant.tune_lr,
-                                   transpose={r: is_conv1d(m) for r, (m, _) in layers.items()})
-        tuned.append({"block": index, "error_before": result.loss_before, "error_after": result.loss_after,
-                      "kept": result.kept, "step": result.step})
+    tune_block = _block_tuner(tune_block_scales, modules, current, prebuilt, tuned, steps=quant.tune_steps,
+                              lr=quant.tune_lr)
 
     with torch.no_grad(), swapped(model, {}, smoothed):
         try:

@@ -58,6 +58,10 @@ class _ScaledWeight:
     def scales(self) -> torch.Tensor:
         return self.s0 * (1 + self.t)
 
+    def commit(self) -> None:
+        """The kept ``t`` becomes the QuantLinear's scales."""
+        self.q.scales = self.scales().detach().clone().to(self.q.scales.dtype)
+
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         q = self.q
         if q.quant.bits == 8:
@@ -109,23 +113,8 @@ def tune_block_scales(
     _check(steps, check_every, inputs, targets)
     transpose = transpose or {}
     weights = {name: _ScaledWeight(q, transpose.get(name, False)) for name, (_, q) in layers.items()}
-    dtypes = {name: module.weight.dtype for name, (module, _) in layers.items()}
-
-    def params() -> dict[str, torch.Tensor]:
-        return {f"{name}.weight": sw.weight(dtypes[name]) for name, sw in weights.items()}
-
-    result, best_t = _tune(block, params, {name: sw.t for name, sw in weights.items()}, inputs, targets,
-                           steps=steps, lr=lr, check_every=check_every)
-    if best_t is not None:
-        with torch.no_grad():
-            for name, sw in weights.items():
-                sw.t.copy_(best_t[name])
-            final = params()
-            for name, sw in weights.items():
-                module, q = layers[name]
-                q.scales = sw.scales().detach().clone().to(q.scales.dtype)
-                module.weight = nn.Parameter(final[f"{name}.weight"].detach().clone(), requires_grad=False)
-    return result
+    return _tune(block, {name: module for name, (module, _) in layers.items()}, weights, inputs, targets,
+                 steps=steps, lr=lr, check_every=check_every)
 
 
 class _MaskedWeight:
@@ -148,6 +137,9 @@ class _MaskedWeight:
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         w = (self.keep * (self.w0 + self.rms * self.t)).to(dtype)
         return w.t() if self.transpose else w
+
+    def commit(self) -> None:
+        """Nothing besides the layer's weight holds the kept values."""
 
 
 def tune_block_weights(
@@ -173,22 +165,8 @@ def tune_block_weights(
     _check(steps, check_every, inputs, targets)
     transpose = transpose or {}
     weights = {name: _MaskedWeight(module, mask, transpose.get(name, False)) for name, (module, mask) in layers.items()}
-    dtypes = {name: module.weight.dtype for name, (module, _) in layers.items()}
-
-    def params() -> dict[str, torch.Tensor]:
-        return {f"{name}.weight": mw.weight(dtypes[name]) for name, mw in weights.items()}
-
-    result, best_t = _tune(block, params, {name: mw.t for name, mw in weights.items()}, inputs, targets,
-                           steps=steps, lr=lr, check_every=check_every)
-    if best_t is not None:
-        with torch.no_grad():
-            for name, mw in weights.items():
-                mw.t.copy_(best_t[name])
-            final = params()
-            for name in weights:
-                module = layers[name][0]
-                module.weight = nn.Parameter(final[f"{name}.weight"].detach().clone(), requires_grad=False)
-    return result
+    return _tune(block, {name: module for name, (module, _) in layers.items()}, weights, inputs, targets,
+                 steps=steps, lr=lr, check_every=check_every)
 
 
 def _check(steps: int, check_every: int, inputs: Sequence, targets: Sequence) -> None:
@@ -200,12 +178,19 @@ def _check(steps: int, check_every: int, inputs: Sequence, targets: Sequence) ->
         raise ValueError(f"block tuning: {len(inputs)} inputs for {len(targets)} targets")
 
 
-def _tune(block, params, trainables: dict[str, torch.Tensor], inputs, targets, *, steps: int, lr: float,
-          check_every: int) -> tuple[BlockTuneResult, dict[str, torch.Tensor] | None]:
-    """The shared loop: Adam on ``trainables`` (leaves ``params()`` is differentiable in), one window a
-    step cycling through the windows not held out, the held-out loss measured before and every
-    ``check_every`` steps. Returns the result and the trainables' values at the best held-out step
-    (None when no step beat the loss before tuning)."""
+def _tune(block, modules: Mapping[str, nn.Module], weights: Mapping, inputs, targets, *, steps: int, lr: float,
+          check_every: int) -> BlockTuneResult:
+    """The shared loop. ``weights[name]`` (a ``_ScaledWeight`` or ``_MaskedWeight``) gives the weight of
+    ``modules[name]`` as a function of its trainable ``t``: Adam on the ``t``, one window a step cycling
+    through the windows not held out, the held-out loss measured before and every ``check_every`` steps.
+    When a step beat the loss before tuning, the best step's ``t`` is committed and each module's weight
+    replaced by the matching one; otherwise nothing changes."""
+    dtypes = {name: module.weight.dtype for name, module in modules.items()}
+
+    def params() -> dict[str, torch.Tensor]:
+        return {f"{name}.weight": w.weight(dtypes[name]) for name, w in weights.items()}
+
+    trainables = {name: w.t for name, w in weights.items()}
     held = len(inputs) // 4 if len(inputs) >= 4 else min(1, len(inputs) - 1)
     train = list(range(len(inputs) - held))
     val = list(range(len(inputs) - held, len(inputs))) or train
@@ -230,4 +215,12 @@ def _tune(block, params, trainables: dict[str, torch.Tensor], inputs, targets, *
             if error < best:
                 best, best_step = error, step
                 best_t = {name: t.detach().clone() for name, t in trainables.items()}
-    return BlockTuneResult(before, best, best_t is not None, best_step), best_t
+    if best_t is not None:
+        with torch.no_grad():
+            for name, w in weights.items():
+                w.t.copy_(best_t[name])
+                w.commit()
+            final = params()
+            for name, module in modules.items():
+                module.weight = nn.Parameter(final[f"{name}.weight"].detach().clone(), requires_grad=False)
+    return BlockTuneResult(before, best, best_t is not None, best_step)

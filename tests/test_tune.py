@@ -141,6 +141,20 @@ def _batches(vocab, n=4, seq=16):
     return [torch.randint(0, vocab, (1, seq)) for _ in range(n)]
 
 
+def _check_tuned_report(report, model, what: str, label: str) -> None:
+    """Every block of ``model`` has an entry, kept exactly when its held-out error went down, at least one
+    kept, and the printed report's summary line says so."""
+    from qruntime.distill import find_blocks
+
+    tuned = report.calibration["tuned_blocks"]
+    assert report.calibration["tuned"] == what
+    assert [t["block"] for t in tuned] == list(range(len(find_blocks(model).layers)))
+    for t in tuned:
+        assert t["kept"] == (t["error_after"] < t["error_before"]) == (t["step"] > 0)
+    assert any(t["kept"] for t in tuned)
+    assert f"{label}: kept in {sum(t['kept'] for t in tuned)} of {len(tuned)} blocks" in str(report)
+
+
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
 def test_compress_with_tuning_reports_each_block_and_leaves_the_original(model_name, request, tmp_path):
     import qruntime
@@ -150,13 +164,7 @@ def test_compress_with_tuning_reports_each_block_and_leaves_the_original(model_n
     state = {k: v.clone() for k, v in model.state_dict().items()}
     calib = _batches(vocab, n=8)
     q, report = compress(model, "w4a16-g32-gptq-tune16", calib, progress=False, inplace=False)
-    tuned = report.calibration["tuned_blocks"]
-    assert [t["block"] for t in tuned] == list(range(model.config.num_hidden_layers if model_name == "tiny_llama"
-                                                     else model.config.n_layer))
-    for t in tuned:
-        assert t["kept"] == (t["error_after"] < t["error_before"]) == (t["step"] > 0)
-    assert any(t["kept"] for t in tuned)
-    assert f"scale tuning: kept in {sum(t['kept'] for t in tuned)} of {len(tuned)} blocks" in str(report)
+    _check_tuned_report(report, model, "scales", "scale tuning")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # original untouched
     x = torch.randint(0, vocab, (1, 12))
     qruntime.save(q, tmp_path / "m", report=report)
@@ -264,7 +272,6 @@ def test_sparse_tune_presets_and_errors():
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
 def test_compress_2_4_tune_reports_each_block_keeps_2_4_and_round_trips(model_name, request, tmp_path):
     import qruntime
-    from qruntime.distill import find_blocks
     from qruntime.nn import SparseLinear
 
     model = request.getfixturevalue(model_name)
@@ -273,12 +280,7 @@ def test_compress_2_4_tune_reports_each_block_keeps_2_4_and_round_trips(model_na
     calib = _batches(vocab, n=8)
     plain, _ = compress(model, "2:4", calib, progress=False, inplace=False)
     q, report = compress(model, "2:4-tune16", calib, progress=False, inplace=False)
-    tuned = report.calibration["tuned_blocks"]
-    assert report.calibration["tuned"] == "kept weights" and len(tuned) == len(find_blocks(model).layers)
-    for t in tuned:
-        assert t["kept"] == (t["error_after"] < t["error_before"]) == (t["step"] > 0)
-    assert any(t["kept"] for t in tuned)
-    assert f"kept-weight tuning: kept in {sum(t['kept'] for t in tuned)} of {len(tuned)} blocks" in str(report)
+    _check_tuned_report(report, model, "kept weights", "kept-weight tuning")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # original untouched
     sparse = {n: m for n, m in q.named_modules() if isinstance(m, SparseLinear)}
     assert sparse and all(r.sparsity == pytest.approx(0.5, abs=0.01) for r in report.layers)
