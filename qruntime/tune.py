@@ -149,7 +149,7 @@ def tune_block_weights(
     targets: Sequence[torch.Tensor],
     *,
     steps: int,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     transpose: Mapping[str, bool] | None = None,
     check_every: int = 8,
 ) -> BlockTuneResult:

@@ -188,7 +188,8 @@ def _ids(n=4, t=24, vocab=128):
 
 
 @pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama", "tiny_bert"])
-@pytest.mark.parametrize("preset", ["2:4", "2:4-magnitude", "2:4+w8a16", "2:4-wanda+w4a16-g32-gptq"])
+@pytest.mark.parametrize("preset", ["2:4", "2:4-magnitude", "2:4+w8a16", "2:4-wanda+w4a16-g32-gptq",
+                                    "2:4-tune4+w4a16-g32-gptq"])
 def test_compress_2_4_recipes(arch, preset, request):
     model = request.getfixturevalue(arch)
     ids = _ids()
