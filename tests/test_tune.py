@@ -182,9 +182,14 @@ def test_a_model_without_blocks_is_not_tuned_and_the_report_says_so():
         def forward(self, input_ids):
             return self.b(torch.relu(self.a(input_ids.float())))
 
-    _, report = compress(Flat(), "w4a16-g32-tune4", [torch.randint(0, 9, (4, 32)) for _ in range(2)], progress=False)
+    calib = [torch.randint(0, 9, (4, 32)) for _ in range(2)]
+    _, report = compress(Flat(), "w4a16-g32-tune4", calib, progress=False)
     assert report.calibration["mode"].startswith("one pass") and report.calibration["tuned_blocks"] == []
     assert "scale tuning: not run" in str(report)
+    sparse, report = compress(Flat(), "2:4-tune4", calib, progress=False)
+    assert report.calibration["mode"].startswith("one pass") and report.calibration["tuned_blocks"] == []
+    assert "kept-weight tuning: not run" in str(report)
+    assert all(r.sparsity >= 0.5 for r in report.layers)  # pruned all the same, from the one pass (dead inputs: more)
 
 
 # ---- 2:4 kept weights ("2:4-tune") ----
