@@ -73,6 +73,29 @@ def _check_group_size(group_size: int | None) -> None:
 DEFAULT_TUNE_STEPS = 64
 DEFAULT_SPARSE_TUNE_STEPS = 128
 
+
+def _check_tune(steps, lr) -> None:
+    """The ``tune_steps`` / ``tune_lr`` fields of QuantConfig and SparsityConfig."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"tune_steps={steps!r}: must be an int >= 0 (0: no tuning)")
+    if not (isinstance(lr, (int, float)) and 0 < lr <= 0.1):
+        raise ValueError(f"tune_lr={lr!r}: must be in (0, 0.1]")
+
+
+def _tune_suffix(steps: int, default: int) -> str:
+    """The preset suffix of ``steps`` tuning steps: "" (off), "-tune" (the default) or "-tune<steps>"."""
+    return "" if not steps else ("-tune" if steps == default else f"-tune{steps}")
+
+
+def _parse_tune(name: str, flag: str | None, digits: str | None, default: int) -> int:
+    """Steps of a preset's "-tune[<steps>]" (``flag`` None: no suffix, 0 steps)."""
+    if flag is None:
+        return 0
+    steps = int(digits) if digits else default
+    if steps < 1:
+        raise ValueError(f"preset {name!r}: '-tune<steps>' needs steps >= 1")
+    return steps
+
 # clip method -> its preset suffix
 CLIP_METHODS: dict[str, str] = {"none": "", "mse": "-mse", "act": "-clip"}
 
@@ -146,10 +169,7 @@ class QuantConfig:
             raise ValueError(f"gptq_block_size={self.gptq_block_size}: must be >= 1")
         if self.clip not in CLIP_METHODS:
             raise ValueError(f"clip={self.clip!r}: must be one of {list(CLIP_METHODS)}")
-        if isinstance(self.tune_steps, bool) or not isinstance(self.tune_steps, int) or self.tune_steps < 0:
-            raise ValueError(f"tune_steps={self.tune_steps!r}: must be an int >= 0 (0: no tuning)")
-        if not (isinstance(self.tune_lr, (int, float)) and 0 < self.tune_lr <= 0.1):
-            raise ValueError(f"tune_lr={self.tune_lr!r}: must be in (0, 0.1]")
+        _check_tune(self.tune_steps, self.tune_lr)
         if self.tune_steps and self.act_bits == 8:
             raise ValueError(f"tune_steps={self.tune_steps} with act_bits=8: the tuning runs the block with float "
                              "activations and would not see their INT8 rounding (weight-only recipes only)")
@@ -171,9 +191,7 @@ class QuantConfig:
         if self.method != "rtn":
             s += f"-{self.method}"
         s += CLIP_METHODS[self.clip]
-        if self.tune_steps:
-            s += "-tune" if self.tune_steps == DEFAULT_TUNE_STEPS else f"-tune{self.tune_steps}"
-        return s
+        return s + _tune_suffix(self.tune_steps, DEFAULT_TUNE_STEPS)
 
 
 @dataclass(frozen=True)
@@ -229,10 +247,7 @@ class SparsityConfig:
                 raise TypeError(f"recover={self.recover!r}: must be a DistillConfig or None")
             if self.recover.num_layers is not None or self.recover.keep is not None:
                 raise ValueError("recover: the pruned model keeps every block (num_layers/keep must be None)")
-        if isinstance(self.tune_steps, bool) or not isinstance(self.tune_steps, int) or self.tune_steps < 0:
-            raise ValueError(f"tune_steps={self.tune_steps!r}: must be an int >= 0 (0: no tuning)")
-        if not (isinstance(self.tune_lr, (int, float)) and 0 < self.tune_lr <= 0.1):
-            raise ValueError(f"tune_lr={self.tune_lr!r}: must be in (0, 0.1]")
+        _check_tune(self.tune_steps, self.tune_lr)
         if self.tune_steps and not self.needs_calibration:
             raise ValueError(f"tune_steps={self.tune_steps} with method={self.method!r}: tuning runs inside the "
                              "calibrated block-by-block pass; use 'sparsegpt' or 'wanda'")
@@ -246,9 +261,8 @@ class SparsityConfig:
 
     @property
     def name(self) -> str:
-        tune = "" if not self.tune_steps else (
-            "-tune" if self.tune_steps == DEFAULT_SPARSE_TUNE_STEPS else f"-tune{self.tune_steps}")
-        return "2:4" + ("" if self.method == "sparsegpt" else f"-{self.method}") + tune + ("-kd" if self.recover else "")
+        return ("2:4" + ("" if self.method == "sparsegpt" else f"-{self.method}")
+                + _tune_suffix(self.tune_steps, DEFAULT_SPARSE_TUNE_STEPS) + ("-kd" if self.recover else ""))
 
 
 @dataclass(frozen=True)
@@ -447,9 +461,7 @@ def parse_preset(name: str) -> CompressConfig:
     sparse = re.match(r"^2:4(?:-(magnitude|wanda|sparsegpt))?(?:-tune(\d+)?(?P<tuneflag>))?(-kd)?(?:\+(.+))?$",
                       name.strip().lower())
     if sparse is not None:
-        tune = 0 if sparse["tuneflag"] is None else (int(sparse[2]) if sparse[2] else DEFAULT_SPARSE_TUNE_STEPS)
-        if sparse["tuneflag"] is not None and tune < 1:
-            raise ValueError(f"preset {name!r}: '-tune<steps>' needs steps >= 1")
+        tune = _parse_tune(name, sparse["tuneflag"], sparse[2], DEFAULT_SPARSE_TUNE_STEPS)
         if tune and sparse[1] == "magnitude":
             raise ValueError(f"preset {name!r}: '-tune' needs calibration data and a calibrated mask "
                              "('2:4-tune' (SparseGPT) or '2:4-wanda-tune')")
@@ -483,9 +495,7 @@ def parse_preset(name: str) -> CompressConfig:
     sym = m["sym"]
     method = m["method"] or "rtn"
     clip = {"mse": "mse", "clip": "act", None: "none"}[m["clip"]]
-    tune = 0 if m["tuneflag"] is None else (int(m["tune"]) if m["tune"] else DEFAULT_TUNE_STEPS)
-    if m["tuneflag"] is not None and tune < 1:
-        raise ValueError(f"preset {name!r}: '-tune<steps>' needs steps >= 1")
+    tune = _parse_tune(name, m["tuneflag"], m["tune"], DEFAULT_TUNE_STEPS)
     if bits == 8:
         if sym == "asym":
             raise ValueError(f"preset {name!r}: INT8 weights are symmetric only")
