@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"])
     p.add_argument("--quant", default="", help="weight recipe after 2:4, e.g. w8a16 (default: float values)")
-    p.add_argument("--minutes", type=float, default=30.0, help="recovery training budget")
+    p.add_argument("--minutes", type=float, default=30.0, help="recovery training budget (0: one-shot only, no recovery run)")
     p.add_argument("--steps", type=int, default=2000, help="upper bound; the time budget usually ends training first")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
@@ -48,7 +48,6 @@ def main() -> None:
 
     from qruntime import compress
     from qruntime.calibrate import calibration_batches, text_batches
-    from qruntime.config import DistillConfig, resolve_config
     from qruntime.data import split_text
     from qruntime.evaluate import evaluate_causal_lm, tokenize_text
     from qruntime.models import load_causal_lm
@@ -58,7 +57,9 @@ def main() -> None:
     calib = calibration_batches(tok, num_samples=args.calib_samples, seq_len=args.calib_len)
     # monitoring windows: calibration text after the calibration windows (disjoint from training and eval)
     skip = args.calib_samples * args.calib_len // args.seq_len
-    monitor = calibration_batches(tok, num_samples=skip + 4, seq_len=args.seq_len)[skip:]
+    monitor = calibration_batches(tok, num_samples=skip + 4, seq_len=args.seq_len)[skip:] if args.minutes > 0 else []
+    if args.minutes <= 0 and args.skip_one_shot:
+        p.error("--minutes 0 (no recovery) with --skip-one-shot leaves nothing to run")
     train_text = split_text("train")
     n_train = len(tok(train_text, add_special_tokens=False)["input_ids"]) // (args.seq_len * args.batch)
     train = [w.reshape(args.batch, args.seq_len) for w in
@@ -78,17 +79,8 @@ def main() -> None:
         print(f"{report.config}: one-shot perplexity {r.perplexity:.3f} (x{r.perplexity_ratio:.3f}) in {seconds:.0f} s", flush=True)
         del one_shot
 
-    cfg = resolve_config(base + "-kd" + suffix)
-    recover = DistillConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, alpha_ce=args.alpha_ce,
-                            autocast=args.autocast, eval_every=args.eval_every, max_seconds=args.minutes * 60)
-    cfg = replace(cfg, sparsity=replace(cfg.sparsity, recover=recover))
-    t0 = time.perf_counter()
-    recovered, report = compress(model, cfg, calib, train_data=train, eval_data=monitor)
-    seconds = time.perf_counter() - t0
-    r = evaluate_causal_lm(recovered, eval_ids, reference=model)
-    rows.append({"recipe": report.config, "recovery": True, "compress_seconds": seconds,
-                 "recovery_minutes": report.recovery["seconds"] / 60, "eval": r.to_dict(), "report": report.to_dict()})
-    print(report)
+    if args.minutes > 0:
+        rows.append(_recovered(args, model, base, suffix, calib, train, monitor, eval_ids))
 
     ref_ppl = rows[-1]["eval"]["reference_perplexity"]
     print(f"\nmodel {args.model}; {rows[-1]['eval']['protocol']}; original perplexity {ref_ppl:.3f}")
@@ -100,6 +92,24 @@ def main() -> None:
     write_json(args.json, {"environment": environment(), "args": vars(args), "train_windows": len(train) * args.batch,
                            "results": rows})
 
+
+def _recovered(args, model, base: str, suffix: str, calib, train, monitor, eval_ids) -> dict:
+    """Pruning (as the one-shot row) followed by the knowledge-distillation recovery, in one compress call."""
+    from qruntime import compress
+    from qruntime.config import DistillConfig, resolve_config
+    from qruntime.evaluate import evaluate_causal_lm
+
+    cfg = resolve_config(base + "-kd" + suffix)
+    recover = DistillConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, alpha_ce=args.alpha_ce,
+                            autocast=args.autocast, eval_every=args.eval_every, max_seconds=args.minutes * 60)
+    cfg = replace(cfg, sparsity=replace(cfg.sparsity, recover=recover))
+    t0 = time.perf_counter()
+    recovered, report = compress(model, cfg, calib, train_data=train, eval_data=monitor)
+    seconds = time.perf_counter() - t0
+    r = evaluate_causal_lm(recovered, eval_ids, reference=model)
+    print(report)
+    return {"recipe": report.config, "recovery": True, "compress_seconds": seconds,
+            "recovery_minutes": report.recovery["seconds"] / 60, "eval": r.to_dict(), "report": report.to_dict()}
 
 if __name__ == "__main__":
     main()

@@ -15,11 +15,11 @@ Unlike GPTQ's and SparseGPT's layer-by-layer objective, the block objective sees
 nonlinearities and how the errors of the block's layers combine.
 
 The loss is the mean squared error of the block's output relative to the mean square of the float
-output. A quarter of the calibration windows (at least one; none when there is only one window) is held
-out of the steps: the loss on them is measured before tuning and every few steps, the values with the
-lowest held-out loss are kept, and only if it is below the loss before tuning. So tuning stops before it
-fits the calibration windows at the expense of other text, and a block is never made worse on its own
-held-out measure.
+output. A quarter of the calibration windows (at least one; none when there is only one window; at most
+``MAX_HELD_OUT``: each costs a forward pass per measurement) is held out of the steps: the loss on them
+is measured before tuning and every few steps, the values with the lowest held-out loss are kept, and
+only if it is below the loss before tuning. So tuning stops before it fits the calibration windows at
+the expense of other text, and a block is never made worse on its own held-out measure.
 """
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ from torch import nn
 from .formats import dequantize_int4, dequantize_int8
 
 __all__ = ["BlockTuneResult", "tune_block_scales", "tune_block_weights"]
+
+# held-out windows at most: 16 of 64 windows is a quarter; with more windows the extra ones train
+MAX_HELD_OUT = 16
 
 
 @dataclass
@@ -191,7 +194,7 @@ def _tune(block, modules: Mapping[str, nn.Module], weights: Mapping, inputs, tar
         return {f"{name}.weight": w.weight(dtypes[name]) for name, w in weights.items()}
 
     trainables = {name: w.t for name, w in weights.items()}
-    held = len(inputs) // 4 if len(inputs) >= 4 else min(1, len(inputs) - 1)
+    held = min(MAX_HELD_OUT, len(inputs) // 4) if len(inputs) >= 4 else min(1, len(inputs) - 1)
     train = list(range(len(inputs) - held))
     val = list(range(len(inputs) - held, len(inputs))) or train
     val_in, val_out = [inputs[i] for i in val], [targets[i] for i in val]

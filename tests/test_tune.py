@@ -118,6 +118,19 @@ def test_the_kept_scales_are_those_with_the_lowest_held_out_error(tiny_llama):
     assert now == pytest.approx(result.loss_after, rel=1e-5)
 
 
+def test_at_most_sixteen_windows_are_held_out(tiny_llama):
+    """72 windows: a quarter would be 18; the last 16 are held out and the other 56 train."""
+    from qruntime.tune import MAX_HELD_OUT, _relative_error
+
+    block, calls, outs = _block_io(tiny_llama, n_windows=72)
+    layers = _quantize_block(block, QuantConfig(bits=4, group_size=32, symmetric=False))
+    last16 = _relative_error(block, {}, calls[-16:], outs[-16:])
+    last18 = _relative_error(block, {}, calls[-18:], outs[-18:])
+    assert MAX_HELD_OUT == 16 and last16 != last18
+    result = tune_block_scales(block, layers, calls, outs, steps=2, lr=1e-3, check_every=1)
+    assert result.loss_before == pytest.approx(last16, rel=1e-6)
+
+
 def test_preset_and_config_validation():
     assert parse_preset("w4a16-g128-gptq-clip-tune-awq").quant.tune_steps == 64
     cfg = parse_preset("w4a16-g64-gptq-tune16")
