@@ -43,11 +43,11 @@ def main() -> None:
     p.add_argument("--skip-one-shot", action="store_true", help="do not evaluate the one-shot model separately")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-
-    import torch
+    if args.minutes <= 0 and args.skip_one_shot:
+        p.error("--minutes 0 (no recovery) with --skip-one-shot leaves nothing to run")
 
     from qruntime import compress
-    from qruntime.calibrate import calibration_batches, text_batches
+    from qruntime.calibrate import calibration_batches
     from qruntime.data import split_text
     from qruntime.evaluate import evaluate_causal_lm, tokenize_text
     from qruntime.models import load_causal_lm
@@ -55,16 +55,6 @@ def main() -> None:
     model, tok = load_causal_lm(args.model)
     eval_ids = tokenize_text(tok, split_text("eval"), args.eval_tokens)
     calib = calibration_batches(tok, num_samples=args.calib_samples, seq_len=args.calib_len)
-    # monitoring windows: calibration text after the calibration windows (disjoint from training and eval)
-    skip = args.calib_samples * args.calib_len // args.seq_len
-    monitor = calibration_batches(tok, num_samples=skip + 4, seq_len=args.seq_len)[skip:] if args.minutes > 0 else []
-    if args.minutes <= 0 and args.skip_one_shot:
-        p.error("--minutes 0 (no recovery) with --skip-one-shot leaves nothing to run")
-    train_text = split_text("train")
-    n_train = len(tok(train_text, add_special_tokens=False)["input_ids"]) // (args.seq_len * args.batch)
-    train = [w.reshape(args.batch, args.seq_len) for w in
-             torch.stack(text_batches(tok, train_text, n_train * args.batch, args.seq_len, source="train split"))
-             .reshape(n_train, args.batch, args.seq_len)]
 
     base = "2:4" + ("" if args.method == "sparsegpt" else f"-{args.method}") + (f"-tune{args.tune}" if args.tune else "")
     suffix = f"+{args.quant}" if args.quant else ""
@@ -79,8 +69,10 @@ def main() -> None:
         print(f"{report.config}: one-shot perplexity {r.perplexity:.3f} (x{r.perplexity_ratio:.3f}) in {seconds:.0f} s", flush=True)
         del one_shot
 
+    train_windows = 0
     if args.minutes > 0:
-        rows.append(_recovered(args, model, base, suffix, calib, train, monitor, eval_ids))
+        row, train_windows = _recovered(args, model, tok, base + "-kd" + suffix, calib, eval_ids)
+        rows.append(row)
 
     ref_ppl = rows[-1]["eval"]["reference_perplexity"]
     print(f"\nmodel {args.model}; {rows[-1]['eval']['protocol']}; original perplexity {ref_ppl:.3f}")
@@ -89,17 +81,30 @@ def main() -> None:
         e = row["eval"]
         print(f"{row['recipe']:<28} {'yes' if row['recovery'] else 'no':>9} {e['perplexity']:>11.3f} "
               f"{e['perplexity_ratio']:>8.3f} {100 * e['top1_agreement']:>11.2f}% {row['compress_seconds'] / 60:>8.1f}")
-    write_json(args.json, {"environment": environment(), "args": vars(args), "train_windows": len(train) * args.batch,
+    write_json(args.json, {"environment": environment(), "args": vars(args), "train_windows": train_windows,
                            "results": rows})
 
 
-def _recovered(args, model, base: str, suffix: str, calib, train, monitor, eval_ids) -> dict:
-    """Pruning (as the one-shot row) followed by the knowledge-distillation recovery, in one compress call."""
+def _recovered(args, model, tok, recipe: str, calib, eval_ids) -> tuple[dict, int]:
+    """Pruning (as the one-shot row) followed by the knowledge-distillation recovery, in one compress call.
+    Returns the row and the number of training windows."""
+    import torch
+
     from qruntime import compress
+    from qruntime.calibrate import calibration_batches, text_batches
     from qruntime.config import DistillConfig, resolve_config
+    from qruntime.data import split_text
     from qruntime.evaluate import evaluate_causal_lm
 
-    cfg = resolve_config(base + "-kd" + suffix)
+    # monitoring windows: calibration text after the calibration windows (disjoint from training and eval)
+    skip = args.calib_samples * args.calib_len // args.seq_len
+    monitor = calibration_batches(tok, num_samples=skip + 4, seq_len=args.seq_len)[skip:]
+    train_text = split_text("train")
+    n_train = len(tok(train_text, add_special_tokens=False)["input_ids"]) // (args.seq_len * args.batch)
+    train = [w.reshape(args.batch, args.seq_len) for w in
+             torch.stack(text_batches(tok, train_text, n_train * args.batch, args.seq_len, source="train split"))
+             .reshape(n_train, args.batch, args.seq_len)]
+    cfg = resolve_config(recipe)
     recover = DistillConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, alpha_ce=args.alpha_ce,
                             autocast=args.autocast, eval_every=args.eval_every, max_seconds=args.minutes * 60)
     cfg = replace(cfg, sparsity=replace(cfg.sparsity, recover=recover))
@@ -108,8 +113,10 @@ def _recovered(args, model, base: str, suffix: str, calib, train, monitor, eval_
     seconds = time.perf_counter() - t0
     r = evaluate_causal_lm(recovered, eval_ids, reference=model)
     print(report)
-    return {"recipe": report.config, "recovery": True, "compress_seconds": seconds,
-            "recovery_minutes": report.recovery["seconds"] / 60, "eval": r.to_dict(), "report": report.to_dict()}
+    return ({"recipe": report.config, "recovery": True, "compress_seconds": seconds,
+             "recovery_minutes": report.recovery["seconds"] / 60, "eval": r.to_dict(), "report": report.to_dict()},
+            len(train) * args.batch)
+
 
 if __name__ == "__main__":
     main()
