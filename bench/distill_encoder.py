@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--alpha-cosine", type=float, default=1.0)
     p.add_argument("--alpha-attention", type=float, default=0.0)
     p.add_argument("--autocast", default="auto")
+    p.add_argument("--trainable", default="no-embeddings", choices=["no-embeddings", "all"],
+                   help="no-embeddings: the word-embedding matrix stays the teacher's (the library's default)")
     p.add_argument("--selection-batches", type=int, default=4)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -84,7 +86,7 @@ def main() -> None:
         sel_s = time.perf_counter() - t_sel
         cfg = DistillConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, alpha_kd=0.0,
                             alpha_hidden=args.alpha_hidden, alpha_cosine=args.alpha_cosine,
-                            alpha_attention=args.alpha_attention, autocast=args.autocast, trainable="all",
+                            alpha_attention=args.alpha_attention, autocast=args.autocast, trainable=args.trainable,
                             shuffle=True, eval_every=max(1, args.steps // 10), max_seconds=budget - sel_s)
         student, report = distill(teacher, student, train, cfg, eval_data=monitor)
         print(report)

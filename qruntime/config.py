@@ -129,10 +129,10 @@ class QuantConfig:
             about three forward passes of the calibration data instead of one). False: one pass of the
             float model.
         tune_steps: after each block is quantized, its layers' scales are tuned for this many Adam steps
-            (one calibration window each) to bring the block's output closer to the float block's
-            (:mod:`qruntime.tune`; codes, zero points and format unchanged; kept only if the block's
-            error on held-out calibration windows went down). 0: off. Needs calibration data and
-            ``sequential``.
+            (one calibration window each) to bring the block's output closer to the float model's
+            output of that block (:mod:`qruntime.tune`; codes, zero points and format unchanged; kept
+            only if the block's error on held-out calibration windows went down). 0: off. Needs
+            calibration data and ``sequential``.
         tune_lr: the Adam learning rate of that tuning, on the relative change of each scale.
     """
 

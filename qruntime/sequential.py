@@ -62,6 +62,7 @@ def blockwise_calibrate(
     progress: bool = True,
     fingerprint: dict | None = None,
     tune_block: Callable[[int, nn.Module, list, list], None] | None = None,
+    tune_targets: str = "float",
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """Runs the block-by-block pass; returns ``{layer: (X^T X / rows float64, rows)}`` as
     :func:`qruntime.calibrate.collect_stats` does, each block's Hessians taken after the earlier blocks
@@ -72,13 +73,18 @@ def blockwise_calibrate(
     outputs). Undoing the change is the caller's business.
 
     ``tune_block(index, block, inputs, targets)``, when given, is called after ``compress_block`` with
-    the block's calls on the calibration windows (``[(hidden_states, args, kwargs)]``) and the outputs of
-    the block before compression for those calls; it may change the block's layers again.
+    the block's calls on the calibration windows (``[(hidden_states, args, kwargs)]``) and the targets
+    of its output; it may change the block's layers again. ``tune_targets="float"`` (the default): the
+    float model's own output of that block (the float model runs on the same windows alongside), so the
+    tuning also makes up for the error of the blocks before; ``"block"``: the uncompressed block's
+    output for the calls it is given (the compressed model's hidden states).
 
     Raises:
         ValueError: no block list (see :func:`qruntime.distill.find_blocks`), no batch, non-finite
-            activations.
+            activations, an unknown ``tune_targets``.
     """
+    if tune_targets not in ("block", "float"):
+        raise ValueError(f"tune_targets={tune_targets!r}: must be 'block' or 'float'")
     blocks = find_blocks(model).layers
     device = next(model.parameters()).device
     names = {id(m): n for n, m in targets.items()}
@@ -132,6 +138,9 @@ def blockwise_calibrate(
     if fingerprint is not None:
         fingerprint.update(batches=len(calls), tokens=tokens, sha256=digest.hexdigest(), mode="block by block")
 
+    chain = tune_block is not None and tune_targets == "float"
+    reference = list(hidden)  # the float model's hidden states (tune_targets="float")
+
     # 2. block by block: calibrate on the current inputs, compress, recompute the outputs
     result = {n: (sums[n].to(torch.float64) / rows[n], rows[n]) for n in sums}
     for i, block in enumerate(tqdm(blocks, desc="calibrate + compress blocks", unit="block", disable=not progress)):
@@ -144,11 +153,16 @@ def blockwise_calibrate(
             try:
                 for h, (args, kwargs) in zip(hidden, (c[i] for c in calls)):
                     out = block(h, *args, **kwargs)
-                    if tune_block is not None:
+                    if tune_block is not None and not chain:
                         float_out.append(_first(out).detach())
             finally:
                 for hd in handles:
                     hd.remove()
+        if chain:
+            reference = [_first(block(r, *args, **kwargs)).detach() for r, (args, kwargs)
+                         in zip(reference, (c[i] for c in calls))]
+            float_out = reference
+        if group:
             hessians = {n: (b_sums[n].to(torch.float64) / b_rows[n], b_rows[n]) for n in b_sums}
             result.update(hessians)
             compress_block(hessians)

@@ -1,6 +1,7 @@
 """Block output tuning (``-tune``): after a block's layers are compressed, what is left free in them is
-adjusted by gradient descent so that the block's output on the calibration inputs comes closer to the
-float block's output on the same inputs.
+adjusted by gradient descent so that the block's output on the calibration windows comes closer to the
+float model's output of that block (:func:`qruntime.sequential.blockwise_calibrate`: the block runs on
+the compressed model's hidden states, so it also makes up for the error of the blocks before it).
 
 * Quantized layers (:func:`tune_block_scales`): codes fixed (round to nearest or GPTQ), the float scales
   are trained. Per layer the dequantized weight is ``W(s) = (codes - zeros) * s`` (docs/formats.md),
@@ -14,8 +15,12 @@ float block's output on the same inputs.
 Unlike GPTQ's and SparseGPT's layer-by-layer objective, the block objective sees the attention and MLP
 nonlinearities and how the errors of the block's layers combine.
 
-The loss is the mean squared error of the block's output relative to the mean square of the float
-output. A quarter of the calibration windows (at least one; none when there is only one window; at most
+The loss is the block output's squared error relative to the float output's squared norm, per token,
+averaged over the tokens: the next block's RMSNorm (or LayerNorm) sees each token's hidden state
+relative to its own norm, while a ratio of sums over the window would be dominated by the few tokens
+whose hidden state is orders of magnitude larger than the rest (in SmolLM2, one calibration window: the
+first token carries 98%, 97% and 83% of the sum of squares of the hidden states after blocks 11, 17 and
+24). A quarter of the calibration windows (at least one; none when there is only one window; at most
 ``MAX_HELD_OUT``: each costs a forward pass per measurement) is held out of the steps: the loss on them
 is measured before tuning and every few steps, the values with the lowest held-out loss are kept, and
 only if it is below the loss before tuning. So tuning stops before it fits the calibration windows at
@@ -75,15 +80,19 @@ class _ScaledWeight:
         return w.t() if self.transpose else w
 
 
+def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean over tokens of ``||out_t - y_t||^2 / ||y_t||^2`` (hidden states ``[..., T, H]``)."""
+    out, y = out.float(), y.float()
+    return torch.mean(torch.sum((out - y) ** 2, -1) / torch.sum(y ** 2, -1).clamp_min(1e-30))
+
+
 @torch.no_grad()
 def _relative_error(block, params, inputs, targets) -> float:
-    """sum ||block(x; params) - y||^2 / sum ||y||^2 over the windows."""
-    num = den = 0.0
+    """:func:`_loss` of ``block(x; params)`` against the targets, averaged over the windows."""
+    total = 0.0
     for (h, args, kwargs), y in zip(inputs, targets):
-        out = _output(torch.func.functional_call(block, params, (h, *args), kwargs))
-        num += torch.sum((out.float() - y.float()) ** 2).item()
-        den += torch.sum(y.float() ** 2).item()
-    return num / max(den, 1e-30)
+        total += _loss(_output(torch.func.functional_call(block, params, (h, *args), kwargs)), y).item()
+    return total / len(targets)
 
 
 def _output(out):
@@ -108,7 +117,8 @@ def tune_block_scales(
         layers: ``{name relative to block: (layer in block, QuantLinear holding its codes)}``; on
             success each QuantLinear's ``scales`` are replaced and the layer's weight set to match.
         inputs: per calibration window, the block's call ``(hidden_states, args, kwargs)``.
-        targets: per window, the float block's output for that call.
+        targets: per window, the output the block should give for that call (in ``compress``, the float
+            model's output of this block on that window).
         steps: optimizer steps, one window each, cycling through the windows not held out.
         transpose: names whose module stores the weight transposed (GPT-2 ``Conv1D``).
         check_every: steps between measurements of the held-out loss (and after the last step).
@@ -202,13 +212,12 @@ def _tune(block, modules: Mapping[str, nn.Module], weights: Mapping, inputs, tar
     best, best_step, best_t = before, 0, None
     ts = list(trainables.values())
     opt = torch.optim.Adam(ts, lr=lr)
-    norms = [torch.mean(y.float() ** 2).clamp_min(1e-30) for y in targets]
     for step in range(1, steps + 1):
         i = train[(step - 1) % len(train)]
         h, args, kwargs = inputs[i]
         with torch.enable_grad():
             out = _output(torch.func.functional_call(block, params(), (h, *args), kwargs))
-            loss = torch.mean((out.float() - targets[i].float()) ** 2) / norms[i]
+            loss = _loss(out, targets[i])
             # gradients of the trainables only: the model's own parameters get no .grad
             for t, g in zip(ts, torch.autograd.grad(loss, ts)):
                 t.grad = g

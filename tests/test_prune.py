@@ -210,6 +210,60 @@ def test_blockwise_hessians_follow_the_compressed_blocks(tiny_llama):
     assert all(_groups_ok(m.weight, 2, 4) for m in block0.values())
 
 
+@pytest.mark.parametrize("tune_targets", ["block", "float"])
+def test_blockwise_tuning_targets(tiny_llama, tune_targets):
+    """"block": each block's float output on the inputs it sees in the compressed model; "float": the
+    float model's own output of that block (the targets then do not depend on the earlier pruning)."""
+    import copy
+
+    from qruntime.distill import find_blocks
+    from qruntime.sequential import blockwise_calibrate
+
+    dense = copy.deepcopy(tiny_llama)
+    layers = _linears(tiny_llama)
+    batches = [torch.randint(0, 128, (1, 24)) for _ in range(2)]
+    float_out, got = {}, {}
+    blocks = find_blocks(dense).layers
+    def keep(i):
+        return lambda module, args, out: float_out.setdefault(i, []).append(out[0] if isinstance(out, tuple) else out)
+
+    hooks = [b.register_forward_hook(keep(i)) for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        for b in batches:
+            dense(b)
+    for h in hooks:
+        h.remove()
+
+    def prune_block(hs):
+        for name in hs:
+            w = layers[name].weight
+            w.mul_(nm_mask(w.abs()))
+
+    def tune(i, block, inputs, targets):
+        got[i] = [t.clone() for t in targets]
+        with torch.no_grad():  # the "block" targets: this block, not yet tuned, on the compressed model's inputs
+            got[(i, "block")] = [block_out(block, h, a, k) for h, a, k in inputs]
+
+    def block_out(block, h, args, kwargs):
+        out = block(h, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    originals = {n: m.weight.detach().clone() for n, m in layers.items()}
+    blockwise_calibrate(tiny_llama, layers, batches, prune_block, progress=False, tune_block=tune,
+                        tune_targets=tune_targets)
+    assert sorted(k for k in got if isinstance(k, int)) == [0, 1]
+    for i in (0, 1):
+        for t, f in zip(got[i], float_out[i]):
+            same = torch.allclose(t, f, rtol=1e-4, atol=1e-5)
+            # block 0 sees the same inputs either way; block 1's "block" targets follow the pruned block 0
+            assert same == (tune_targets == "float" or i == 0), (i, tune_targets)
+    # the tuning callback ran on the pruned block: its own output differs from the targets it was given
+    assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(got[(1, "block")], got[1]))
+    assert all(not torch.equal(layers[n].weight, originals[n]) for n in layers)
+    with pytest.raises(ValueError, match="tune_targets='fp': must be 'block' or 'float'"):
+        blockwise_calibrate(tiny_llama, layers, batches, prune_block, progress=False, tune_targets="fp")
+
+
 def test_compress_restores_weights_and_falls_back_without_blocks(tiny_llama):
     import qruntime
     from torch import nn
