@@ -6,7 +6,9 @@ One dense forward per batch records every block's call (its non-hidden arguments
 and rotary embeddings) and the hidden states entering the first block; it stops after the last block (no
 output head). Then, block by block: run the block on the current hidden states with hooks collecting
 ``X^T X`` of its target layers, compress those layers in place, and run the block again to get the hidden
-states for the next block. Targets outside the blocks get the Hessians of the dense pass.
+states for the next block. Targets outside the blocks get the Hessians of the dense pass. With block
+tuning, the float model's hidden states are carried along too (one more forward pass of each block),
+so each block's tuning targets are the float model's own outputs of that block.
 """
 from __future__ import annotations
 
@@ -139,7 +141,7 @@ def blockwise_calibrate(
         fingerprint.update(batches=len(calls), tokens=tokens, sha256=digest.hexdigest(), mode="block by block")
 
     chain = tune_block is not None and tune_targets == "float"
-    reference = list(hidden)  # the float model's hidden states (tune_targets="float")
+    reference = list(hidden) if chain else []  # the float model's hidden states (tune_targets="float")
 
     # 2. block by block: calibrate on the current inputs, compress, recompute the outputs
     result = {n: (sums[n].to(torch.float64) / rows[n], rows[n]) for n in sums}
