@@ -530,17 +530,21 @@ def _blockwise_or_one_pass(model, modules, calib_data, compress_block, results: 
         return collect_stats(model, modules, calib_data, progress=progress, fingerprint=fingerprint)[0]
 
 
-def _block_tuner(tune, modules: dict[str, nn.Module], current: list[str], state: dict, tuned: list[dict], **kwargs):
+def _block_tuner(tune, modules: dict[str, nn.Module], current: list[str], state: dict, tuned: list[dict],
+                 unrounded: dict[str, torch.Tensor] | None = None, **kwargs):
     """The ``tune_block`` callback of :func:`qruntime.sequential.blockwise_calibrate` for a
     :mod:`qruntime.tune` function: tunes the layers ``current`` (those the block's ``compress_block`` just
     compressed) with ``state[name]`` beside each (its QuantLinear, or its 2:4 mask), appends the block's
-    entry to ``tuned`` (the report's ``calibration["tuned_blocks"]``) and returns the result."""
+    entry to ``tuned`` (the report's ``calibration["tuned_blocks"]``) and returns the result. With
+    ``unrounded`` (filled by ``compress_block``: a layer's values before rounding), the codes of those
+    layers are tuned too."""
 
     def tune_block(index: int, block: nn.Module, inputs: list, outputs: list):
         relative = {id(m): n for n, m in block.named_modules()}
         layers = {relative[id(modules[n])]: (modules[n], state[n]) for n in current}
+        extra = {} if unrounded is None else {"unrounded": {relative[id(modules[n])]: unrounded[n] for n in current}}
         result = tune(block, layers, inputs, outputs, transpose={r: is_conv1d(m) for r, (m, _) in layers.items()},
-                      **kwargs)
+                      **extra, **kwargs)
         tuned.append({"block": index, "error_before": result.loss_before, "error_after": result.loss_after,
                       "kept": result.kept, "step": result.step})
         return result
@@ -574,12 +578,18 @@ def _quantize_blockwise(
     replaced: dict[str, nn.Parameter] = {}
     current: list[str] = []
     tuned: list[dict] = []
+    unrounded: dict[str, torch.Tensor] | None = {} if quant.tune_rounding else None  # the current block's
 
     def compress_block(hessians: dict) -> None:
         current[:] = list(hessians)
+        if unrounded is not None:
+            unrounded.clear()
         for name, (hessian, _) in hessians.items():
             module = modules[name]
-            q = QuantLinear.from_linear(module, _layer_quant(quant, hessian), hessian=hessian)
+            if unrounded is None:
+                q = QuantLinear.from_linear(module, _layer_quant(quant, hessian), hessian=hessian)
+            else:
+                q, unrounded[name] = QuantLinear.from_linear_unrounded(module, _layer_quant(quant, hessian), hessian)
             prebuilt[name] = q
             w = q.dequantized_weight().to(module.weight.dtype)
             replaced.setdefault(name, module.weight)
@@ -587,7 +597,7 @@ def _quantize_blockwise(
 
     from .tune import tune_block_scales
 
-    tune_block = _block_tuner(tune_block_scales, modules, current, prebuilt, tuned, steps=quant.tune_steps,
+    tune_block = _block_tuner(tune_block_scales, modules, current, prebuilt, tuned, unrounded, steps=quant.tune_steps,
                               lr=quant.tune_lr)
 
     with torch.no_grad(), swapped(model, {}, smoothed):
@@ -598,7 +608,7 @@ def _quantize_blockwise(
             for name, weight in replaced.items():
                 modules[name].weight = weight
             if quant.tune_steps:
-                fingerprint.update(tuned="scales", tuned_blocks=tuned)
+                fingerprint.update(tuned="scales and codes" if quant.tune_rounding else "scales", tuned_blocks=tuned)
 
 
 def _recover(

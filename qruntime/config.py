@@ -18,7 +18,9 @@ A preset string is parsed into a :class:`CompressConfig`; grammar::
                           (calibrated); combines with -gptq and -mse/-clip (w4a16-g128-gptq-clip-awq)
     w4a16-g128-gptq-tune  weight-only recipes: after each block is quantized, its scales are tuned to bring
                           its output closer to the float block's (64 steps; "-tune32": 32; calibrated);
-                          before -awq in the name (w4a16-g128-gptq-clip-tune-awq)
+                          before -awq in the name (w4a16-g128-gptq-clip-tune-awq); "-tune-round": the
+                          codes are tuned too, each free to move to the other grid point next to the
+                          value it was rounded from (AutoRound-style learned rounding)
     w4a16-g128-emb8       any of the above, plus the input embedding (and an output head tied to it)
                           in INT8 per row; "-emb4": INT4, in the recipe's groups (default 128), asymmetric
     d20+w4a16-g128-gptq   any of the above after a depth stage: a 20-block student distilled from the
@@ -134,6 +136,10 @@ class QuantConfig:
             only if the block's error on held-out calibration windows went down). 0: off. Needs
             calibration data and ``sequential``.
         tune_lr: the Adam learning rate of that tuning, on the relative change of each scale.
+        tune_rounding: the tuning trains the codes too: each may move to the other grid point next to the
+            value it was rounded from (GPTQ's error-compensated weight, or the weight), through a
+            rounding offset in [-1/2, 1/2] (:class:`qruntime.tune._RoundedWeight`; Adam learning rate
+            :data:`qruntime.tune.ROUND_LR`). Same format. Needs ``tune_steps``.
     """
 
     bits: int = 8
@@ -148,6 +154,7 @@ class QuantConfig:
     sequential: bool = True
     tune_steps: int = 0
     tune_lr: float = 2e-3
+    tune_rounding: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -176,6 +183,11 @@ class QuantConfig:
         if self.tune_steps and not self.sequential:
             raise ValueError(f"tune_steps={self.tune_steps} with sequential=False: scale tuning runs inside the "
                              "block-by-block pass (sequential=True)")
+        if not isinstance(self.tune_rounding, bool):
+            raise TypeError(f"tune_rounding={self.tune_rounding!r}: must be a bool")
+        if self.tune_rounding and not self.tune_steps:
+            raise ValueError("tune_rounding=True with tune_steps=0: the codes are trained by the block tuning "
+                             "(set tune_steps, e.g. 64)")
 
     @property
     def needs_calibration(self) -> bool:
@@ -191,7 +203,7 @@ class QuantConfig:
         if self.method != "rtn":
             s += f"-{self.method}"
         s += CLIP_METHODS[self.clip]
-        return s + _tune_suffix(self.tune_steps, DEFAULT_TUNE_STEPS)
+        return s + _tune_suffix(self.tune_steps, DEFAULT_TUNE_STEPS) + ("-round" if self.tune_rounding else "")
 
 
 @dataclass(frozen=True)
@@ -414,7 +426,7 @@ class CompressConfig:
 
 
 _PRESET_RE = re.compile(
-    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?(?:-(?P<clip>mse|clip))?(?:-tune(?P<tune>\d+)?(?P<tuneflag>))?(?P<awq>-awq)?(?P<sqflag>-sq(?P<sq>0?\.\d+|auto)?)?(?:-emb(?P<emb>8|4))?(?:-budget(?P<budget>\d*\.?\d+)(?P<float>-float)?)?$"
+    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?(?:-(?P<clip>mse|clip))?(?:-tune(?P<tune>\d+)?(?P<tuneflag>)(?P<round>-round)?)?(?P<awq>-awq)?(?P<sqflag>-sq(?P<sq>0?\.\d+|auto)?)?(?:-emb(?P<emb>8|4))?(?:-budget(?P<budget>\d*\.?\d+)(?P<float>-float)?)?$"
 )
 
 AUTO_PRESET = "w4a16-g128-gptq-clip-budget0.02"
@@ -438,6 +450,8 @@ PRESETS: dict[str, str] = {
     "w4a16-g128-awq": "INT4 g128 after AWQ scaling (alpha searched per group on calibration Hessians, folded)",
     "w4a16-g128-gptq-clip-tune-awq": "INT4 g128: AWQ, clipping search, GPTQ, then each block's scales tuned "
                                      "to its float output (64 steps; '-tune<steps>' for another number)",
+    "w4a16-g128-gptq-clip-tune-round-awq": "as -tune-awq, with the codes tuned too (learned rounding: each code "
+                                           "may move to the other grid point next to its GPTQ value)",
     "w4a16-g128-gptq-emb4": "w4a16-g128-gptq, plus the token embedding (and a tied lm_head) in INT4 g128",
     "w8a16-emb8": "w8a16, plus the token embedding (and a tied lm_head) in INT8 per row",
     "2:4": "2:4 structured sparsity by SparseGPT (calibrated), kept values in the layer's float dtype",
@@ -484,7 +498,7 @@ def parse_preset(name: str) -> CompressConfig:
     if m is None:
         raise ValueError(
             f"unknown preset {name!r}: expected one of {sorted(PRESETS)} or the form "
-            "'w8a16' / 'w8a8' / 'w4a16[-g<group>][-sym|-asym]' with an optional '-gptq', '-mse' or '-clip', '-tune[<steps>]', '-awq', '-sq[<alpha>]' (w8a8), '-emb8|4', "
+            "'w8a16' / 'w8a8' / 'w4a16[-g<group>][-sym|-asym]' with an optional '-gptq', '-mse' or '-clip', '-tune[<steps>][-round]', '-awq', '-sq[<alpha>]' (w8a8), '-emb8|4', "
             "'-budget<x>[-float]'"
         )
     bits = int(m["bits"])
@@ -500,10 +514,10 @@ def parse_preset(name: str) -> CompressConfig:
         if sym == "asym":
             raise ValueError(f"preset {name!r}: INT8 weights are symmetric only")
         quant = QuantConfig(bits=8, group_size=group, symmetric=True, method=method, act_bits=act_bits, clip=clip,
-                            tune_steps=tune)
+                            tune_steps=tune, tune_rounding=bool(m["round"]))
     else:
         quant = QuantConfig(bits=4, group_size=group, symmetric=(sym == "sym"), method=method, clip=clip,
-                            tune_steps=tune)
+                            tune_steps=tune, tune_rounding=bool(m["round"]))
     smoothquant = None
     if m["sqflag"]:
         smoothquant = "auto" if m["sq"] == "auto" else (float(m["sq"]) if m["sq"] else 0.5)

@@ -24,6 +24,7 @@ __all__ = [
     "dequantize_int8",
     "quantize_int4",
     "dequantize_int4",
+    "dequantize_int4_codes",
     "pack_int4",
     "unpack_int4",
     "int4_padded_k",
@@ -181,7 +182,18 @@ def dequantize_int4(
     in_features: int,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_int4` up to rounding: returns float32 [N, in_features]."""
-    codes = unpack_int4(qweight).to(torch.float32)  # [N, Kp]
+    return dequantize_int4_codes(unpack_int4(qweight).to(torch.float32), scales, zeros, group_size, in_features)
+
+
+def dequantize_int4_codes(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """:func:`dequantize_int4` of unpacked codes (float [N, Kp], any values; differentiable in the codes
+    and the scales): float32 [N, in_features]."""
     n, kp = codes.shape
     z = zeros.to(torch.float32) if zeros is not None else torch.full_like(scales, INT4_SYM_ZERO, dtype=torch.float32)
     g = kp // group_size

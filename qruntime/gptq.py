@@ -42,15 +42,19 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = True,
-) -> torch.Tensor:
+    return_unrounded: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Args:
         weight: float [N, K]. hessian: [K, K], X^T X of the layer inputs (any positive scale).
         quantize_column: see :func:`column_quantizer`; always called with the original column index.
         act_order: quantize columns in order of decreasing Hessian diagonal (largest inputs first), so
             their error is spread over the most columns. The grid stays that of the original column
             (static groups), so the packed format and kernels do not change.
+        return_unrounded: also return the weights each column was rounded from (the original column plus
+            the error spread onto it from the columns quantized before it).
     Returns:
-        float64 [N, K] in the original column order, every value on the grid of ``quantize_column``.
+        float64 [N, K] in the original column order, every value on the grid of ``quantize_column``;
+        with ``return_unrounded``, (that, the unrounded weights float64 [N, K] in the original order).
     """
     n, k = weight.shape
     if hessian.shape != (k, k):
@@ -75,6 +79,7 @@ def gptq_quantize(
         raise ValueError(f"GPTQ: the Hessian of a [{n}, {k}] layer is not positive definite even with damping")
 
     q = torch.zeros_like(w)
+    unrounded = torch.zeros_like(w) if return_unrounded else None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w_blk = w[:, i1:i2].clone()
@@ -82,6 +87,8 @@ def gptq_quantize(
         h_blk = h_inv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w_blk[:, i]
+            if unrounded is not None:
+                unrounded[:, i1 + i] = col
             qcol = quantize_column(order[i1 + i], col)
             q[:, i1 + i] = qcol
             err = (col - qcol) / h_blk[i, i]
@@ -90,4 +97,8 @@ def gptq_quantize(
         w[:, i2:] -= err_blk @ h_inv[i1:i2, i2:]
     out = torch.empty_like(q)
     out[:, perm] = q
-    return out
+    if unrounded is None:
+        return out
+    before = torch.empty_like(unrounded)
+    before[:, perm] = unrounded
+    return out, before

@@ -134,12 +134,28 @@ class QuantLinear(_PackedLinear):
         layer's calibration inputs) weights that search (clip "act") and, with ``quant.method == "gptq"``,
         the codes are chosen by GPTQ on the grid.
         """
+        return cls._quantize(module, quant, hessian, unrounded=False)[0]
+
+    @classmethod
+    def from_linear_unrounded(
+        cls, module: nn.Module, quant: QuantConfig, hessian: torch.Tensor | None = None
+    ) -> tuple["QuantLinear", torch.Tensor]:
+        """:meth:`from_linear`, and the values its codes were rounded from, in code units (float32):
+        ``w / s`` [N, K] for INT8, ``w / s + zero`` [N, Kp] for INT4 (K zero-padded as the codes are;
+        symmetric: zero 8), where ``w`` is the weight, or with GPTQ each weight as GPTQ rounded it (the
+        original plus the error spread onto it from the columns quantized before). Rounded to nearest
+        and clamped to the code range, they are the codes (block output tuning's ``-round`` starts there).
+        """
+        return cls._quantize(module, quant, hessian, unrounded=True)
+
+    @classmethod
+    def _quantize(cls, module: nn.Module, quant: QuantConfig, hessian: torch.Tensor | None, *, unrounded: bool):
         weight = linear_weight(module)
         n, k = weight.shape
         bias = module.bias
         out = cls(k, n, quant, bias=bias is not None, dtype=weight.dtype, device=weight.device)
         scales, zeros, group_size = quant_grid(weight, quant, hessian)
-        target = weight
+        target, before = weight, weight.detach().to(torch.float64)
         if hessian is not None and quant.method == "gptq":
             target = gptq_quantize(
                 weight,
@@ -148,16 +164,29 @@ class QuantLinear(_PackedLinear):
                 damp=quant.gptq_damp,
                 block_size=quant.gptq_block_size,
                 act_order=quant.gptq_act_order,
+                return_unrounded=unrounded,
             )
+            if unrounded:
+                target, before = target
+        values = None
         if quant.bits == 8:
             out.qweight, out.scales = int8_codes(target, scales), scales
+            if unrounded:
+                values = before / scales.to(torch.float64)[:, None]
         else:
             out.qweight, out.scales = int4_codes(target, scales, zeros, group_size), scales
             if zeros is not None:
                 out.zeros = zeros
+            if unrounded:
+                g = scales.shape[0]
+                z = zeros.t() if zeros is not None else torch.full((n, g), INT4_SYM_ZERO, device=weight.device)
+                w = torch.zeros(n, g * group_size, dtype=torch.float64, device=weight.device)
+                w[:, :k] = before
+                values = w.reshape(n, g, group_size) / scales.to(torch.float64).t()[..., None]
+                values = (values + z.to(torch.float64)[..., None]).reshape(n, g * group_size)
         if bias is not None:
             out.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
-        return out
+        return out, (values.to(torch.float32) if unrounded else None)
 
     @classmethod
     def tied_to(cls, embedding: "QuantEmbedding", bias: torch.Tensor | None = None) -> "QuantLinear":

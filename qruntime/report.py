@@ -148,7 +148,8 @@ class CompressReport:
             if "tuned_blocks" in c:
                 tuned = c["tuned_blocks"]
                 kept = [t for t in tuned if t["kept"]]
-                what = "kept-weight tuning" if c.get("tuned") == "kept weights" else "scale tuning"
+                what = {"kept weights": "kept-weight tuning", "scales and codes": "scale and rounding tuning"}.get(
+                    c.get("tuned"), "scale tuning")
                 if tuned:
                     lines.append(f"{what}: kept in {len(kept)} of {len(tuned)} blocks; block output error "
                                  f"{sum(t['error_before'] for t in tuned) / len(tuned):.3g} -> "

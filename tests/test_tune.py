@@ -9,7 +9,8 @@ from qruntime import compress
 from qruntime.config import QuantConfig, SparsityConfig, parse_preset
 from qruntime.nn import QuantLinear
 from qruntime.prune import prune_weight
-from qruntime.tune import _MaskedWeight, _ScaledWeight, tune_block_scales, tune_block_weights
+from qruntime.formats import unpack_int4
+from qruntime.tune import _MaskedWeight, _RoundedWeight, _ScaledWeight, tune_block_scales, tune_block_weights
 
 
 @pytest.mark.parametrize("quant", [QuantConfig(bits=4, group_size=32, symmetric=False),
@@ -25,6 +26,72 @@ def test_untuned_scales_give_the_dequantized_weight_and_a_gradient(quant):
     assert torch.equal(_ScaledWeight(q, transpose=True).weight(torch.float32), w.t())
     w.sum().backward()
     assert sw.t.grad is not None and sw.t.grad.shape == q.scales.shape and sw.t.grad.abs().sum() > 0
+
+
+def _codes(q):
+    return q.qweight.to(torch.int64) if q.quant.bits == 8 else unpack_int4(q.qweight).to(torch.int64)
+
+
+_QUANTS = [QuantConfig(bits=4, group_size=32, symmetric=False), QuantConfig(bits=4, group_size=32, symmetric=True),
+           QuantConfig(bits=4, group_size=None, symmetric=False), QuantConfig(bits=8)]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("quant", _QUANTS, ids=lambda q: q.name)
+def test_unrounded_values_round_to_the_codes(quant, method):
+    """from_linear_unrounded: the same layer as from_linear, and its values (GPTQ's error-compensated
+    weights, or the weight over the scale) rounded to nearest and clamped are the codes; with GPTQ they are
+    not just the weight over the scale."""
+    from dataclasses import replace
+
+    lin = nn.Linear(72, 40)
+    x = torch.randn(256, 72) @ (torch.eye(72) + 0.3 * torch.randn(72, 72))
+    h = (x.t() @ x).double()
+    quant = replace(quant, method=method)
+    q, u = QuantLinear.from_linear_unrounded(lin, quant, h)
+    plain = QuantLinear.from_linear(lin, quant, h)
+    assert torch.equal(q.qweight, plain.qweight) and torch.equal(q.scales, plain.scales)
+    low, high = (-127, 127) if quant.bits == 8 else (0, 15)
+    codes = _codes(q)
+    assert u.dtype == torch.float32 and u.shape == codes.shape
+    assert torch.equal(torch.round(u).clamp(low, high).to(torch.int64), codes)
+    inside = (u > low) & (u < high)
+    assert (u - codes)[inside].abs().max() <= 0.5 + 1e-5
+    rtn_u = QuantLinear.from_linear_unrounded(lin, replace(quant, method="rtn"), h)[1]
+    assert torch.equal(u, rtn_u) == (method == "rtn")
+
+
+@pytest.mark.parametrize("quant", _QUANTS, ids=lambda q: q.name)
+def test_untuned_rounding_gives_the_dequantized_weight_and_gradients(quant):
+    lin = nn.Linear(72, 40)
+    q, u = QuantLinear.from_linear_unrounded(lin, quant)
+    rw = _RoundedWeight(q, u, transpose=False, round_lr=0.1)
+    w = rw.weight(torch.float32)
+    assert torch.equal(w, q.dequantized_weight())
+    (w * torch.randn_like(w)).sum().backward()
+    assert rw.v.grad is not None and rw.v.grad.shape == u.shape and rw.v.grad.abs().sum() > 0
+    assert rw.t.grad is not None and rw.t.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unrounded: shape"):
+        _RoundedWeight(q, u[:, :-2], transpose=False, round_lr=0.1)
+
+
+def test_rounding_moves_a_code_only_to_the_other_grid_point_next_to_its_value():
+    """v at its limits: every code is either its start c0 or the other neighbour of its value u (the
+    floor or ceiling of u that c0 is not), inside the code range; commit packs exactly those codes."""
+    lin = nn.Linear(64, 24)
+    quant = QuantConfig(bits=4, group_size=32, symmetric=False)
+    q, u = QuantLinear.from_linear_unrounded(lin, quant)
+    c0 = _codes(q)
+    rw = _RoundedWeight(q, u, transpose=False, round_lr=0.1)
+    with torch.no_grad():
+        rw.v.copy_(torch.where(torch.rand_like(u) < 0.5, -0.5, 0.5))
+    codes = rw.codes().detach().to(torch.int64)
+    other = torch.where(u >= c0, torch.floor(u) + 1, torch.ceil(u) - 1).clamp(0, 15).to(torch.int64)
+    assert ((codes == c0) | (codes == other)).all()
+    assert (codes != c0).any() and (codes - c0).abs().max() == 1
+    rw.commit()
+    assert torch.equal(_codes(q), codes)
+    assert torch.equal(q.dequantized_weight(), rw.weight(torch.float32).detach())
 
 
 def _block_io(model, n_windows=3, seq=16, vocab=128):
@@ -77,6 +144,39 @@ def test_tuning_lowers_the_block_error_and_keeps_codes_and_format(tiny_llama):
         assert torch.equal(module.weight, q.dequantized_weight())
     assert changed == len(layers)
     assert all(p.grad is None for p in block.parameters())  # nothing leaks into the model
+
+
+def test_tuning_the_rounding_lowers_the_block_error_more_and_moves_codes_by_one(tiny_llama):
+    """With the codes free (unrounded given), the same steps reach a lower held-out error than the scales
+    alone; codes move by at most one, zero points stay, and the block runs the packed layers' weights."""
+    import copy
+
+    block, calls, outs = _block_io(tiny_llama, n_windows=16)
+    quant = QuantConfig(bits=4, group_size=32, symmetric=False)
+    scales_only = copy.deepcopy(block)
+    layers, unrounded = {}, {}
+    for name, module in list(block.named_modules()):
+        if isinstance(module, nn.Linear):
+            q, unrounded[name] = QuantLinear.from_linear_unrounded(module, quant)
+            module.weight = nn.Parameter(q.dequantized_weight(), requires_grad=False)
+            layers[name] = (module, q)
+    plain = _quantize_block(scales_only, quant)
+    before = {n: (_codes(q), q.zeros.clone()) for n, (_, q) in layers.items()}
+    base = tune_block_scales(scales_only, plain, calls, outs, steps=30, lr=2e-3, check_every=5)
+    result = tune_block_scales(block, layers, calls, outs, steps=30, lr=2e-3, check_every=5, unrounded=unrounded)
+    assert result.loss_before == pytest.approx(base.loss_before, rel=1e-6)
+    assert result.kept and result.loss_after < base.loss_after
+    moved = 0
+    for name, (module, q) in layers.items():
+        codes, zeros = before[name]
+        assert torch.equal(q.zeros, zeros) and (_codes(q) - codes).abs().max() <= 1
+        moved += int((_codes(q) != codes).sum())
+        assert torch.equal(module.weight, q.dequantized_weight())
+    assert moved > 0
+    with pytest.raises(ValueError, match="not among the layers"):
+        tune_block_scales(block, layers, calls, outs, steps=2, unrounded={"nope": unrounded["mlp.up_proj"]})
+    with pytest.raises(ValueError, match="round_lr=2"):
+        tune_block_scales(block, layers, calls, outs, steps=2, unrounded=unrounded, round_lr=2)
 
 
 def test_tuning_that_cannot_help_changes_nothing(tiny_llama):
@@ -164,6 +264,17 @@ def test_preset_and_config_validation():
         QuantConfig(bits=8, act_bits=8, tune_steps=8)
     with pytest.raises(ValueError, match="tune_lr=0"):
         QuantConfig(tune_steps=8, tune_lr=0)
+    cfg = parse_preset("w4a16-g128-gptq-clip-tune-round-awq")
+    assert cfg.quant.tune_rounding and cfg.quant.tune_steps == 64 and cfg.awq
+    assert cfg.name == "w4a16-g128-asym-gptq-clip-tune-round-awq" and parse_preset(cfg.name) == cfg
+    assert parse_preset("w8a16-tune8-round").quant.name == "w8a16-tune8-round"
+    assert not parse_preset("w4a16-g128-gptq-tune").quant.tune_rounding
+    with pytest.raises(ValueError, match="unknown preset"):
+        parse_preset("w4a16-g128-gptq-round")  # rounding is trained by the tuning
+    with pytest.raises(ValueError, match="tune_rounding=True with tune_steps=0"):
+        QuantConfig(bits=4, tune_rounding=True)
+    with pytest.raises(TypeError, match="tune_rounding=1"):
+        QuantConfig(bits=4, tune_steps=4, tune_rounding=1)
 
 
 def _batches(vocab, n=4, seq=16):
@@ -184,16 +295,22 @@ def _check_tuned_report(report, model, what: str, label: str) -> None:
     assert f"{label}: kept in {sum(t['kept'] for t in tuned)} of {len(tuned)} blocks" in str(report)
 
 
+@pytest.mark.parametrize("rounding", [False, True], ids=["scales", "rounding"])
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
-def test_compress_with_tuning_reports_each_block_and_leaves_the_original(model_name, request, tmp_path):
+def test_compress_with_tuning_reports_each_block_and_leaves_the_original(model_name, rounding, request, tmp_path):
     import qruntime
 
     model = request.getfixturevalue(model_name)
     vocab = model.config.vocab_size
     state = {k: v.clone() for k, v in model.state_dict().items()}
     calib = _batches(vocab, n=8)
-    q, report = compress(model, "w4a16-g32-gptq-tune16", calib, progress=False, inplace=False)
-    _check_tuned_report(report, model, "scales", "scale tuning")
+    preset = "w4a16-g32-gptq-tune16" + ("-round" if rounding else "")
+    q, report = compress(model, preset, calib, progress=False, inplace=False)
+    if rounding:
+        _check_tuned_report(report, model, "scales and codes", "scale and rounding tuning")
+        assert all(r.format.endswith("-tune16-round") for r in report.layers)
+    else:
+        _check_tuned_report(report, model, "scales", "scale tuning")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # original untouched
     x = torch.randint(0, vocab, (1, 12))
     qruntime.save(q, tmp_path / "m", report=report)
