@@ -16,6 +16,7 @@ from .awq import plan_awq
 from .calibrate import collect_stats
 from .config import CompressConfig, QuantConfig, resolve_config
 from .distill import distill as run_distill
+from .offload import check_device, home_device, onloaded
 from .nn import QuantEmbedding, QuantLinear, SparseLinear, is_conv1d, linear_weight
 from .ops import cpu_backend
 from .prune import prune_weight
@@ -150,6 +151,7 @@ def compress(
     inplace: bool = True,
     progress: bool = True,
     max_ppl_increase: float | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[nn.Module, CompressReport]:
     """Quantizes the Linear and Conv1D layers of a (HuggingFace) model, after an optional depth stage
     (a shallower student distilled from it).
@@ -175,6 +177,12 @@ def compress(
         max_ppl_increase: an accuracy budget (overrides the recipe's, see :mod:`qruntime.mixed`): e.g.
             0.02 keeps the most sensitive layers in INT8 until the measured perplexity is within 2% of
             the original's.
+        device: where the calibration passes run (Hessians, block-by-block GPTQ / SparseGPT / Wanda and
+            block tuning, the AWQ / SmoothQuant statistics), e.g. ``"cuda"`` for a model in CPU RAM that
+            does not fit on the GPU: the model stays where it is and each block (and each other module
+            with weights) is moved to ``device`` only while it runs (:mod:`qruntime.offload`); the
+            compressed layers end up where the model is. ``None``: where the model is. A depth stage,
+            a 2:4 recovery stage and the accuracy budget run where the model is.
 
     Returns:
         ``(model, report)``. On any error the caller's model is left exactly as it was: every layer is
@@ -183,6 +191,8 @@ def compress(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     cfg = resolve_config(config)
+    if device is not None:
+        check_device(device)
     if max_ppl_increase is not None:
         cfg = replace(cfg, max_ppl_increase=max_ppl_increase)
     if eval_data is not None and not isinstance(eval_data, (list, tuple)):
@@ -237,10 +247,7 @@ def compress(
         targets = kept_targets
         if not targets:
             raise ValueError(f"sparsity skip={list(sp.skip)} leaves no layer of {type(model).__name__} to compress")
-    hessians: dict[str, tuple[torch.Tensor, int]] = {}
     calibration: dict = {}
-    smoothing: dict = {}
-    smoothed: dict[str, dict[str, torch.Tensor]] = {}  # module name -> its smoothed tensors
     quant_hessians = cfg.quant is not None and cfg.quant.needs_calibration
     # GPTQ / activation-aware clipping block by block: each block quantized on the outputs of the
     # quantized blocks before it (QuantConfig.sequential; 2:4 recipes have their own block-wise pass)
@@ -256,30 +263,12 @@ def compress(
         calib_data = calib_data if isinstance(calib_data, (list, tuple)) else list(calib_data)
     pruned: dict[str, torch.Tensor] = {}  # 2:4 target -> its pruned weight [N, K] (float64)
     originals: dict[str, torch.Tensor] = {}  # with a recovery stage: the original weights, for the report
-    if sp is not None and sp.needs_calibration and sp.sequential:
-        t0 = time.perf_counter()
-        hessians = _prune_blockwise(model, targets, sparse, calib_data, sp, pruned, calibration, progress)
-        stages["calibration + pruning (block by block)"] = time.perf_counter() - t0
-    elif cfg.needs_calibration and not (sequential and cfg.smoothquant is None and not cfg.awq):
-        t0 = time.perf_counter()
-        hessians, absmax = collect_stats(model, dict(targets), calib_data,
-                                         hessian=quant_hessians or cfg.awq or cfg.max_ppl_increase is not None
-                                         or (sp is not None and sp.needs_calibration),
-                                         absmax=cfg.smoothquant is not None,
-                                         samples=1024 if cfg.smoothquant == "auto" else 0,
-                                         progress=progress, fingerprint=calibration)
-        stages["calibration"] = time.perf_counter() - t0
-        if cfg.smoothquant is not None:
-            smoothed, smoothing = plan_smoothing(model, dict(targets), absmax, cfg.smoothquant, hessians)
-        elif cfg.awq:
-            t0 = time.perf_counter()
-            smoothed, smoothing = plan_awq(model, dict(targets), hessians, cfg.quant)
-            stages["awq scale search"] = time.perf_counter() - t0
-    if sequential and calib_data is not None:
-        t0 = time.perf_counter()
-        hessians = _quantize_blockwise(model, targets, calib_data, cfg.quant, smoothed, prebuilt, calibration,
-                                       progress)
-        stages["calibration + quantization (block by block)" if prebuilt else "calibration"] = time.perf_counter() - t0
+    with onloaded(model, device if cfg.needs_calibration else None):
+        # hessians: layer -> (X^T X / rows, rows); smoothed: module name -> its smoothed tensors
+        hessians, smoothed, smoothing = _calibrate(model, cfg, targets, sparse, calib_data, sequential, quant_hessians,
+                                                   pruned, prebuilt, calibration, stages, progress)
+    if device is not None and cfg.needs_calibration:
+        calibration["device"] = str(torch.device(device))
 
     recovery: dict = {}
     if sp is not None:
@@ -483,14 +472,18 @@ def _prune_blockwise(
     masks: dict[str, torch.Tensor] = {}
     current: list[str] = []
     tuned: list[dict] = []
+    home = home_device(model)  # onloading (compress(device=...)): results leave the execution device
 
     def compress_block(hessians: dict) -> None:
+        _send_home(pruned, current, home)
+        _send_home(masks, current, home)
         current[:] = [name for name in hessians if name in sparse]
         for name in current:
             module = modules[name]
             pruned[name], masks[name] = prune_weight(linear_weight(module), sp.method, hessians[name][0], 2, 4,
                                                      damp=sp.damp, block_size=sp.block_size)
             w = pruned[name].to(module.weight.dtype)
+            _park(module.weight, home)
             module.weight = nn.Parameter(w.t().contiguous() if is_conv1d(module) else w, requires_grad=False)
 
     from .tune import tune_block_weights
@@ -507,6 +500,7 @@ def _prune_blockwise(
             return _blockwise_or_one_pass(model, modules, calib_data, compress_block, pruned, fingerprint, progress,
                                           tune_block if sp.tune_steps else None)
     finally:
+        _send_home(pruned, current, home)
         for name, weight in originals.items():
             modules[name].weight = weight
         if sp.tune_steps:
@@ -528,6 +522,59 @@ def _blockwise_or_one_pass(model, modules, calib_data, compress_block, results: 
         results.clear()
         fingerprint["mode"] = f"one pass ({exc})"
         return collect_stats(model, modules, calib_data, progress=progress, fingerprint=fingerprint)[0]
+
+
+def _calibrate(model, cfg, targets, sparse, calib_data, sequential, quant_hessians, pruned, prebuilt, calibration,
+               stages, progress):
+    """The calibration passes of :func:`compress` (inside :func:`qruntime.offload.onloaded`): 2:4 pruning
+    block by block, or one pass of statistics (with the AWQ / SmoothQuant scale plans), then GPTQ block by
+    block. Fills ``pruned``, ``prebuilt``, ``calibration`` and ``stages``; returns (Hessians, smoothed
+    tensors, smoothing report)."""
+    sp = cfg.sparsity
+    hessians: dict[str, tuple[torch.Tensor, int]] = {}
+    smoothed: dict[str, dict[str, torch.Tensor]] = {}
+    smoothing: dict = {}
+    if sp is not None and sp.needs_calibration and sp.sequential:
+        t0 = time.perf_counter()
+        hessians = _prune_blockwise(model, targets, sparse, calib_data, sp, pruned, calibration, progress)
+        stages["calibration + pruning (block by block)"] = time.perf_counter() - t0
+    elif cfg.needs_calibration and not (sequential and cfg.smoothquant is None and not cfg.awq):
+        t0 = time.perf_counter()
+        hessians, absmax = collect_stats(model, dict(targets), calib_data,
+                                         hessian=quant_hessians or cfg.awq or cfg.max_ppl_increase is not None
+                                         or (sp is not None and sp.needs_calibration),
+                                         absmax=cfg.smoothquant is not None,
+                                         samples=1024 if cfg.smoothquant == "auto" else 0,
+                                         progress=progress, fingerprint=calibration)
+        stages["calibration"] = time.perf_counter() - t0
+        if cfg.smoothquant is not None:
+            smoothed, smoothing = plan_smoothing(model, dict(targets), absmax, cfg.smoothquant, hessians)
+        elif cfg.awq:
+            t0 = time.perf_counter()
+            smoothed, smoothing = plan_awq(model, dict(targets), hessians, cfg.quant)
+            stages["awq scale search"] = time.perf_counter() - t0
+    if sequential and calib_data is not None:
+        t0 = time.perf_counter()
+        hessians = _quantize_blockwise(model, targets, calib_data, cfg.quant, smoothed, prebuilt, calibration,
+                                       progress)
+        stages["calibration + quantization (block by block)" if prebuilt else "calibration"] = time.perf_counter() - t0
+
+    return hessians, smoothed, smoothing
+
+
+def _send_home(store: dict, names: list[str], home: torch.device) -> None:
+    """Moves ``store[name]`` (a tensor or module) for each of ``names`` to ``home``, if not there."""
+    for name in names:
+        if name in store:
+            store[name] = store[name].to(home)
+
+
+def _park(weight: nn.Parameter, home: torch.device) -> nn.Parameter:
+    """A weight about to be swapped out of a block held on the execution device: its data goes back to
+    ``home`` (the block's move home takes only what is in it then). Returns ``weight``."""
+    if weight.device != home:
+        weight.data = weight.data.to(home)
+    return weight
 
 
 def _block_tuner(tune, modules: dict[str, nn.Module], current: list[str], state: dict, tuned: list[dict],
@@ -579,8 +626,10 @@ def _quantize_blockwise(
     current: list[str] = []
     tuned: list[dict] = []
     unrounded: dict[str, torch.Tensor] | None = {} if quant.tune_rounding else None  # the current block's
+    home = home_device(model)  # onloading (compress(device=...)): the quantized layers go back there
 
     def compress_block(hessians: dict) -> None:
+        _send_home(prebuilt, current, home)
         current[:] = list(hessians)
         if unrounded is not None:
             unrounded.clear()
@@ -592,7 +641,7 @@ def _quantize_blockwise(
                 q, unrounded[name] = QuantLinear.from_linear_unrounded(module, _layer_quant(quant, hessian), hessian)
             prebuilt[name] = q
             w = q.dequantized_weight().to(module.weight.dtype)
-            replaced.setdefault(name, module.weight)
+            replaced.setdefault(name, _park(module.weight, home))
             module.weight = nn.Parameter(w.t().contiguous() if is_conv1d(module) else w, requires_grad=False)
 
     from .tune import tune_block_scales
@@ -605,6 +654,7 @@ def _quantize_blockwise(
             return _blockwise_or_one_pass(model, modules, calib_data, compress_block, prebuilt, fingerprint, progress,
                                           tune_block if quant.tune_steps else None)
         finally:
+            _send_home(prebuilt, current, home)
             for name, weight in replaced.items():
                 modules[name].weight = weight
             if quant.tune_steps:

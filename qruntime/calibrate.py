@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distill import _inputs
+from .offload import execution_device, home_device
 
 __all__ = ["calibration_batches", "text_batches", "collect_hessians", "collect_stats", "check_token_ids"]
 
@@ -152,7 +153,7 @@ def collect_stats(
 
         return hook
 
-    device = next(model.parameters()).device
+    device = execution_device(model)
     handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
     n_batches = tokens = 0
     digest = hashlib.sha256()
@@ -169,4 +170,6 @@ def collect_stats(
         raise ValueError("calib_data yielded no batches")
     if fingerprint is not None:
         fingerprint.update(batches=n_batches, tokens=tokens, sha256=digest.hexdigest())
-    return {name: (sums[name].to(torch.float64) / rows[name], rows[name]) for name in sums}, peaks
+    home = home_device(model)  # onloading (qruntime.offload): the statistics leave the execution device
+    return ({name: ((sums[name].to(torch.float64) / rows[name]).to(home), rows[name]) for name in sums},
+            {name: peak.to(home) for name, peak in peaks.items()})

@@ -159,7 +159,8 @@ def cmd_compress(args) -> dict:
             cfg = replace(cfg, sparsity=replace(cfg.sparsity, recover=replace(recover, **budget)))
         # the report then gives teacher and student metrics on 4 held-out windows
         held_out = calibration_batches(tokenizer, num_samples=4, seq_len=args.train_seq_len)
-    model, report = compress(model, cfg, calib, train_data=train, eval_data=held_out, progress=not args.quiet)
+    model, report = compress(model, cfg, calib, train_data=train, eval_data=held_out, progress=not args.quiet,
+                             device=args.device)
     t1 = time.perf_counter()
     folder = save(model, args.out, tokenizer=tokenizer, report=report, base_model=args.model)
     save_s = time.perf_counter() - t1
@@ -357,6 +358,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=16, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--all-layers", action="store_true", help="list every layer in the report table")
+    p.add_argument("--device", default=None,
+                   help="run the calibration there (e.g. cuda), the model staying in CPU RAM: one block at a time")
     p.add_argument("--train-samples", type=int, default=256,
                    help="depth stage (d<N>+...) and 2:4 recovery (2:4-kd...): training windows from the Wikipedia training split, 4 per batch")
     p.add_argument("--train-seq-len", type=int, default=256, help="depth stage / 2:4 recovery: tokens per training window")

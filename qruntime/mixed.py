@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import check_token_ids
 from .distill import _forward, _inputs, _logits
+from .offload import execution_device
 
 __all__ = ["perplexity", "fisher_sensitivity", "budget_search", "swapped"]
 
@@ -49,7 +50,7 @@ def _token_logits(model: nn.Module, inputs: dict) -> torch.Tensor:
 def perplexity(model: nn.Module, batches: Iterable) -> float:
     """exp(mean next-token cross-entropy) over every scored position of ``batches`` (input-id tensors
     [B, T] or dicts with ``input_ids`` and optionally ``attention_mask``: masked positions are not scored)."""
-    device = next(model.parameters()).device
+    device = execution_device(model)
     total, count = 0.0, 0
     for batch in batches:
         inputs = _inputs(batch, device)
@@ -82,7 +83,7 @@ def fisher_sensitivity(
     ``batches`` (a second-order expansion with the diagonal empirical Fisher). One forward and backward
     pass per batch covers every layer. Parameters get no gradient (``torch.autograd.grad`` with respect
     to the embedding output only) and everything is restored afterwards."""
-    device = next(model.parameters()).device
+    device = execution_device(model)
     totals = {name: 0.0 for name in deltas}
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None

@@ -9,11 +9,16 @@ output head). Then, block by block: run the block on the current hidden states w
 states for the next block. Targets outside the blocks get the Hessians of the dense pass. With block
 tuning, the float model's hidden states are carried along too (one more forward pass of each block),
 so each block's tuning targets are the float model's own outputs of that block.
+
+Inside :func:`qruntime.offload.onloaded` (``compress(..., device=...)``) the inputs go to the execution
+device, each block is held there while it is worked on, and the Hessians are returned on the model's home
+device.
 """
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -21,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import _digest, check_token_ids
 from .distill import _first, _forward, _inputs, find_blocks
+from .offload import current_onloader, execution_device, home_device
 
 __all__ = ["blockwise_calibrate"]
 
@@ -88,7 +94,9 @@ def blockwise_calibrate(
     if tune_targets not in ("block", "float"):
         raise ValueError(f"tune_targets={tune_targets!r}: must be 'block' or 'float'")
     blocks = find_blocks(model).layers
-    device = next(model.parameters()).device
+    device = execution_device(model)
+    home = home_device(model)  # where the Hessians go (not the execution device, when onloading)
+    onloader = current_onloader(model)
     names = {id(m): n for n, m in targets.items()}
     per_block = [{names[id(m)]: m for m in block.modules() if id(m) in names} for block in blocks]
     inside = {n for group in per_block for n in group}
@@ -144,32 +152,43 @@ def blockwise_calibrate(
     reference = list(hidden) if chain else []  # the float model's hidden states (tune_targets="float")
 
     # 2. block by block: calibrate on the current inputs, compress, recompute the outputs
-    result = {n: (sums[n].to(torch.float64) / rows[n], rows[n]) for n in sums}
+    result = {n: ((sums[n].to(torch.float64) / rows[n]).to(home), rows[n]) for n in sums}
     for i, block in enumerate(tqdm(blocks, desc="calibrate + compress blocks", unit="block", disable=not progress)):
-        group = per_block[i]
-        if group:
-            b_sums: dict[str, torch.Tensor] = {}
-            b_rows: dict[str, int] = {}
-            float_out: list[torch.Tensor] = []  # the block's outputs before compression (tuning targets)
-            handles = _hessian_hooks(group, b_sums, b_rows)
-            try:
-                for h, (args, kwargs) in zip(hidden, (c[i] for c in calls)):
-                    out = block(h, *args, **kwargs)
-                    if tune_block is not None and not chain:
-                        float_out.append(_first(out).detach())
-            finally:
-                for hd in handles:
-                    hd.remove()
-        if chain:
-            reference = [_first(block(r, *args, **kwargs)).detach() for r, (args, kwargs)
-                         in zip(reference, (c[i] for c in calls))]
-            float_out = reference
-        if group:
-            hessians = {n: (b_sums[n].to(torch.float64) / b_rows[n], b_rows[n]) for n in b_sums}
-            result.update(hessians)
-            compress_block(hessians)
-            if tune_block is not None:
-                tune_block(i, block, [(h, args, kwargs) for h, (args, kwargs) in zip(hidden, (c[i] for c in calls))],
-                           float_out)
-        hidden = [_first(block(h, *args, **kwargs)).detach() for h, (args, kwargs) in zip(hidden, (c[i] for c in calls))]
+        # onloading: the block stays on the execution device while it is calibrated, compressed and tuned
+        with onloader.hold(block) if onloader is not None else nullcontext():
+            hidden, reference = _one_block(i, block, per_block[i], hidden, reference, calls, result, home,
+                                           compress_block, tune_block, chain)
     return result
+
+
+@torch.no_grad()
+def _one_block(i, block, group, hidden, reference, calls, result, home, compress_block, tune_block, chain):
+    """Step 2 of :func:`blockwise_calibrate` for block ``i`` (its targets ``group``): collects their
+    Hessians (into ``result``, on ``home``), compresses and tunes them, and returns the next hidden states
+    and the float model's (``reference``, with ``chain``)."""
+    if group:
+        b_sums: dict[str, torch.Tensor] = {}
+        b_rows: dict[str, int] = {}
+        float_out: list[torch.Tensor] = []  # the block's outputs before compression (tuning targets)
+        handles = _hessian_hooks(group, b_sums, b_rows)
+        try:
+            for h, (args, kwargs) in zip(hidden, (c[i] for c in calls)):
+                out = block(h, *args, **kwargs)
+                if tune_block is not None and not chain:
+                    float_out.append(_first(out).detach())
+        finally:
+            for hd in handles:
+                hd.remove()
+    if chain:
+        reference = [_first(block(r, *args, **kwargs)).detach() for r, (args, kwargs)
+                     in zip(reference, (c[i] for c in calls))]
+        float_out = reference
+    if group:
+        hessians = {n: (b_sums[n].to(torch.float64) / b_rows[n], b_rows[n]) for n in b_sums}
+        result.update({n: (h.to(home), r) for n, (h, r) in hessians.items()})
+        compress_block(hessians)
+        if tune_block is not None:
+            tune_block(i, block, [(h, args, kwargs) for h, (args, kwargs) in zip(hidden, (c[i] for c in calls))],
+                       float_out)
+    hidden = [_first(block(h, *args, **kwargs)).detach() for h, (args, kwargs) in zip(hidden, (c[i] for c in calls))]
+    return hidden, reference

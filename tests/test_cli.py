@@ -43,10 +43,11 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
 def test_compress_info_eval_bench_export(tiny_folder, tmp_path, capsys):
     out_dir = tmp_path / "ckpt"
     code, out, err = _run(capsys, "compress", tiny_folder, "--recipe", "w4a16-g32-gptq", "--calib-samples", "2",
-                          "--seq-len", "32", "--out", out_dir, "--quiet", "--json")
+                          "--seq-len", "32", "--out", out_dir, "--quiet", "--json", "--device", "cpu")
     assert code == 0, err
     result = json.loads(out)  # stdout is only JSON with --json
     assert result["report"]["config"] == "w4a16-g32-asym-gptq" and result["bytes_on_disk"] > 0
+    assert result["report"]["calibration"]["device"] == "cpu"  # onloaded (qruntime.offload)
     assert "saved" in err and "calibration" in err  # the human report went to stderr
 
     code, out, err = _run(capsys, "info", out_dir, "--verify")
