@@ -16,8 +16,8 @@ from .awq import plan_awq
 from .calibrate import collect_stats
 from .config import CompressConfig, QuantConfig, resolve_config
 from .distill import distill as run_distill
-from .offload import check_device, home_device, onloaded
 from .nn import QuantEmbedding, QuantLinear, SparseLinear, is_conv1d, linear_weight
+from .offload import check_device, home_device, onloaded
 from .ops import cpu_backend
 from .prune import prune_weight
 from .report import CompressReport, LayerReport, SkippedLayer
@@ -558,7 +558,6 @@ def _calibrate(model, cfg, targets, sparse, calib_data, sequential, quant_hessia
         hessians = _quantize_blockwise(model, targets, calib_data, cfg.quant, smoothed, prebuilt, calibration,
                                        progress)
         stages["calibration + quantization (block by block)" if prebuilt else "calibration"] = time.perf_counter() - t0
-
     return hessians, smoothed, smoothing
 
 

@@ -7,7 +7,9 @@ the compressed model's hidden states, so it also makes up for the error of the b
   are trained. Per layer the dequantized weight is ``W(s) = (codes - zeros) * s`` (docs/formats.md),
   linear in the scales ``s`` ([G, N] for INT4, [N] for INT8); only ``s`` is trained, as
   ``s = s0 * (1 + t)`` with ``t`` initialized to 0, so the packed codes, the zero points and the format
-  do not change.
+  do not change. With learned rounding (``-round``, :class:`_RoundedWeight`) the codes are trained too,
+  each free to move by one, to the other grid point next to the value it was rounded from; the zero
+  points and the format still do not change.
 * 2:4-pruned layers (:func:`tune_block_weights`): the mask fixed (SparseGPT or Wanda), the kept weights
   are trained, as ``mask * (W0 + r * t)`` with ``r`` each row's root mean square; pruned weights stay
   exactly zero.
