@@ -62,15 +62,11 @@ class BlockTuneResult:
     step: int = 0
 
 
-class _ScaledWeight:
-    """``W(t)``: the layer's codes dequantized (:mod:`qruntime.formats`) with the scales ``s0 * (1 + t)``,
-    differentiable in ``t``; at ``t = 0`` exactly ``QuantLinear.dequantized_weight()``."""
+class _Tuned:
+    """What :func:`_tune` asks of a layer's trainable weight: ``weight(dtype)`` (differentiable in the
+    trainables), ``commit()``, and these defaults for one trainable tensor ``t``."""
 
-    def __init__(self, q, transpose: bool) -> None:
-        self.q = q
-        self.s0 = q.scales.detach().to(torch.float32)
-        self.t = torch.zeros_like(self.s0, requires_grad=True)
-        self.transpose = transpose
+    t: torch.Tensor
 
     def trainables(self) -> list[torch.Tensor]:
         return [self.t]
@@ -80,7 +76,18 @@ class _ScaledWeight:
         return [{"params": [self.t], "lr": lr}]
 
     def project(self) -> None:
-        """After each step: back into the allowed range (scales: any)."""
+        """After each step: back into the allowed range (by default any value is allowed)."""
+
+
+class _ScaledWeight(_Tuned):
+    """``W(t)``: the layer's codes dequantized (:mod:`qruntime.formats`) with the scales ``s0 * (1 + t)``,
+    differentiable in ``t``; at ``t = 0`` exactly ``QuantLinear.dequantized_weight()``."""
+
+    def __init__(self, q, transpose: bool) -> None:
+        self.q = q
+        self.s0 = q.scales.detach().to(torch.float32)
+        self.t = torch.zeros_like(self.s0, requires_grad=True)
+        self.transpose = transpose
 
     def scales(self) -> torch.Tensor:
         return self.s0 * (1 + self.t)
@@ -214,7 +221,7 @@ def tune_block_scales(
                  steps=steps, lr=lr, check_every=check_every)
 
 
-class _MaskedWeight:
+class _MaskedWeight(_Tuned):
     """``W(t) = mask * (W0 + r * t)``: the pruned weight ``W0`` [N, K] moved only where ``mask`` keeps it,
     in steps relative to each output row's root mean square ``r`` (so one learning rate fits layers of
     any scale); at ``t = 0`` exactly ``W0``."""
@@ -230,15 +237,6 @@ class _MaskedWeight:
         kept = self.keep.sum(1, keepdim=True).clamp_min(1)
         self.rms = torch.sqrt((self.w0**2).sum(1, keepdim=True) / kept).clamp_min(1e-12)
         self.t = torch.zeros_like(self.w0, requires_grad=True)
-
-    def trainables(self) -> list[torch.Tensor]:
-        return [self.t]
-
-    def groups(self, lr: float) -> list[dict]:
-        return [{"params": [self.t], "lr": lr}]
-
-    def project(self) -> None:
-        """Any kept value is allowed."""
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         w = (self.keep * (self.w0 + self.rms * self.t)).to(dtype)
