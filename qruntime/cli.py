@@ -355,7 +355,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="w8a16", help="a preset (qruntime presets), e.g. w4a16-g128-gptq")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--calib", default="wiki", help="calibration text: 'wiki' (the Wikipedia calibration split) or a UTF-8 text file")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (16: about 8x faster, a little less accurate)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--all-layers", action="store_true", help="list every layer in the report table")
     p.add_argument("--device", default=None,

@@ -28,6 +28,13 @@ def smollm2():
     return load_causal_lm("smollm2-135m")
 
 
+def test_default_calibration_is_128_windows_of_512_tokens(smollm2):
+    _, tok = smollm2
+    calib = calibration_batches(tok)
+    assert len(calib) == 128 and all(c.shape == (1, 512) for c in calib)
+    assert len({tuple(c[0, :8].tolist()) for c in calib}) == 128  # consecutive windows, not one repeated
+
+
 def test_smollm2_int8_gptq_meets_targets(smollm2, tmp_path):
     model, tok = smollm2
     ids = tokenize_text(tok, split_text("eval"), max_tokens=16384)
