@@ -192,7 +192,7 @@ def compress(
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     cfg = resolve_config(config)
     if device is not None:
-        check_device(device)
+        device = check_device(device)
     if max_ppl_increase is not None:
         cfg = replace(cfg, max_ppl_increase=max_ppl_increase)
     if eval_data is not None and not isinstance(eval_data, (list, tuple)):
@@ -268,7 +268,7 @@ def compress(
         hessians, smoothed, smoothing = _calibrate(model, cfg, targets, sparse, calib_data, sequential, quant_hessians,
                                                    pruned, prebuilt, calibration, stages, progress)
     if device is not None and cfg.needs_calibration:
-        calibration["device"] = str(torch.device(device))
+        calibration["device"] = str(device)
 
     recovery: dict = {}
     if sp is not None:

@@ -135,10 +135,10 @@ def int4_params(
     return scales.t().contiguous(), zeros.to(torch.uint8).t().contiguous(), gs
 
 
-def _pad_k(weight: torch.Tensor, kp: int) -> torch.Tensor:
+def _pad_k(weight: torch.Tensor, kp: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     n, k = weight.shape
-    w = torch.zeros(n, kp, dtype=torch.float32, device=weight.device)
-    w[:, :k] = weight.detach().to(torch.float32)
+    w = torch.zeros(n, kp, dtype=dtype, device=weight.device)
+    w[:, :k] = weight.detach().to(dtype)
     return w
 
 

@@ -17,6 +17,7 @@ from .formats import (
     pack_int4,
     unpack_int4,
     INT4_SYM_ZERO,
+    _pad_k,
     dequantize_sp24,
     pack_sp24,
     sp24_padded_k,
@@ -155,7 +156,7 @@ class QuantLinear(_PackedLinear):
         bias = module.bias
         out = cls(k, n, quant, bias=bias is not None, dtype=weight.dtype, device=weight.device)
         scales, zeros, group_size = quant_grid(weight, quant, hessian)
-        target, before = weight, weight.detach().to(torch.float64)
+        target = before = weight
         if hessian is not None and quant.method == "gptq":
             target = gptq_quantize(
                 weight,
@@ -172,7 +173,7 @@ class QuantLinear(_PackedLinear):
         if quant.bits == 8:
             out.qweight, out.scales = int8_codes(target, scales), scales
             if unrounded:
-                values = before / scales.to(torch.float64)[:, None]
+                values = before.detach().to(torch.float64) / scales.to(torch.float64)[:, None]
         else:
             out.qweight, out.scales = int4_codes(target, scales, zeros, group_size), scales
             if zeros is not None:
@@ -180,10 +181,8 @@ class QuantLinear(_PackedLinear):
             if unrounded:
                 g = scales.shape[0]
                 z = zeros.t() if zeros is not None else torch.full((n, g), INT4_SYM_ZERO, device=weight.device)
-                w = torch.zeros(n, g * group_size, dtype=torch.float64, device=weight.device)
-                w[:, :k] = before
-                values = w.reshape(n, g, group_size) / scales.to(torch.float64).t()[..., None]
-                values = (values + z.to(torch.float64)[..., None]).reshape(n, g * group_size)
+                w = _pad_k(before, g * group_size, torch.float64).reshape(n, g, group_size)
+                values = (w / scales.to(torch.float64).t()[..., None] + z.to(torch.float64)[..., None]).reshape(n, -1)
         if bias is not None:
             out.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         return out, (values.to(torch.float32) if unrounded else None)

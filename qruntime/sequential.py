@@ -156,23 +156,23 @@ def blockwise_calibrate(
     for i, block in enumerate(tqdm(blocks, desc="calibrate + compress blocks", unit="block", disable=not progress)):
         # onloading: the block stays on the execution device while it is calibrated, compressed and tuned
         with onloader.hold(block) if onloader is not None else nullcontext():
-            hidden, reference = _one_block(i, block, per_block[i], hidden, reference, calls, result, home,
-                                           compress_block, tune_block, chain)
+            hidden, reference = _one_block(i, block, per_block[i], hidden, reference, [c[i] for c in calls], result,
+                                           home, compress_block, tune_block, chain)
     return result
 
 
 @torch.no_grad()
-def _one_block(i, block, group, hidden, reference, calls, result, home, compress_block, tune_block, chain):
-    """Step 2 of :func:`blockwise_calibrate` for block ``i`` (its targets ``group``): collects their
-    Hessians (into ``result``, on ``home``), compresses and tunes them, and returns the next hidden states
-    and the float model's (``reference``, with ``chain``)."""
+def _one_block(i, block, group, hidden, reference, block_calls, result, home, compress_block, tune_block, chain):
+    """Step 2 of :func:`blockwise_calibrate` for block ``i`` (its targets ``group``; ``block_calls``: its
+    ``(args, kwargs)`` per window): collects their Hessians (into ``result``, on ``home``), compresses and
+    tunes them, and returns the next hidden states and the float model's (``reference``, with ``chain``)."""
     if group:
         b_sums: dict[str, torch.Tensor] = {}
         b_rows: dict[str, int] = {}
         float_out: list[torch.Tensor] = []  # the block's outputs before compression (tuning targets)
         handles = _hessian_hooks(group, b_sums, b_rows)
         try:
-            for h, (args, kwargs) in zip(hidden, (c[i] for c in calls)):
+            for h, (args, kwargs) in zip(hidden, block_calls):
                 out = block(h, *args, **kwargs)
                 if tune_block is not None and not chain:
                     float_out.append(_first(out).detach())
@@ -180,15 +180,13 @@ def _one_block(i, block, group, hidden, reference, calls, result, home, compress
             for hd in handles:
                 hd.remove()
     if chain:
-        reference = [_first(block(r, *args, **kwargs)).detach() for r, (args, kwargs)
-                     in zip(reference, (c[i] for c in calls))]
+        reference = [_first(block(r, *args, **kwargs)).detach() for r, (args, kwargs) in zip(reference, block_calls)]
         float_out = reference
     if group:
         hessians = {n: (b_sums[n].to(torch.float64) / b_rows[n], b_rows[n]) for n in b_sums}
         result.update({n: (h.to(home), r) for n, (h, r) in hessians.items()})
         compress_block(hessians)
         if tune_block is not None:
-            tune_block(i, block, [(h, args, kwargs) for h, (args, kwargs) in zip(hidden, (c[i] for c in calls))],
-                       float_out)
-    hidden = [_first(block(h, *args, **kwargs)).detach() for h, (args, kwargs) in zip(hidden, (c[i] for c in calls))]
+            tune_block(i, block, [(h, args, kwargs) for h, (args, kwargs) in zip(hidden, block_calls)], float_out)
+    hidden = [_first(block(h, *args, **kwargs)).detach() for h, (args, kwargs) in zip(hidden, block_calls)]
     return hidden, reference
