@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("--budget-samples", type=int, default=0,
                    help="recipes with an accuracy budget (-budget<x>, auto): measure it on this many windows of "
                         "the training split (held out from calibration and evaluation); 0: on the calibration data")
+    p.add_argument("--calib-precision", nargs="+", default=["auto"], choices=["auto", "model", "bfloat16"],
+                   help="compress(calib_precision=...); several: each preset is run with each, side by side")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -47,18 +49,22 @@ def main() -> None:
         held_out = None
         if resolve_config(preset).max_ppl_increase is not None and args.budget_samples:
             held_out = calibration_batches(tok, num_samples=args.budget_samples, seq_len=args.window, split="train")
-        qmodel, report = compress(model, preset, calib, inplace=False, eval_data=held_out)
-        result = evaluate_causal_lm(qmodel, ids, reference=model, window=args.window, stride=args.stride)
-        rows.append({"preset": report.config, "report": report.to_dict(), "eval": result.to_dict()})
-        del qmodel
+        for precision in args.calib_precision:
+            qmodel, report = compress(model, preset, calib, inplace=False, eval_data=held_out,
+                                      calib_precision=precision)
+            result = evaluate_causal_lm(qmodel, ids, reference=model, window=args.window, stride=args.stride)
+            label = report.config + (f" [{precision}]" if len(args.calib_precision) > 1 else "")
+            rows.append({"preset": label, "calib_precision": precision, "report": report.to_dict(),
+                         "eval": result.to_dict()})
+            del qmodel
 
     print(f"\nmodel {args.model}; protocol: {rows[0]['eval']['protocol']}; original perplexity "
           f"{rows[0]['eval']['reference_perplexity']:.3f}")
-    print(f"{'recipe':<24} {'ppl':>9} {'ppl ratio':>10} {'top-1 agree':>12} {'KL nats/tok':>12} "
+    print(f"{'recipe':<32} {'ppl':>9} {'ppl ratio':>10} {'top-1 agree':>12} {'KL nats/tok':>12} "
           f"{'weights MiB':>12} {'x smaller':>10} {'compress s':>11}")
     for r in rows:
         e, rep = r["eval"], r["report"]
-        print(f"{r['preset']:<24} {e['perplexity']:>9.3f} {e['perplexity_ratio']:>10.4f} "
+        print(f"{r['preset']:<32} {e['perplexity']:>9.3f} {e['perplexity_ratio']:>10.4f} "
               f"{100 * e['top1_agreement']:>11.2f}% {e['kl_divergence']:>12.5f} "
               f"{rep['weight_bytes_after'] / 2**20:>12.1f} {rep['weight_compression']:>10.2f} {rep['seconds']:>11.1f}")
     write_json(args.json, {"environment": environment(), "args": vars(args), "results": rows})

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .awq import plan_awq
-from .calibrate import collect_stats
+from .calibrate import collect_stats, forward_dtype
 from .config import CompressConfig, QuantConfig, resolve_config
 from .distill import distill as run_distill
 from .nn import QuantEmbedding, QuantLinear, SparseLinear, is_conv1d, linear_weight
@@ -152,6 +152,7 @@ def compress(
     progress: bool = True,
     max_ppl_increase: float | None = None,
     device: torch.device | str | None = None,
+    calib_precision: str = "auto",
 ) -> tuple[nn.Module, CompressReport]:
     """Quantizes the Linear and Conv1D layers of a (HuggingFace) model, after an optional depth stage
     (a shallower student distilled from it).
@@ -183,6 +184,13 @@ def compress(
             with weights) is moved to ``device`` only while it runs (:mod:`qruntime.offload`); the
             compressed layers end up where the model is. ``None``: where the model is. A depth stage,
             a 2:4 recovery stage and the accuracy budget run where the model is.
+        calib_precision: the precision of the calibration forwards' matmuls (and of X^T X) for a float32
+            model: ``"auto"`` (default): bfloat16 under ``torch.autocast`` where the calibration device
+            multiplies bf16 in hardware (CUDA GPUs with bf16, CPUs with AVX512_BF16 or AMX), else float32;
+            ``"bfloat16"``: always; ``"model"``: the model's own dtype (float32: several times slower on
+            such CPUs). Norms, the residual stream, the Hessian sums and GPTQ's solves stay in float32 /
+            float64; block tuning and the other stages are not affected. The report's calibration says
+            which ran (:func:`qruntime.calibrate.forward_dtype`).
 
     Returns:
         ``(model, report)``. On any error the caller's model is left exactly as it was: every layer is
@@ -193,6 +201,7 @@ def compress(
     cfg = resolve_config(config)
     if device is not None:
         device = check_device(device)
+    precision = forward_dtype(model, calib_precision, device)  # checks calib_precision first
     if max_ppl_increase is not None:
         cfg = replace(cfg, max_ppl_increase=max_ppl_increase)
     if eval_data is not None and not isinstance(eval_data, (list, tuple)):
@@ -266,9 +275,11 @@ def compress(
     with onloaded(model, device if cfg.needs_calibration else None):
         # hessians: layer -> (X^T X / rows, rows); smoothed: module name -> its smoothed tensors
         hessians, smoothed, smoothing = _calibrate(model, cfg, targets, sparse, calib_data, sequential, quant_hessians,
-                                                   pruned, prebuilt, calibration, stages, progress)
-    if device is not None and cfg.needs_calibration:
-        calibration["device"] = str(device)
+                                                   pruned, prebuilt, calibration, stages, progress, precision)
+    if cfg.needs_calibration:
+        calibration["precision"] = f"{precision} matmuls (autocast)".replace("torch.", "") if precision else "model"
+        if device is not None:
+            calibration["device"] = str(device)
 
     recovery: dict = {}
     if sp is not None:
@@ -292,7 +303,8 @@ def compress(
             inplace = True  # the recovered model is a new model
             if quant_hessians:  # GPTQ codes for the recovered weights: calibrate them again
                 t0 = time.perf_counter()
-                hessians = collect_stats(model, dict(targets), calib_data, progress=progress)[0]
+                hessians = collect_stats(model, dict(targets), calib_data, progress=progress,
+                                         precision=forward_dtype(model, calib_precision))[0]
                 stages["calibration (recovered model)"] = time.perf_counter() - t0
 
     if not inplace:
@@ -461,6 +473,7 @@ def _prune_blockwise(
     pruned: dict[str, torch.Tensor],
     fingerprint: dict,
     progress: bool,
+    precision: torch.dtype | None = None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """SparseGPT / Wanda block by block (:mod:`qruntime.sequential`): each block's 2:4 targets are pruned
     with Hessians measured after the earlier blocks were pruned. Fills ``pruned``; returns the Hessians
@@ -498,7 +511,7 @@ def _prune_blockwise(
     try:
         with torch.no_grad():
             return _blockwise_or_one_pass(model, modules, calib_data, compress_block, pruned, fingerprint, progress,
-                                          tune_block if sp.tune_steps else None)
+                                          tune_block if sp.tune_steps else None, precision)
     finally:
         _send_home(pruned, current, home)
         for name, weight in originals.items():
@@ -508,24 +521,25 @@ def _prune_blockwise(
 
 
 def _blockwise_or_one_pass(model, modules, calib_data, compress_block, results: dict, fingerprint, progress,
-                           tune_block=None):
+                           tune_block=None, precision=None):
     """:func:`qruntime.sequential.blockwise_calibrate`; for a model without one list of blocks, one pass
     of :func:`collect_stats` instead (``results`` of the blocks cleared, the fingerprint says why)."""
     from .sequential import blockwise_calibrate
 
     try:
         return blockwise_calibrate(model, modules, calib_data, compress_block, progress=progress,
-                                   fingerprint=fingerprint, tune_block=tune_block)
+                                   fingerprint=fingerprint, tune_block=tune_block, precision=precision)
     except ValueError as exc:
         if "nn.ModuleList" not in str(exc):
             raise
         results.clear()
         fingerprint["mode"] = f"one pass ({exc})"
-        return collect_stats(model, modules, calib_data, progress=progress, fingerprint=fingerprint)[0]
+        return collect_stats(model, modules, calib_data, progress=progress, fingerprint=fingerprint,
+                             precision=precision)[0]
 
 
 def _calibrate(model, cfg, targets, sparse, calib_data, sequential, quant_hessians, pruned, prebuilt, calibration,
-               stages, progress):
+               stages, progress, precision=None):
     """The calibration passes of :func:`compress` (inside :func:`qruntime.offload.onloaded`): 2:4 pruning
     block by block, or one pass of statistics (with the AWQ / SmoothQuant scale plans), then GPTQ block by
     block. Fills ``pruned``, ``prebuilt``, ``calibration`` and ``stages``; returns (Hessians, smoothed
@@ -536,7 +550,7 @@ def _calibrate(model, cfg, targets, sparse, calib_data, sequential, quant_hessia
     smoothing: dict = {}
     if sp is not None and sp.needs_calibration and sp.sequential:
         t0 = time.perf_counter()
-        hessians = _prune_blockwise(model, targets, sparse, calib_data, sp, pruned, calibration, progress)
+        hessians = _prune_blockwise(model, targets, sparse, calib_data, sp, pruned, calibration, progress, precision)
         stages["calibration + pruning (block by block)"] = time.perf_counter() - t0
     elif cfg.needs_calibration and not (sequential and cfg.smoothquant is None and not cfg.awq):
         t0 = time.perf_counter()
@@ -545,7 +559,7 @@ def _calibrate(model, cfg, targets, sparse, calib_data, sequential, quant_hessia
                                          or (sp is not None and sp.needs_calibration),
                                          absmax=cfg.smoothquant is not None,
                                          samples=1024 if cfg.smoothquant == "auto" else 0,
-                                         progress=progress, fingerprint=calibration)
+                                         progress=progress, fingerprint=calibration, precision=precision)
         stages["calibration"] = time.perf_counter() - t0
         if cfg.smoothquant is not None:
             smoothed, smoothing = plan_smoothing(model, dict(targets), absmax, cfg.smoothquant, hessians)
@@ -556,7 +570,7 @@ def _calibrate(model, cfg, targets, sparse, calib_data, sequential, quant_hessia
     if sequential and calib_data is not None:
         t0 = time.perf_counter()
         hessians = _quantize_blockwise(model, targets, calib_data, cfg.quant, smoothed, prebuilt, calibration,
-                                       progress)
+                                       progress, precision)
         stages["calibration + quantization (block by block)" if prebuilt else "calibration"] = time.perf_counter() - t0
     return hessians, smoothed, smoothing
 
@@ -612,6 +626,7 @@ def _quantize_blockwise(
     prebuilt: dict[str, nn.Module],
     fingerprint: dict,
     progress: bool,
+    precision: torch.dtype | None = None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """GPTQ (and activation-aware clipping) block by block (:mod:`qruntime.sequential`): each block's
     targets are quantized with Hessians of the inputs they see once the blocks before them are quantized
@@ -651,7 +666,7 @@ def _quantize_blockwise(
     with torch.no_grad(), swapped(model, {}, smoothed):
         try:
             return _blockwise_or_one_pass(model, modules, calib_data, compress_block, prebuilt, fingerprint, progress,
-                                          tune_block if quant.tune_steps else None)
+                                          tune_block if quant.tune_steps else None, precision)
         finally:
             _send_home(prebuilt, current, home)
             for name, weight in replaced.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -15,7 +16,44 @@ from tqdm.auto import tqdm
 from .distill import _inputs
 from .offload import execution_device, home_device
 
-__all__ = ["calibration_batches", "text_batches", "collect_hessians", "collect_stats", "check_token_ids"]
+__all__ = ["calibration_batches", "text_batches", "collect_hessians", "collect_stats", "check_token_ids",
+           "forward_dtype", "forward_precision", "CALIB_PRECISIONS"]
+
+# CompressConfig.calib_precision: the precision of the calibration forwards' matmuls (see forward_dtype)
+CALIB_PRECISIONS = ("auto", "model", "bfloat16")
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports bf16, or a
+    CPU with AVX512_BF16 or AMX (there oneDNN's bf16 GEMM runs several times faster than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return any(p is not None and p() for p in probes)
+    return False
+
+
+def forward_dtype(model: nn.Module, precision: str = "auto", device: torch.device | None = None) -> torch.dtype | None:
+    """The dtype the matmuls of the calibration forwards run in (under ``torch.autocast``), or None for
+    the model's own dtype. ``precision`` (``CompressConfig.calib_precision``): ``"model"``: the model's
+    dtype; ``"bfloat16"``: bfloat16 matmuls for a float32 model; ``"auto"``: bfloat16 for a float32
+    model when ``device`` (default: where the model's weights are) multiplies bf16 in hardware, else the
+    model's. Only float32 models are affected: a half-precision model already computes in its dtype.
+    Everything else (norms, softmax, the residual stream, the accumulated Hessians, GPTQ's solves)
+    stays in the model's dtype or float64."""
+    if precision not in CALIB_PRECISIONS:
+        raise ValueError(f"calib_precision={precision!r}: must be one of {list(CALIB_PRECISIONS)}")
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if precision == "model" or param is None or param.dtype != torch.float32:
+        return None
+    device = torch.device(device) if device is not None else param.device
+    return torch.bfloat16 if precision == "bfloat16" or _native_bf16(device) else None
+
+
+def forward_precision(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type (see :func:`forward_dtype`); a no-op for None."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def calibration_batches(tokenizer, num_samples: int = 128, seq_len: int = 512, split: str = "calibration") -> list[torch.Tensor]:
@@ -106,6 +144,7 @@ def collect_hessians(
 def collect_stats(
     model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable, *, hessian: bool = True,
     absmax: bool = False, samples: int = 0, progress: bool = True, fingerprint: dict | None = None,
+    precision: torch.dtype | None = None,
 ) -> tuple[dict[str, tuple[torch.Tensor, int]], dict[str, torch.Tensor]]:
     """One pass of ``batches`` through ``model`` collecting, per named layer's input X:
     ``hessian``: ``(X^T X / rows, rows)`` float64 [K, K] (GPTQ); ``absmax``: max_rows |X| float32 [K]
@@ -116,6 +155,9 @@ def collect_stats(
     ``fingerprint``, if given, is filled with what identifies the data: ``batches``, ``tokens`` and the
     ``sha256`` of every batch's tensors (dtype, shape, bytes) in order, so a report says which data
     produced a model.
+
+    ``precision``: the dtype of the forward's matmuls, X^T X included (:func:`forward_dtype`; None: the
+    model's). The sums of X^T X are float32 either way.
 
     Raises:
         ValueError: no batch at all, or a non-finite activation (named by layer).
@@ -161,7 +203,8 @@ def collect_stats(
     digest = hashlib.sha256()
     try:
         for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
-            _run(model, batch, device)
+            with forward_precision(device, precision):
+                _run(model, batch, device)
             tokens += _digest(batch, digest)
             n_batches += 1
     finally:

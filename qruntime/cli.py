@@ -160,7 +160,7 @@ def cmd_compress(args) -> dict:
         # the report then gives teacher and student metrics on 4 held-out windows
         held_out = calibration_batches(tokenizer, num_samples=4, seq_len=args.train_seq_len)
     model, report = compress(model, cfg, calib, train_data=train, eval_data=held_out, progress=not args.quiet,
-                             device=args.device)
+                             device=args.device, calib_precision=args.calib_precision)
     t1 = time.perf_counter()
     folder = save(model, args.out, tokenizer=tokenizer, report=report, base_model=args.model)
     save_s = time.perf_counter() - t1
@@ -360,6 +360,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--all-layers", action="store_true", help="list every layer in the report table")
     p.add_argument("--device", default=None,
                    help="run the calibration there (e.g. cuda), the model staying in CPU RAM: one block at a time")
+    p.add_argument("--calib-precision", default="auto", choices=["auto", "model", "bfloat16"],
+                   help="matmul precision of the calibration forwards of a float32 model: auto = bfloat16 where the "
+                        "hardware multiplies it natively (AVX512_BF16/AMX CPUs, CUDA), model = float32")
     p.add_argument("--train-samples", type=int, default=256,
                    help="depth stage (d<N>+...) and 2:4 recovery (2:4-kd...): training windows from the Wikipedia training split, 4 per batch")
     p.add_argument("--train-seq-len", type=int, default=256, help="depth stage / 2:4 recovery: tokens per training window")

@@ -2,11 +2,14 @@
 *as already compressed*, so a layer's mask (or rounding) compensates for the errors upstream, as in the
 SparseGPT and GPTQ papers' sequential mode.
 
-One dense forward per batch records every block's call (its non-hidden arguments, e.g. attention mask
+A recording forward per batch records every block's call (its non-hidden arguments, e.g. attention mask
 and rotary embeddings) and the hidden states entering the first block; it stops after the last block (no
-output head). Then, block by block: run the block on the current hidden states with hooks collecting
+output head). Only the first batch runs the blocks: after it, a pass-through returning the block's input
+stands in for each block whose output is just its new hidden states (no cache, attention weights or
+position bias the model passes on to the next block), so recording costs about one batch. Then, block by block: run the block on the current hidden states with hooks collecting
 ``X^T X`` of its target layers, compress those layers in place, and run the block again to get the hidden
-states for the next block. Targets outside the blocks get the Hessians of the dense pass. With block
+states for the next block. Targets outside the blocks get the Hessians of the recording pass (which
+then runs every block on every batch). With block
 tuning, the float model's hidden states are carried along too (one more forward pass of each block),
 so each block's tuning targets are the float model's own outputs of that block.
 
@@ -18,13 +21,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import _digest, check_token_ids
+from .calibrate import _digest, check_token_ids, forward_precision
 from .distill import _first, _forward, _inputs, find_blocks
 from .offload import current_onloader, execution_device, home_device
 
@@ -49,8 +52,8 @@ def _hessian_hooks(layers: Mapping[str, nn.Module], sums: dict, rows: dict) -> l
             version = getattr(src, "_version", -1)
             if last[0] is not src or last[1] != version:
                 last[:] = [src, version, x.t() @ x]
-            if name not in sums:
-                sums[name] = torch.zeros_like(last[2])
+            if name not in sums:  # float32 sums even when the product is bf16 (autocast)
+                sums[name] = torch.zeros(last[2].shape, dtype=torch.float32, device=last[2].device)
                 rows[name] = 0
             sums[name].add_(last[2])
             rows[name] += x.shape[0]
@@ -71,6 +74,7 @@ def blockwise_calibrate(
     fingerprint: dict | None = None,
     tune_block: Callable[[int, nn.Module, list, list], None] | None = None,
     tune_targets: str = "float",
+    precision: torch.dtype | None = None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """Runs the block-by-block pass; returns ``{layer: (X^T X / rows float64, rows)}`` as
     :func:`qruntime.calibrate.collect_stats` does, each block's Hessians taken after the earlier blocks
@@ -86,6 +90,9 @@ def blockwise_calibrate(
     float model's own output of that block (the float model runs on the same windows alongside), so the
     tuning also makes up for the error of the blocks before; ``"block"``: the uncompressed block's
     output for the calls it is given (the compressed model's hidden states).
+
+    ``precision``: the dtype of the forwards' matmuls, X^T X included (``torch.autocast``, see
+    :func:`qruntime.calibrate.forward_dtype`; None: the model's own). ``tune_block`` runs outside it.
 
     Raises:
         ValueError: no block list (see :func:`qruntime.distill.find_blocks`), no batch, non-finite
@@ -121,25 +128,40 @@ def blockwise_calibrate(
     def stop(module, args, kwargs, output):
         raise _Stop
 
+    # After the first batch the blocks' compute is skipped where a pass-through can stand in for it (see
+    # _pass_through): only their arguments are recorded here, and block 0's input comes before any block.
+    shapes: list = []  # first batch: each block's output in the form a pass-through would give, or None
+
+    def learn(module, args, kwargs, output):
+        if not calls:
+            shapes.append(_output_form(args[0] if args else kwargs["hidden_states"], output))
+
     handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
+    handles += [b.register_forward_hook(learn, with_kwargs=True) for b in blocks]
     handles.append(blocks[-1].register_forward_hook(stop, with_kwargs=True))
     handles += _hessian_hooks(outside, sums, rows)
+    skipping = False
     try:
-        for batch in tqdm(batches, desc="calibrate (record)", unit="batch", disable=not progress):
-            current = []
-            try:
-                inputs = _inputs(batch, device)
-            except TypeError as exc:
-                raise TypeError(f"calibration {exc}") from None
-            check_token_ids(model, inputs)
-            try:
-                _forward(model, inputs)
-            except _Stop:
-                pass
-            if len(current) != len(blocks):
-                raise ValueError(f"calibration: the forward pass called {len(current)} of the {len(blocks)} blocks")
-            calls.append(current)
-            tokens += _digest(batch, digest)
+        with ExitStack() as stack:
+            for batch in tqdm(batches, desc="calibrate (record)", unit="batch", disable=not progress):
+                if calls and not skipping and not outside and len(shapes) == len(blocks) and None not in shapes:
+                    stack.enter_context(_pass_through(blocks, shapes))
+                    skipping = True
+                current = []
+                try:
+                    inputs = _inputs(batch, device)
+                except TypeError as exc:
+                    raise TypeError(f"calibration {exc}") from None
+                check_token_ids(model, inputs)
+                try:
+                    with forward_precision(device, precision):
+                        _forward(model, inputs)
+                except _Stop:
+                    pass
+                if len(current) != len(blocks):
+                    raise ValueError(f"calibration: the forward pass called {len(current)} of the {len(blocks)} blocks")
+                calls.append(current)
+                tokens += _digest(batch, digest)
     finally:
         for h in handles:
             h.remove()
@@ -157,30 +179,78 @@ def blockwise_calibrate(
         # onloading: the block stays on the execution device while it is calibrated, compressed and tuned
         with onloader.hold(block) if onloader is not None else nullcontext():
             hidden, reference = _one_block(i, block, per_block[i], hidden, reference, [c[i] for c in calls], result,
-                                           home, compress_block, tune_block, chain)
+                                           home, compress_block, tune_block, chain,
+                                           lambda: forward_precision(device, precision))
     return result
 
 
+def _output_form(state, output):
+    """How a block's ``output`` relates to its input hidden ``state``, when a pass-through returning
+    ``state`` in the same form could stand in for the block: ``"tensor"`` (the output is a tensor of the
+    state's shape) or ``(type, n)`` (a tuple/list of n whose first item is such a tensor, the rest None:
+    no attention weights, caches or position biases the model passes on). Else None."""
+    if not isinstance(state, torch.Tensor):
+        return None
+    if isinstance(output, torch.Tensor):
+        return "tensor" if output.shape == state.shape else None
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor) \
+            and output[0].shape == state.shape and all(o is None for o in output[1:]):
+        return type(output), len(output)
+    return None
+
+
+@contextmanager
+def _pass_through(blocks, forms):
+    """Replaces each block's forward by one returning its input hidden states in the block's output form
+    (:func:`_output_form`), restoring the forwards on exit (an instance-level forward, e.g. accelerate's,
+    included). Hooks still run: the recording pass keeps every block's arguments at a fraction of the
+    compute."""
+    saved = [b.__dict__.get("forward") for b in blocks]
+
+    def make(form):
+        def forward(*args, **kwargs):
+            state = args[0] if args else kwargs["hidden_states"]
+            return state if form == "tensor" else form[0]((state,) + (None,) * (form[1] - 1))
+
+        return forward
+
+    try:
+        for block, form in zip(blocks, forms):
+            block.forward = make(form)
+        yield
+    finally:
+        for block, old in zip(blocks, saved):
+            if old is None:
+                del block.forward
+            else:
+                block.forward = old
+
+
 @torch.no_grad()
-def _one_block(i, block, group, hidden, reference, block_calls, result, home, compress_block, tune_block, chain):
+def _one_block(i, block, group, hidden, reference, block_calls, result, home, compress_block, tune_block, chain,
+               precision):
     """Step 2 of :func:`blockwise_calibrate` for block ``i`` (its targets ``group``; ``block_calls``: its
     ``(args, kwargs)`` per window): collects their Hessians (into ``result``, on ``home``), compresses and
-    tunes them, and returns the next hidden states and the float model's (``reference``, with ``chain``)."""
+    tunes them, and returns the next hidden states and the float model's (``reference``, with ``chain``).
+    ``precision()``: the context the block's forwards run in (not the tuning)."""
     if group:
         b_sums: dict[str, torch.Tensor] = {}
         b_rows: dict[str, int] = {}
         float_out: list[torch.Tensor] = []  # the block's outputs before compression (tuning targets)
         handles = _hessian_hooks(group, b_sums, b_rows)
         try:
-            for h, (args, kwargs) in zip(hidden, block_calls):
-                out = block(h, *args, **kwargs)
-                if tune_block is not None and not chain:
-                    float_out.append(_first(out).detach())
+            with precision():
+                for h, (args, kwargs) in zip(hidden, block_calls):
+                    out = block(h, *args, **kwargs)
+                    if tune_block is not None and not chain:
+                        float_out.append(_first(out).detach())
         finally:
             for hd in handles:
                 hd.remove()
     if chain:
-        reference = [_first(block(r, *args, **kwargs)).detach() for r, (args, kwargs) in zip(reference, block_calls)]
+        with precision():
+            reference = [_first(block(r, *args, **kwargs)).detach().to(r.dtype)
+                         for r, (args, kwargs) in zip(reference, block_calls)]
         float_out = reference
     if group:
         hessians = {n: (b_sums[n].to(torch.float64) / b_rows[n], b_rows[n]) for n in b_sums}
@@ -188,5 +258,7 @@ def _one_block(i, block, group, hidden, reference, block_calls, result, home, co
         compress_block(hessians)
         if tune_block is not None:
             tune_block(i, block, [(h, args, kwargs) for h, (args, kwargs) in zip(hidden, block_calls)], float_out)
-    hidden = [_first(block(h, *args, **kwargs)).detach() for h, (args, kwargs) in zip(hidden, block_calls)]
+    with precision():
+        # .to: the hidden states keep the model's dtype (a block under autocast may return the lower one)
+        hidden = [_first(block(h, *args, **kwargs)).detach().to(h.dtype) for h, (args, kwargs) in zip(hidden, block_calls)]
     return hidden, reference

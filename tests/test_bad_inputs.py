@@ -118,6 +118,8 @@ CASES = [
      ValueError, r"tune_rounding=True with tune_steps=0"),
     ("compress-device", "compress", "a device name torch does not know", lambda t: compress(_llama(), "w8a16", device="gpu0"),
      ValueError, r"device='gpu0': not a torch device"),
+    ("compress-calib-precision", "compress", "an unknown calibration precision",
+     lambda t: compress(_llama(), "w8a16", calib_precision="fp8"), ValueError, r"calib_precision='fp8': must be one of"),
     ("compress-budget-encoder", "compress", "accuracy budget on a model without per-token logits",
      lambda t: compress(_Encoder(), "w8a16", [torch.randint(0, 16, (1, 6))], max_ppl_increase=0.02),
      ValueError, r"no per-token logits \[batch, seq, vocab\]"),
