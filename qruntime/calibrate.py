@@ -7,39 +7,28 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .distill import _inputs
+from .distill import _autocast, _autocast_dtype, _inputs
 from .offload import execution_device, home_device
 
 __all__ = ["calibration_batches", "text_batches", "collect_hessians", "collect_stats", "check_token_ids",
-           "forward_dtype", "forward_precision", "CALIB_PRECISIONS"]
+           "forward_dtype", "CALIB_PRECISIONS"]
 
-# CompressConfig.calib_precision: the precision of the calibration forwards' matmuls (see forward_dtype)
+# compress(calib_precision=...): the precision of the calibration forwards' matmuls (see forward_dtype)
 CALIB_PRECISIONS = ("auto", "model", "bfloat16")
-
-
-def _native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports bf16, or a
-    CPU with AVX512_BF16 or AMX (there oneDNN's bf16 GEMM runs several times faster than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return any(p is not None and p() for p in probes)
-    return False
 
 
 def forward_dtype(model: nn.Module, precision: str = "auto", device: torch.device | None = None) -> torch.dtype | None:
     """The dtype the matmuls of the calibration forwards run in (under ``torch.autocast``), or None for
-    the model's own dtype. ``precision`` (``CompressConfig.calib_precision``): ``"model"``: the model's
+    the model's own dtype. ``precision`` (``compress(calib_precision=...)``): ``"model"``: the model's
     dtype; ``"bfloat16"``: bfloat16 matmuls for a float32 model; ``"auto"``: bfloat16 for a float32
-    model when ``device`` (default: where the model's weights are) multiplies bf16 in hardware, else the
-    model's. Only float32 models are affected: a half-precision model already computes in its dtype.
+    model when ``device`` (default: where the model's weights are) multiplies bf16 in hardware (as the
+    distillation's ``autocast="auto"`` decides: CUDA with bf16, or a CPU with AVX512_BF16 or AMX), else
+    the model's. Only float32 models are affected: a half-precision model already computes in its dtype.
     Everything else (norms, softmax, the residual stream, the accumulated Hessians, GPTQ's solves)
     stays in the model's dtype or float64."""
     if precision not in CALIB_PRECISIONS:
@@ -48,12 +37,7 @@ def forward_dtype(model: nn.Module, precision: str = "auto", device: torch.devic
     if precision == "model" or param is None or param.dtype != torch.float32:
         return None
     device = torch.device(device) if device is not None else param.device
-    return torch.bfloat16 if precision == "bfloat16" or _native_bf16(device) else None
-
-
-def forward_precision(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
-    """``torch.autocast`` to ``dtype`` on ``device``'s type (see :func:`forward_dtype`); a no-op for None."""
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    return _autocast_dtype("bf16" if precision == "bfloat16" else "auto", device)
 
 
 def calibration_batches(tokenizer, num_samples: int = 128, seq_len: int = 512, split: str = "calibration") -> list[torch.Tensor]:
@@ -203,7 +187,7 @@ def collect_stats(
     digest = hashlib.sha256()
     try:
         for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
-            with forward_precision(device, precision):
+            with _autocast(device, precision):
                 _run(model, batch, device)
             tokens += _digest(batch, digest)
             n_batches += 1

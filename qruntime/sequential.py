@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import _digest, check_token_ids, forward_precision
-from .distill import _first, _forward, _inputs, find_blocks
+from .calibrate import _digest, check_token_ids
+from .distill import _autocast, _first, _forward, _inputs, find_blocks
 from .offload import current_onloader, execution_device, home_device
 
 __all__ = ["blockwise_calibrate"]
@@ -154,7 +154,7 @@ def blockwise_calibrate(
                     raise TypeError(f"calibration {exc}") from None
                 check_token_ids(model, inputs)
                 try:
-                    with forward_precision(device, precision):
+                    with _autocast(device, precision):
                         _forward(model, inputs)
                 except _Stop:
                     pass
@@ -180,7 +180,7 @@ def blockwise_calibrate(
         with onloader.hold(block) if onloader is not None else nullcontext():
             hidden, reference = _one_block(i, block, per_block[i], hidden, reference, [c[i] for c in calls], result,
                                            home, compress_block, tune_block, chain,
-                                           lambda: forward_precision(device, precision))
+                                           lambda: _autocast(device, precision))
     return result
 
 

@@ -30,7 +30,9 @@ def _rel(a, b):
 
 
 def test_forward_dtype_choices(monkeypatch):
-    import qruntime.calibrate as calibrate
+    import importlib
+
+    distill = importlib.import_module("qruntime.distill")  # the module (qruntime.distill is also a function)
 
     model = nn.Linear(8, 4)
     assert forward_dtype(model, "model") is None
@@ -38,21 +40,20 @@ def test_forward_dtype_choices(monkeypatch):
     # a half-precision model already computes in its own dtype
     assert forward_dtype(copy.deepcopy(model).bfloat16(), "bfloat16") is None
     assert forward_dtype(copy.deepcopy(model).half(), "auto") is None
-    monkeypatch.setattr(calibrate, "_native_bf16", lambda device: True)
+    monkeypatch.setattr(distill, "_cpu_native_bf16", lambda: True)
     assert forward_dtype(model, "auto") is torch.bfloat16
-    monkeypatch.setattr(calibrate, "_native_bf16", lambda device: False)
+    monkeypatch.setattr(distill, "_cpu_native_bf16", lambda: False)
     assert forward_dtype(model, "auto") is None
+    assert forward_dtype(model, "auto", torch.device("meta")) is None
     with pytest.raises(ValueError, match=r"calib_precision='fp8': must be one of \['auto', 'model', 'bfloat16'\]"):
         forward_dtype(model, "fp8")
 
 
-def test_native_bf16_follows_the_hardware():
-    from qruntime.calibrate import _native_bf16
+def test_native_bf16_detection_agrees_with_torch():
+    """/proc/cpuinfo's flags (what "auto" reads) and torch's own CPU probes agree on this machine."""
+    from qruntime.distill import _cpu_native_bf16
 
-    cpu = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert _native_bf16(torch.device("cpu")) == cpu
-    assert _native_bf16(torch.device("cuda")) == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    assert _native_bf16(torch.device("meta")) is False
+    assert _cpu_native_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def test_bf16_hessians_are_close_to_the_float32_ones(tiny_llama):
