@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .distill import _autocast, _autocast_dtype, _inputs
+from .distill import _autocast, _autocast_dtype, _inputs, find_blocks
 from .offload import execution_device, home_device
 
 __all__ = ["calibration_batches", "text_batches", "collect_hessians", "collect_stats", "check_token_ids",
@@ -114,6 +114,29 @@ def _digest(batch, h) -> int:
     return tokens or 0
 
 
+class _Stop(Exception):
+    """Raised after the last block of a calibration pass: the rest of the forward (final norm, output
+    head) is not needed."""
+
+
+def _stop_after_the_blocks(model: nn.Module, layers: Mapping[str, nn.Module]) -> list:
+    """When every layer of ``layers`` is inside the model's list of blocks
+    (:func:`qruntime.distill.find_blocks`), a forward hook on the last block raising :class:`_Stop`, so a
+    calibration pass skips the output head (for SmolLM2, a 576 x 49152 product per token); else no hook."""
+    try:
+        blocks = find_blocks(model).layers
+    except ValueError:
+        return []
+    inside = {id(m) for block in blocks for m in block.modules()}
+    if not layers or any(id(m) not in inside for m in layers.values()):
+        return []
+
+    def stop(module, args, output):
+        raise _Stop
+
+    return [blocks[-1].register_forward_hook(stop)]
+
+
 def collect_hessians(
     model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable, progress: bool = True,
     fingerprint: dict | None = None,
@@ -183,12 +206,16 @@ def collect_stats(
 
     device = execution_device(model)
     handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
+    handles += _stop_after_the_blocks(model, layers)
     n_batches = tokens = 0
     digest = hashlib.sha256()
     try:
         for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
-            with _autocast(device, precision):
-                _run(model, batch, device)
+            try:
+                with _autocast(device, precision):
+                    _run(model, batch, device)
+            except _Stop:
+                pass
             tokens += _digest(batch, digest)
             n_batches += 1
     finally:

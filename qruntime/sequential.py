@@ -6,12 +6,16 @@ A recording forward per batch records every block's call (its non-hidden argumen
 and rotary embeddings) and the hidden states entering the first block; it stops after the last block (no
 output head). Only the first batch runs the blocks: after it, a pass-through returning the block's input
 stands in for each block whose output is just its new hidden states (no cache, attention weights or
-position bias the model passes on to the next block), so recording costs about one batch. Then, block by block: run the block on the current hidden states with hooks collecting
-``X^T X`` of its target layers, compress those layers in place, and run the block again to get the hidden
-states for the next block. Targets outside the blocks get the Hessians of the recording pass (which
-then runs every block on every batch). With block
-tuning, the float model's hidden states are carried along too (one more forward pass of each block),
-so each block's tuning targets are the float model's own outputs of that block.
+position bias the model passes on to the next block), so recording costs about one batch. Then, block
+by block: run the block on the current hidden states with hooks collecting ``X^T X`` of its target
+layers, compress those layers in place, and run the block again to get the hidden states for the next
+block. Targets outside the blocks get the Hessians of the recording pass (which then runs every block on
+every batch). With block tuning, the float model's hidden states are carried along too (one more
+forward pass of each block), so each block's tuning targets are the float model's own outputs of that
+block.
+
+The forwards may run their matmuls in bfloat16 (``precision``, :func:`qruntime.calibrate.forward_dtype`);
+the hidden states carried from block to block keep the model's dtype.
 
 Inside :func:`qruntime.offload.onloaded` (``compress(..., device=...)``) the inputs go to the execution
 device, each block is held there while it is worked on, and the Hessians are returned on the model's home
@@ -27,15 +31,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import _digest, check_token_ids
+from .calibrate import _digest, _Stop, check_token_ids
 from .distill import _autocast, _first, _forward, _inputs, find_blocks
 from .offload import current_onloader, execution_device, home_device
 
 __all__ = ["blockwise_calibrate"]
-
-
-class _Stop(Exception):
-    """Raised after the last block of the recording pass: the output head is not needed."""
 
 
 def _hessian_hooks(layers: Mapping[str, nn.Module], sums: dict, rows: dict) -> list:
@@ -243,7 +243,7 @@ def _one_block(i, block, group, hidden, reference, block_calls, result, home, co
                 for h, (args, kwargs) in zip(hidden, block_calls):
                     out = block(h, *args, **kwargs)
                     if tune_block is not None and not chain:
-                        float_out.append(_first(out).detach())
+                        float_out.append(_first(out).detach().to(h.dtype))
         finally:
             for hd in handles:
                 hd.remove()

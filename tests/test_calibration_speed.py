@@ -73,7 +73,8 @@ def test_bf16_hessians_are_close_to_the_float32_ones(tiny_llama):
         assert _rel(seq[name][0], fast[name][0]) < 1e-6, name
 
 
-def test_hidden_states_keep_the_model_dtype_and_tuning_runs_without_autocast(tiny_llama):
+@pytest.mark.parametrize("tune_targets", ["float", "block"])
+def test_hidden_states_keep_the_model_dtype_and_tuning_runs_without_autocast(tiny_llama, tune_targets):
     layers = _linears(tiny_llama)
     batches = [torch.randint(0, 128, (1, 16)) for _ in range(2)]
     seen = []
@@ -82,7 +83,7 @@ def test_hidden_states_keep_the_model_dtype_and_tuning_runs_without_autocast(tin
         seen.append((torch.is_autocast_enabled("cpu"), {h.dtype for h, _, _ in inputs}, {t.dtype for t in targets}))
 
     blockwise_calibrate(tiny_llama, layers, batches, lambda hs: None, progress=False, tune_block=tune,
-                        precision=torch.bfloat16)
+                        tune_targets=tune_targets, precision=torch.bfloat16)
     assert seen == [(False, {torch.float32}, {torch.float32})] * 2
     assert not torch.is_autocast_enabled("cpu")
 
@@ -179,3 +180,20 @@ def test_pass_through_restores_the_forwards_on_every_path():
             raise RuntimeError("boom")
     assert "forward" not in blocks[0].__dict__ and blocks[1].__dict__["forward"] is wrapped
     assert not torch.equal(blocks[0](x), x)
+
+
+def test_statistics_pass_skips_the_output_head_only_when_no_target_is_outside_the_blocks(tiny_llama):
+    calls = []
+    tiny_llama.lm_head.register_forward_pre_hook(lambda m, a: calls.append(1))
+    batches = [torch.randint(0, 128, (1, 12)) for _ in range(3)]
+    layers = _linears(tiny_llama)
+    hessians, _ = collect_stats(tiny_llama, layers, batches, progress=False)
+    assert calls == [] and sorted(hessians) == sorted(layers)
+    assert all(rows == 3 * 12 for _, rows in hessians.values())
+    with_head = dict(layers, lm_head=tiny_llama.lm_head)
+    hessians, _ = collect_stats(tiny_llama, with_head, batches, progress=False)
+    assert len(calls) == 3 and hessians["lm_head"][1] == 3 * 12
+    # a model without a list of blocks runs whole
+    seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    hessians, _ = collect_stats(seq, {"0": seq[0], "2": seq[2]}, [torch.randn(1, 5, 4)], progress=False)
+    assert sorted(hessians) == ["0", "2"]
