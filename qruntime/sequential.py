@@ -91,8 +91,8 @@ def blockwise_calibrate(
     tuning also makes up for the error of the blocks before; ``"block"``: the uncompressed block's
     output for the calls it is given (the compressed model's hidden states).
 
-    ``precision``: the dtype of the forwards' matmuls, X^T X included (``torch.autocast``, see
-    :func:`qruntime.calibrate.forward_dtype`; None: the model's own). ``tune_block`` runs outside it.
+    ``precision``: the dtype of the forwards' matmuls, X^T X and ``tune_block`` included
+    (``torch.autocast``, see :func:`qruntime.calibrate.forward_dtype`; None: the model's own).
 
     Raises:
         ValueError: no block list (see :func:`qruntime.distill.find_blocks`), no batch, non-finite
@@ -232,7 +232,7 @@ def _one_block(i, block, group, hidden, reference, block_calls, result, home, co
     """Step 2 of :func:`blockwise_calibrate` for block ``i`` (its targets ``group``; ``block_calls``: its
     ``(args, kwargs)`` per window): collects their Hessians (into ``result``, on ``home``), compresses and
     tunes them, and returns the next hidden states and the float model's (``reference``, with ``chain``).
-    ``precision()``: the context the block's forwards run in (not the tuning)."""
+    ``precision()``: the context the block's forwards and its tuning run in."""
     if group:
         b_sums: dict[str, torch.Tensor] = {}
         b_rows: dict[str, int] = {}
@@ -257,7 +257,8 @@ def _one_block(i, block, group, hidden, reference, block_calls, result, home, co
         result.update({n: (h.to(home), r) for n, (h, r) in hessians.items()})
         compress_block(hessians)
         if tune_block is not None:
-            tune_block(i, block, [(h, args, kwargs) for h, (args, kwargs) in zip(hidden, block_calls)], float_out)
+            with precision():  # tuning's forwards and backwards too; its parameters and loss stay float32
+                tune_block(i, block, [(h, args, kwargs) for h, (args, kwargs) in zip(hidden, block_calls)], float_out)
     with precision():
         # .to: the hidden states keep the model's dtype (a block under autocast may return the lower one)
         hidden = [_first(block(h, *args, **kwargs)).detach().to(h.dtype) for h, (args, kwargs) in zip(hidden, block_calls)]

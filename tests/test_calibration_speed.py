@@ -4,7 +4,7 @@
   qruntime.calibrate.forward_dtype): bfloat16 matmuls under autocast for a float32 model where the
   hardware multiplies bf16 natively, the model's own dtype otherwise. The Hessians must stay close to the
   float32 ones, the hidden states carried between blocks must keep the model's dtype, and block tuning
-  must run outside the autocast;
+  runs under the same autocast;
 - the recording pass (qruntime.sequential): after the first batch a pass-through stands in for each
   block, which must record exactly what running the blocks records."""
 from __future__ import annotations
@@ -74,17 +74,18 @@ def test_bf16_hessians_are_close_to_the_float32_ones(tiny_llama):
 
 
 @pytest.mark.parametrize("tune_targets", ["float", "block"])
-def test_hidden_states_keep_the_model_dtype_and_tuning_runs_without_autocast(tiny_llama, tune_targets):
+def test_hidden_states_keep_the_model_dtype_and_tuning_runs_under_the_autocast(tiny_llama, tune_targets):
     layers = _linears(tiny_llama)
     batches = [torch.randint(0, 128, (1, 16)) for _ in range(2)]
     seen = []
 
     def tune(index, block, inputs, targets):
-        seen.append((torch.is_autocast_enabled("cpu"), {h.dtype for h, _, _ in inputs}, {t.dtype for t in targets}))
+        seen.append((torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+                     {h.dtype for h, _, _ in inputs}, {t.dtype for t in targets}))
 
     blockwise_calibrate(tiny_llama, layers, batches, lambda hs: None, progress=False, tune_block=tune,
                         tune_targets=tune_targets, precision=torch.bfloat16)
-    assert seen == [(False, {torch.float32}, {torch.float32})] * 2
+    assert seen == [(torch.bfloat16, {torch.float32}, {torch.float32})] * 2
     assert not torch.is_autocast_enabled("cpu")
 
 
