@@ -189,8 +189,9 @@ def compress(
             multiplies bf16 in hardware (CUDA GPUs with bf16, CPUs with AVX512_BF16 or AMX), else float32;
             ``"bfloat16"``: always; ``"model"``: the model's own dtype (float32: several times slower on
             such CPUs). Norms, the residual stream, the Hessian sums and GPTQ's solves stay in float32 /
-            float64; block tuning and the other stages are not affected. The report's calibration says
-            which ran (:func:`qruntime.calibrate.forward_dtype`).
+            float64; block tuning runs under the same autocast (its parameters, loss and optimizer in
+            float32); a depth stage, a recovery stage and the accuracy budget are not affected. The
+            report's calibration says which ran (:func:`qruntime.calibrate.forward_dtype`).
 
     Returns:
         ``(model, report)``. On any error the caller's model is left exactly as it was: every layer is
