@@ -360,7 +360,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--all-layers", action="store_true", help="list every layer in the report table")
     p.add_argument("--device", default=None,
                    help="run the calibration there (e.g. cuda), the model staying in CPU RAM: one block at a time")
-    p.add_argument("--calib-precision", default="auto", choices=["auto", "model", "bfloat16"],
+    p.add_argument("--calib-precision", default="auto", choices=["auto", "model", "bfloat16"],  # CALIB_PRECISIONS
                    help="matmul precision of the calibration forwards of a float32 model: auto = bfloat16 where the "
                         "hardware multiplies it natively (AVX512_BF16/AMX CPUs, CUDA), model = float32")
     p.add_argument("--train-samples", type=int, default=256,

@@ -130,11 +130,11 @@ def blockwise_calibrate(
 
     # After the first batch the blocks' compute is skipped where a pass-through can stand in for it (see
     # _pass_through): only their arguments are recorded here, and block 0's input comes before any block.
-    shapes: list = []  # first batch: each block's output in the form a pass-through would give, or None
+    forms: list = []  # first batch: each block's output in the form a pass-through would give, or None
 
     def learn(module, args, kwargs, output):
         if not calls:
-            shapes.append(_output_form(args[0] if args else kwargs["hidden_states"], output))
+            forms.append(_output_form(args[0] if args else kwargs["hidden_states"], output))
 
     handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
     handles += [b.register_forward_hook(learn, with_kwargs=True) for b in blocks]
@@ -144,8 +144,8 @@ def blockwise_calibrate(
     try:
         with ExitStack() as stack:
             for batch in tqdm(batches, desc="calibrate (record)", unit="batch", disable=not progress):
-                if calls and not skipping and not outside and len(shapes) == len(blocks) and None not in shapes:
-                    stack.enter_context(_pass_through(blocks, shapes))
+                if calls and not skipping and not outside and len(forms) == len(blocks) and None not in forms:
+                    stack.enter_context(_pass_through(blocks, forms))
                     skipping = True
                 current = []
                 try:

@@ -198,3 +198,14 @@ def test_statistics_pass_skips_the_output_head_only_when_no_target_is_outside_th
     seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     hessians, _ = collect_stats(seq, {"0": seq[0], "2": seq[2]}, [torch.randn(1, 5, 4)], progress=False)
     assert sorted(hessians) == ["0", "2"]
+
+
+def test_cli_offers_every_precision():
+    from qruntime.calibrate import CALIB_PRECISIONS
+    from qruntime.cli import _parser
+
+    for precision in CALIB_PRECISIONS:
+        args = _parser().parse_args(["compress", "smollm2-135m", "--out", "x", "--calib-precision", precision])
+        assert args.calib_precision == precision
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["compress", "smollm2-135m", "--out", "x", "--calib-precision", "fp8"])
