@@ -46,12 +46,16 @@ def _hessian_hooks(layers: Mapping[str, nn.Module], sums: dict, rows: dict) -> l
     def make(name: str):
         def hook(module, inputs, output):
             src = inputs[0]
-            x = src.detach().reshape(-1, src.shape[-1]).to(torch.float32)
-            if not torch.isfinite(x).all():
-                raise ValueError(f"calibration: non-finite activations at the input of layer {name!r}")
+            x = src.detach().reshape(-1, src.shape[-1])
+            if not torch.is_autocast_enabled(x.device.type):  # under autocast the product casts x itself
+                x = x.to(torch.float32)
             version = getattr(src, "_version", -1)
             if last[0] is not src or last[1] != version:
-                last[:] = [src, version, x.t() @ x]
+                product = x.t() @ x
+                # a NaN or Inf anywhere in X makes its column's sum of squares, a diagonal entry, non-finite
+                if not torch.isfinite(torch.diagonal(product)).all():
+                    raise ValueError(f"calibration: non-finite activations at the input of layer {name!r}")
+                last[:] = [src, version, product]
             if name not in sums:  # float32 sums even when the product is bf16 (autocast)
                 sums[name] = torch.zeros(last[2].shape, dtype=torch.float32, device=last[2].device)
                 rows[name] = 0

@@ -209,3 +209,24 @@ def test_cli_offers_every_precision():
         assert args.calib_precision == precision
     with pytest.raises(SystemExit):
         _parser().parse_args(["compress", "smollm2-135m", "--out", "x", "--calib-precision", "fp8"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+def test_a_single_non_finite_activation_is_caught_from_the_product(bad, precision):
+    """The Hessian hook checks the diagonal of X^T X, not X: one bad value anywhere must still be found."""
+    from qruntime.distill import _autocast
+    from qruntime.sequential import _hessian_hooks
+
+    layer = nn.Linear(16, 4)
+    sums, rows = {}, {}
+    handles = _hessian_hooks({"layer": layer}, sums, rows)
+    x = torch.randn(3, 7, 16)
+    with _autocast(torch.device("cpu"), precision):
+        layer(x)
+        x[2, 5, 11] = bad
+        with pytest.raises(ValueError, match="non-finite activations at the input of layer 'layer'"):
+            layer(x)
+    for h in handles:
+        h.remove()
+    assert rows["layer"] == 21 and torch.isfinite(sums["layer"]).all()
