@@ -144,7 +144,8 @@ class CompressReport:
         if self.calibration:
             c = self.calibration
             lines.append(f"calibration data: {c.get('batches')} batches, {c.get('tokens')} tokens, "
-                         f"sha256 {str(c.get('sha256', ''))[:16]}")
+                         f"sha256 {str(c.get('sha256', ''))[:16]}"
+                         + (f"; forwards in {c['precision']}" if c.get("precision", "model") != "model" else ""))
             if "tuned_blocks" in c:
                 tuned = c["tuned_blocks"]
                 kept = [t for t in tuned if t["kept"]]

@@ -102,6 +102,7 @@ def test_compress_in_bf16_matches_float32_calibration(tiny_llama, recipe):
     for precision in ("model", "bfloat16"):
         model, report = compress(tiny_llama, recipe, calib, inplace=False, progress=False, calib_precision=precision)
         assert report.calibration["precision"] == {"model": "model", "bfloat16": "bfloat16 matmuls (autocast)"}[precision]
+        assert ("forwards in bfloat16 matmuls (autocast)" in report.table()) == (precision == "bfloat16")
         with torch.no_grad():
             errors[precision] = _rel(model(held_out).logits, ref)
     assert errors["bfloat16"] < 1.1 * errors["model"] + 1e-3, errors
