@@ -119,6 +119,11 @@ class _Stop(Exception):
     head) is not needed."""
 
 
+def _raise_stop(*hook_args) -> None:
+    """A forward hook (any signature) raising :class:`_Stop`."""
+    raise _Stop
+
+
 def _stop_after_the_blocks(model: nn.Module, layers: Mapping[str, nn.Module]) -> list:
     """When every layer of ``layers`` is inside the model's list of blocks
     (:func:`qruntime.distill.find_blocks`), a forward hook on the last block raising :class:`_Stop`, so a
@@ -130,11 +135,7 @@ def _stop_after_the_blocks(model: nn.Module, layers: Mapping[str, nn.Module]) ->
     inside = {id(m) for block in blocks for m in block.modules()}
     if not layers or any(id(m) not in inside for m in layers.values()):
         return []
-
-    def stop(module, args, output):
-        raise _Stop
-
-    return [blocks[-1].register_forward_hook(stop)]
+    return [blocks[-1].register_forward_hook(_raise_stop)]
 
 
 def collect_hessians(

@@ -124,6 +124,17 @@ class Onloader:
             self.held.discard(id(module))
             module.to(self.home)
 
+    @contextmanager
+    def left_home(self, modules) -> Iterator[None]:
+        """``modules`` (units) stay at home when they run, for the duration: for modules whose forward
+        uses none of their weights (the pass-through of the recording pass, :mod:`qruntime.sequential`)."""
+        ids = {id(m) for m in modules} - self.held
+        self.held |= ids
+        try:
+            yield
+        finally:
+            self.held -= ids
+
 
 @contextmanager
 def onloaded(model: nn.Module, device: torch.device | str | None) -> Iterator[Onloader | None]:

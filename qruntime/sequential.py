@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import _digest, _Stop, check_token_ids
+from .calibrate import _digest, _raise_stop, _Stop, check_token_ids
 from .distill import _autocast, _first, _forward, _inputs, find_blocks
 from .offload import current_onloader, execution_device, home_device
 
@@ -129,9 +129,6 @@ def blockwise_calibrate(
             hidden.append(state.detach())
         current.append((tuple(args[1:]), rest))
 
-    def stop(module, args, kwargs, output):
-        raise _Stop
-
     # After the first batch the blocks' compute is skipped where a pass-through can stand in for it (see
     # _pass_through): only their arguments are recorded here, and block 0's input comes before any block.
     forms: list = []  # first batch: each block's output in the form a pass-through would give, or None
@@ -142,7 +139,7 @@ def blockwise_calibrate(
 
     handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
     handles += [b.register_forward_hook(learn, with_kwargs=True) for b in blocks]
-    handles.append(blocks[-1].register_forward_hook(stop, with_kwargs=True))
+    handles.append(blocks[-1].register_forward_hook(_raise_stop))
     handles += _hessian_hooks(outside, sums, rows)
     skipping = False
     try:
@@ -150,6 +147,8 @@ def blockwise_calibrate(
             for batch in tqdm(batches, desc="calibrate (record)", unit="batch", disable=not progress):
                 if calls and not skipping and not outside and len(forms) == len(blocks) and None not in forms:
                     stack.enter_context(_pass_through(blocks, forms))
+                    if onloader is not None:  # blocks that compute nothing need not visit the device
+                        stack.enter_context(onloader.left_home(blocks))
                     skipping = True
                 current = []
                 try:

@@ -132,3 +132,17 @@ def test_a_model_in_cpu_ram_is_calibrated_on_the_gpu_one_block_at_a_time():
     err_gpu = (a - ref).norm() / ref.norm()
     err_cpu = (b - ref).norm() / ref.norm()
     assert err_gpu < 1.5 * err_cpu + 1e-3
+
+
+def test_recording_pass_leaves_the_passed_through_blocks_at_home(tiny_llama):
+    """After the first batch the recording pass runs no block's compute, so no block visits the device:
+    each extra batch moves only the units that really run before the blocks (embeddings, rotary tables)."""
+    from qruntime.sequential import blockwise_calibrate
+
+    layers = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    moves = []
+    for n in (2, 4):
+        with onloaded(tiny_llama, "cpu") as onloader:
+            blockwise_calibrate(tiny_llama, layers, _calib(128, n), lambda hs: None, progress=False)
+            moves.append(onloader.moves)
+    assert moves[1] - moves[0] == 2 * 2  # 2 more batches x (embed_tokens, rotary_emb); the blocks: 0
