@@ -28,9 +28,11 @@ def plain_kd_loss(student_logits, teacher, temperature=1.0, mask=None, top_k=Non
     """The formula the trainer used before the chunked loss (full-vocabulary case only)."""
     import torch.nn.functional as F
 
+    from qruntime.distill import _kl_rows
+
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    per = (t.exp() * (t - s)).sum(-1)
+    per = _kl_rows(t, s)
     return temperature**2 * (per.mean() if mask is None else (per * mask).sum() / mask.sum().clamp(min=1))
 
 
