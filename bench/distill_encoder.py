@@ -6,30 +6,18 @@ the teacher and linear-probe accuracy on the 200 labelled movie-review sentences
         --json bench/results/minilm-l6_cpu_distill.json
 
 Training text: sentences of the Wikipedia training split (and Lee background news), --batch per batch,
-padded; the --minutes budget covers block selection and training together.
+batched by length (qruntime.calibrate.sentence_batches; --no-sort for text order); the --minutes budget
+covers block selection and training together.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, write_json  # noqa: E402
-
-
-def sentence_batches(tokenizer, text: str, batch: int, max_length: int, limit: int | None = None) -> list[dict]:
-    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if len(s.split()) >= 4]
-    if limit is not None:
-        sentences = sentences[: limit * batch]
-    out = []
-    for i in range(0, len(sentences) - batch + 1, batch):
-        enc = tokenizer(sentences[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                    **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {})})
-    return out
 
 
 def main() -> None:
@@ -42,7 +30,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3000, help="upper bound; the time budget usually ends training first")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--alpha-hidden", type=float, default=1.0)
     p.add_argument("--alpha-cosine", type=float, default=1.0)
@@ -50,10 +38,13 @@ def main() -> None:
     p.add_argument("--autocast", default="auto")
     p.add_argument("--trainable", default="no-embeddings", choices=["no-embeddings", "all"],
                    help="no-embeddings: the word-embedding matrix stays the teacher's (the library's default)")
+    p.add_argument("--dropout", action="store_true", help="train with the student's dropout (default: off)")
+    p.add_argument("--no-sort", action="store_true", help="batch sentences in text order (about half the tokens are padding)")
     p.add_argument("--selection-batches", type=int, default=4)
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
+    from qruntime.calibrate import sentence_batches
     from qruntime.config import DistillConfig
     from qruntime.data import movie_reviews, split_text
     from qruntime.distill import choose_layers, distill, make_student
@@ -64,8 +55,10 @@ def main() -> None:
     depth = teacher.config.num_hidden_layers
     reviews = movie_reviews()
     sentences, labels = [s for s, _ in reviews], [y for _, y in reviews]
-    train = sentence_batches(tok, split_text("train"), args.batch, args.max_length)
-    calib = sentence_batches(tok, split_text("calibration"), args.batch, args.max_length, limit=args.selection_batches + 4)
+    train = sentence_batches(tok, split_text("train"), args.batch, args.max_length, sort_by_length=not args.no_sort)
+    # selection and the held-out monitor: sentences in text order, as a user's batches would come
+    calib = sentence_batches(tok, split_text("calibration"), args.batch, args.max_length,
+                             sort_by_length=False, limit=args.selection_batches + 4)
     selection, monitor = calib[: args.selection_batches], calib[args.selection_batches :]
     ref = evaluate_encoder(teacher, teacher, tok, sentences, labels)
     print(f"teacher ({depth} blocks): probe accuracy {ref.probe_accuracy_reference:.3f}; {ref.protocol}")
@@ -87,6 +80,7 @@ def main() -> None:
         cfg = DistillConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, alpha_kd=0.0,
                             alpha_hidden=args.alpha_hidden, alpha_cosine=args.alpha_cosine,
                             alpha_attention=args.alpha_attention, autocast=args.autocast, trainable=args.trainable,
+                            dropout=args.dropout,
                             shuffle=True, eval_every=max(1, args.steps // 10), max_seconds=budget - sel_s)
         student, report = distill(teacher, student, train, cfg, eval_data=monitor)
         print(report)
@@ -103,7 +97,11 @@ def main() -> None:
         print(f"{r['method']:<10} {'yes' if r['trained'] else 'no':>8} {e['cosine_mean']:>12.4f} {e['cosine_min']:>11.4f} "
               f"{e['probe_accuracy_model']:>10.3f} {100 * (e['probe_accuracy_model'] - e['probe_accuracy_reference']):>+10.1f}p "
               f"{minutes:>8.1f}  {r['keep']}")
+    real = sum(int(b["attention_mask"].sum()) for b in train)
+    padded = sum(b["attention_mask"].numel() for b in train)
+    print(f"training text: {len(train)} batches, {real} tokens, {100 * (1 - real / padded):.1f}% of the padded tokens are padding")
     write_json(args.json, {"environment": environment(), "args": vars(args), "train_batches": len(train),
+                           "train_tokens": real, "train_padded_tokens": padded,
                            "teacher_probe_accuracy": ref.probe_accuracy_reference, "results": rows})
 
 

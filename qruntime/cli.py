@@ -225,6 +225,8 @@ def cmd_eval(args) -> dict:
         lines = [f"{args.target} ({kind}); protocol: movie-review sentences, {res.protocol}",
                  f"linear-probe accuracy {100 * res.probe_accuracy_model:.2f} %"]
         if reference is not None:
+            lines[-1] += (f" (the reference's probe); {100 * res.probe_accuracy_model_refit:.2f} % with a probe refit "
+                          "on its own embeddings")
             lines += [f"reference probe accuracy {100 * res.probe_accuracy_reference:.2f} % ({ref_name})",
                       f"embedding cosine to the reference: mean {res.cosine_mean:.5f}, min {res.cosine_min:.5f}"]
     _say(args, *lines)

@@ -985,7 +985,7 @@ def distill(
 
     teacher_mode, student_mode = teacher.training, student.training
     teacher.eval()
-    student.train()
+    student.train(cfg.dropout)  # eval mode unless dropout is asked for: see DistillConfig.dropout
     # fused: one kernel per step instead of about ten passes over every parameter (CPU and CUDA)
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
@@ -1030,7 +1030,7 @@ def distill(
             if eval_batches and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 report.history.append({**evaluate_student(teacher, student, eval_batches), "step": step + 1,
                                        "train_tokens": report.tokens, "seconds": elapsed})
-                student.train()
+                student.train(cfg.dropout)
             if cfg.max_seconds is not None and elapsed >= cfg.max_seconds and step + 1 < cfg.steps:
                 report.stopped_early = f"max_seconds={cfg.max_seconds:g} reached after {step + 1} of {cfg.steps} steps"
                 break

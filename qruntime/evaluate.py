@@ -177,6 +177,7 @@ class EncoderEval:
     cosine_min: float
     probe_accuracy_reference: float
     probe_accuracy_model: float
+    probe_accuracy_model_refit: float | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -187,7 +188,12 @@ def evaluate_encoder(
     model: nn.Module, reference: nn.Module, tokenizer, sentences: list[str], labels: list[int]
 ) -> EncoderEval:
     """Embedding cosine to the reference, and a linear probe fit on the reference's embeddings of the
-    even-indexed sentences, scored on the odd-indexed ones with each model's embeddings."""
+    even-indexed sentences, scored on the odd-indexed ones with each model's embeddings
+    (``probe_accuracy_reference``, ``probe_accuracy_model``: can the model replace the reference under
+    a classifier already trained on the reference?). ``probe_accuracy_model_refit``: a probe fit the
+    same way on the model's own embeddings (a student whose downstream classifier is retrained), equal
+    to ``probe_accuracy_reference`` when the model is the reference. Each accuracy is over the
+    odd-indexed sentences: with 100 of them, one sentence is one point."""
     import time
 
     if len(sentences) != len(labels) or len(sentences) < 4:
@@ -204,5 +210,6 @@ def evaluate_encoder(
         cosine_min=cos.min().item(),
         probe_accuracy_reference=_probe_accuracy(w, ref[1::2], y[1::2]),
         probe_accuracy_model=_probe_accuracy(w, emb[1::2], y[1::2]),
+        probe_accuracy_model_refit=_probe_accuracy(_fit_logistic_probe(emb[0::2], y[0::2]), emb[1::2], y[1::2]),
         seconds=time.perf_counter() - start,
     )

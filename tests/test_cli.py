@@ -93,15 +93,22 @@ def test_errors_are_one_line_with_exit_code(argv, match, code, tmp_path, capsys)
     assert len(lines) == 1 and lines[0].startswith("qruntime: error: ") and match in lines[0], err
 
 
-def test_eval_of_encoder_rejects_ppl(tiny_folder, tmp_path, capsys):
+def test_eval_of_encoder_rejects_ppl_and_scores_embeddings(tiny_folder, tmp_path, capsys):
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                          vocab_size=256, max_position_embeddings=64)).save_pretrained(tmp_path / "bert")
-    PreTrainedTokenizerFast.from_pretrained(tiny_folder).save_pretrained(tmp_path / "bert")
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_folder)
+    tok.pad_token = tok.unk_token  # sentences are padded into batches
+    tok.save_pretrained(tmp_path / "bert")
     rc, out, err = _run(capsys, "eval", tmp_path / "bert", "--ppl")
     assert rc == 2 and "perplexity needs a causal LM" in err
+    # without --ppl: movie-review probe and, against a reference (itself here), cosine and the refit probe
+    rc, out, err = _run(capsys, "eval", tmp_path / "bert", "--reference", tmp_path / "bert")
+    assert rc == 0, err
+    assert "(the reference's probe)" in out and "refit on its own embeddings" in out
+    assert "embedding cosine to the reference: mean 1.00000" in out
 
 
 def test_compress_with_depth_stage(tiny_folder, tmp_path, capsys):

@@ -351,6 +351,136 @@ def test_distill_is_deterministic_and_leaves_the_teacher_alone():
     assert a.config.qruntime_student["selection"] == "greedy"
 
 
+def test_dropout_is_off_unless_asked_for():
+    # BERT with heavy dropout: the student trains in eval mode by default (no dropout: the seed then
+    # changes nothing without shuffling), in train mode with dropout=True; its mode is restored after
+    teacher = _bert()
+    teacher.config.hidden_dropout_prob = teacher.config.attention_probs_dropout_prob = 0.5
+    train = _padded(3, seed=4)
+
+    def run(dropout: bool, seed: int):
+        student = make_student(teacher, keep=[0, 2, 5])
+        for m in student.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.5
+        student.train()
+        modes = []
+        hook = student.register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
+        cfg = DistillConfig(steps=3, lr=1e-3, alpha_kd=0, alpha_hidden=1, alpha_cosine=1, dropout=dropout, seed=seed)
+        qruntime.distill(teacher, student, train, cfg, progress=False)
+        hook.remove()
+        assert student.training  # restored
+        return student, set(modes)
+
+    a, modes_a = run(False, 1)
+    b, _ = run(False, 2)
+    c, modes_c = run(True, 1)
+    d, _ = run(True, 2)
+    assert modes_a == {False} and modes_c == {True}
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not all(torch.equal(x, y) for x, y in zip(c.state_dict().values(), d.state_dict().values()))
+    with pytest.raises(TypeError, match="dropout='yes'"):
+        DistillConfig(dropout="yes")
+
+
+def _word_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def test_sentence_batches_sorted_by_length_keep_every_sentence_once():
+    from qruntime.calibrate import sentence_batches
+
+    g = torch.Generator().manual_seed(5)
+    words = [f"w{i}" for i in range(50)]
+    tok = _word_tokenizer([*words, ".", "!"])
+    sentences = [" ".join(words[j] for j in torch.randint(0, 50, (int(n),), generator=g).tolist()) + (" ." if n % 2 else " !")
+                 for n in torch.randint(1, 30, (45,), generator=g)]
+    text = " ".join(sentences[:20]) + "\n" + "\n".join(sentences[20:])  # split after . or ! and at line breaks
+    kept = [s for s in sentences if len(s.split()) >= 4]  # min_words=4 ("." and "!" are words here)
+    assert 20 < len(kept) < 45
+
+    def rows(batches):
+        out = []
+        for b in batches:
+            assert set(b) == {"input_ids", "attention_mask"}
+            assert b["attention_mask"].sum(1).max() == b["input_ids"].shape[1]  # padded to its longest
+            out += [tuple(r[m.bool()].tolist()) for r, m in zip(b["input_ids"], b["attention_mask"])]
+        return out
+
+    ref = sorted(tuple(tok(s)["input_ids"]) for s in kept)
+    plain = sentence_batches(tok, text, batch_size=8, max_length=64, sort_by_length=False)
+    packed = sentence_batches(tok, text, batch_size=8, max_length=64)
+    assert sorted(rows(plain)) == ref and sorted(rows(packed)) == ref  # every sentence once
+    assert [len(b["input_ids"]) for b in packed] == [8] * (len(kept) // 8) + [len(kept) % 8] * bool(len(kept) % 8)
+    lengths = [b["input_ids"].shape[1] for b in packed]
+    assert lengths == sorted(lengths)
+    pad = lambda bs: sum(b["attention_mask"].numel() - b["attention_mask"].sum().item() for b in bs)  # noqa: E731
+    assert pad(packed) < pad(plain)
+    # truncation; a list of sentences is taken as given; limit
+    assert max(b["input_ids"].shape[1] for b in sentence_batches(tok, text, batch_size=8, max_length=5)) == 5
+    assert sorted(rows(sentence_batches(tok, ["w1 w2", "w3"], batch_size=4))) == [tuple(tok("w1 w2")["input_ids"]), tuple(tok("w3")["input_ids"])]
+    assert len(sentence_batches(tok, text, batch_size=4, limit=2)) == 2
+
+
+def test_encoder_probe_refit_is_blind_to_a_rotation_of_the_embeddings():
+    # a model whose embeddings are the reference's turned by an orthogonal matrix: the reference's probe
+    # no longer applies (cosine < 1), a probe refit on the model's own embeddings scores exactly as the
+    # reference's (L2-regularized logistic regression is rotation-invariant)
+    from types import SimpleNamespace
+
+    from qruntime.evaluate import evaluate_encoder
+
+    g = torch.Generator().manual_seed(6)
+    words = [f"w{i}" for i in range(40)]
+    tok = _word_tokenizer(words)
+    bert = _bert()
+    labels = torch.randint(0, 2, (60,), generator=g).tolist()
+    # label 1 sentences draw most words from the first half of the vocabulary: a probe can learn that
+    sentences = [" ".join(words[j + (20 if (k < 6) != bool(y) else 0)]
+                          for k, j in enumerate(torch.randint(0, 20, (8,), generator=g).tolist())) for y in labels]
+    q, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
+
+    class Rotated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = bert
+
+        def forward(self, **kw):
+            return SimpleNamespace(last_hidden_state=self.inner(**kw).last_hidden_state @ q)
+
+    same = evaluate_encoder(bert, bert, tok, sentences, labels)
+    assert same.cosine_mean == pytest.approx(1.0) and same.probe_accuracy_reference > 0.6
+    assert same.probe_accuracy_model == same.probe_accuracy_model_refit == same.probe_accuracy_reference
+    turned = evaluate_encoder(Rotated(), bert, tok, sentences, labels)
+    assert turned.cosine_mean < 0.5 and turned.probe_accuracy_model < same.probe_accuracy_reference - 0.1
+    assert turned.probe_accuracy_model_refit == same.probe_accuracy_reference
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"max_length": 1}, "max_length=1"),
+        ({"limit": 0}, "limit=0"),
+        ({"text": "a b. c"}, "no sentence of at least min_words=4"),
+        ({"text": ["w1", " "]}, r"sentences \[1\] are empty"),
+    ],
+)
+def test_sentence_batches_bad_inputs(kwargs, match):
+    from qruntime.calibrate import sentence_batches
+
+    tok = _word_tokenizer(["w1", "w2"])
+    kwargs = {"text": "w1 w2 w1 w2 w1.", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        sentence_batches(tok, **kwargs)
+
+
 def test_frozen_embeddings_are_not_updated():
     teacher = _llama()
     student = make_student(teacher, keep=[0, 3, 5])

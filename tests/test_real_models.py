@@ -77,6 +77,7 @@ def test_minilm_int8_embeddings_and_probe():
     assert result.cosine_mean > 0.999 and result.cosine_min > 0.995
     assert result.probe_accuracy_reference > 0.6  # the probe learned something real
     assert abs(result.probe_accuracy_model - result.probe_accuracy_reference) <= 0.03
+    assert abs(result.probe_accuracy_model_refit - result.probe_accuracy_reference) <= 0.03
 
 
 def test_demo_command(smollm2, tmp_path, capsys):
