@@ -1,9 +1,10 @@
 """Depth distillation of a sentence-embedding encoder (MiniLM-L6 -> 3 blocks): selection methods without
 training, then the chosen student distilled within a time budget; scored by sentence-embedding cosine to
-the teacher and linear-probe accuracy on the 200 labelled movie-review sentences (as bench/eval_encoder.py).
+the teacher and linear-probe accuracy on the 200 labelled movie-review sentences (as bench/eval_encoder.py: the teacher's
+probe on the student's embeddings, and a probe refit on the student's own).
 
     python bench/distill_encoder.py --model minilm-l6 --layers 3 --minutes 10 \
-        --json bench/results/minilm-l6_cpu_distill.json
+        --json bench/results/minilm-l6_cpu_distill_sorted.json
 
 Training text: sentences of the Wikipedia training split (and Lee background news), --batch per batch,
 batched by length (qruntime.calibrate.sentence_batches; --no-sort for text order); the --minutes budget
@@ -69,7 +70,8 @@ def main() -> None:
         r = evaluate_encoder(make_student(teacher, keep=choice.keep), teacher, tok, sentences, labels)
         rows.append({"method": method, "keep": choice.keep, "selection_divergence": choice.divergence,
                      "selection_seconds": choice.seconds, "trained": False, "eval": r.to_dict()})
-        print(f"{method:<10} no training: cosine {r.cosine_mean:.4f}, probe {r.probe_accuracy_model:.3f}, kept {choice.keep}", flush=True)
+        print(f"{method:<10} no training: cosine {r.cosine_mean:.4f}, probe {r.probe_accuracy_model:.3f} "
+              f"(refit {r.probe_accuracy_model_refit:.3f}), kept {choice.keep}", flush=True)
 
     if args.train_method != "none":
         budget = args.minutes * 60
@@ -90,13 +92,14 @@ def main() -> None:
                      "eval": r.to_dict(), "report": report.to_dict()})
 
     print(f"\nmodel {args.model}: {depth} -> {args.layers} blocks; teacher probe accuracy {ref.probe_accuracy_reference:.3f}; {ref.protocol}")
-    print(f"{'selection':<10} {'trained':>8} {'cosine mean':>12} {'cosine min':>11} {'probe acc':>10} {'vs teacher':>11} {'minutes':>8}  kept")
+    print(f"{'selection':<10} {'trained':>8} {'cosine mean':>12} {'cosine min':>11} {'probe acc':>10} {'vs teacher':>11} "
+          f"{'refit probe':>12} {'minutes':>8}  kept")
     for r in rows:
         e = r["eval"]
         minutes = r.get("minutes_total", r["selection_seconds"] / 60)
         print(f"{r['method']:<10} {'yes' if r['trained'] else 'no':>8} {e['cosine_mean']:>12.4f} {e['cosine_min']:>11.4f} "
               f"{e['probe_accuracy_model']:>10.3f} {100 * (e['probe_accuracy_model'] - e['probe_accuracy_reference']):>+10.1f}p "
-              f"{minutes:>8.1f}  {r['keep']}")
+              f"{e['probe_accuracy_model_refit']:>12.3f} {minutes:>8.1f}  {r['keep']}")
     real = sum(int(b["attention_mask"].sum()) for b in train)
     padded = sum(b["attention_mask"].numel() for b in train)
     print(f"training text: {len(train)} batches, {real} tokens, {100 * (1 - real / padded):.1f}% of the padded tokens are padding")
