@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--compare", nargs="*", default=["greedy", "single", "influence", "angular", "uniform", "middle", "first"])
     p.add_argument("--train-method", default="single")
     p.add_argument("--minutes", type=float, default=10.0)
-    p.add_argument("--steps", type=int, default=3000, help="upper bound; the time budget usually ends training first")
+    p.add_argument("--steps", type=int, default=6000, help="upper bound; the time budget usually ends training first")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
