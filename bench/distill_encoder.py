@@ -1,7 +1,8 @@
 """Depth distillation of a sentence-embedding encoder (MiniLM-L6 -> 3 blocks): selection methods without
 training, then the chosen student distilled within a time budget; scored by sentence-embedding cosine to
-the teacher and linear-probe accuracy on the 200 labelled movie-review sentences (as bench/eval_encoder.py: the teacher's
-probe on the student's embeddings, and a probe refit on the student's own).
+the teacher and linear-probe accuracy on the 200 labelled movie-review sentences (as bench/eval_encoder.py: the
+teacher's probe on the student's embeddings, and a probe refit on the student's own), and by the cosine on
+sentences of the evaluation split (--eval-batches x --batch, in text order).
 
     python bench/distill_encoder.py --model minilm-l6 --layers 3 --minutes 10 \
         --json bench/results/minilm-l6_cpu_distill_sorted.json
@@ -42,13 +43,14 @@ def main() -> None:
     p.add_argument("--dropout", action="store_true", help="train with the student's dropout (default: off)")
     p.add_argument("--no-sort", action="store_true", help="batch sentences in text order (about half the tokens are padding)")
     p.add_argument("--selection-batches", type=int, default=4)
+    p.add_argument("--eval-batches", type=int, default=16, help="batches of evaluation-split sentences scored by cosine")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
     from qruntime.calibrate import sentence_batches
     from qruntime.config import DistillConfig
     from qruntime.data import movie_reviews, split_text
-    from qruntime.distill import choose_layers, distill, make_student
+    from qruntime.distill import choose_layers, distill, evaluate_student, make_student
     from qruntime.evaluate import evaluate_encoder
     from qruntime.models import load_encoder
 
@@ -61,17 +63,23 @@ def main() -> None:
     calib = sentence_batches(tok, split_text("calibration"), args.batch, args.max_length,
                              sort_by_length=False, limit=args.selection_batches + 4)
     selection, monitor = calib[: args.selection_batches], calib[args.selection_batches :]
+    # the evaluation split (never trained or selected on): sentence-embedding cosine to the teacher
+    eval_split = sentence_batches(tok, split_text("eval"), args.batch, args.max_length, sort_by_length=False,
+                                  limit=args.eval_batches)
     ref = evaluate_encoder(teacher, teacher, tok, sentences, labels)
     print(f"teacher ({depth} blocks): probe accuracy {ref.probe_accuracy_reference:.3f}; {ref.protocol}")
 
     rows = []
     for method in args.compare:
         choice = choose_layers(teacher, args.layers, method, selection, progress=False)
-        r = evaluate_encoder(make_student(teacher, keep=choice.keep), teacher, tok, sentences, labels)
+        candidate = make_student(teacher, keep=choice.keep)
+        r = evaluate_encoder(candidate, teacher, tok, sentences, labels)
+        split_cos = evaluate_student(teacher, candidate, eval_split)["cosine"]
         rows.append({"method": method, "keep": choice.keep, "selection_divergence": choice.divergence,
-                     "selection_seconds": choice.seconds, "trained": False, "eval": r.to_dict()})
-        print(f"{method:<10} no training: cosine {r.cosine_mean:.4f}, probe {r.probe_accuracy_model:.3f} "
-              f"(refit {r.probe_accuracy_model_refit:.3f}), kept {choice.keep}", flush=True)
+                     "selection_seconds": choice.seconds, "trained": False, "eval": r.to_dict(),
+                     "eval_split_cosine": split_cos})
+        print(f"{method:<10} no training: cosine {r.cosine_mean:.4f} (eval split {split_cos:.4f}), "
+              f"probe {r.probe_accuracy_model:.3f} (refit {r.probe_accuracy_model_refit:.3f}), kept {choice.keep}", flush=True)
 
     if args.train_method != "none":
         budget = args.minutes * 60
@@ -88,16 +96,20 @@ def main() -> None:
         print(report)
         r = evaluate_encoder(student, teacher, tok, sentences, labels)
         rows.append({"method": args.train_method, "keep": choice.keep, "selection_seconds": sel_s, "trained": True,
+                     "eval_split_cosine": evaluate_student(teacher, student, eval_split)["cosine"],
                      "train_seconds": report.seconds, "minutes_total": (sel_s + report.seconds) / 60,
                      "eval": r.to_dict(), "report": report.to_dict()})
 
     print(f"\nmodel {args.model}: {depth} -> {args.layers} blocks; teacher probe accuracy {ref.probe_accuracy_reference:.3f}; {ref.protocol}")
-    print(f"{'selection':<10} {'trained':>8} {'cosine mean':>12} {'cosine min':>11} {'probe acc':>10} {'vs teacher':>11} "
-          f"{'refit probe':>12} {'minutes':>8}  kept")
+    print(f"\nsentence-embedding cosine on the movie reviews and on {sum(len(b['input_ids']) for b in eval_split)} "
+          "sentences of the evaluation split")
+    print(f"{'selection':<10} {'trained':>8} {'cosine mean':>12} {'cosine min':>11} {'eval split':>11} {'probe acc':>10} "
+          f"{'vs teacher':>11} {'refit probe':>12} {'minutes':>8}  kept")
     for r in rows:
         e = r["eval"]
         minutes = r.get("minutes_total", r["selection_seconds"] / 60)
         print(f"{r['method']:<10} {'yes' if r['trained'] else 'no':>8} {e['cosine_mean']:>12.4f} {e['cosine_min']:>11.4f} "
+              f"{r['eval_split_cosine']:>11.4f} "
               f"{e['probe_accuracy_model']:>10.3f} {100 * (e['probe_accuracy_model'] - e['probe_accuracy_reference']):>+10.1f}p "
               f"{e['probe_accuracy_model_refit']:>12.3f} {minutes:>8.1f}  {r['keep']}")
     real = sum(int(b["attention_mask"].sum()) for b in train)
