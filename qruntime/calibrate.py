@@ -6,6 +6,7 @@ removed on every exit path, and the model's weights are never modified here.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -87,8 +88,6 @@ def sentence_batches(
     order (a measured block selection otherwise runs on the first, shortest, batches). Every sentence is
     in exactly one batch; the last batch may be smaller.
     """
-    import re
-
     if batch_size < 1 or max_length < 2 or min_words < 0:
         raise ValueError(
             f"batch_size={batch_size}, max_length={max_length}, min_words={min_words}: "
