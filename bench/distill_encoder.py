@@ -67,7 +67,8 @@ def main() -> None:
     eval_split = sentence_batches(tok, split_text("eval"), args.batch, args.max_length, sort_by_length=False,
                                   limit=args.eval_batches)
     ref = evaluate_encoder(teacher, teacher, tok, sentences, labels)
-    print(f"teacher ({depth} blocks): probe accuracy {ref.probe_accuracy_reference:.3f}; {ref.protocol}")
+    print(f"teacher ({depth} blocks): probe accuracy {ref.probe_accuracy_reference:.3f} "
+          f"(cross-validated {ref.probe_cv_reference:.3f}); {ref.protocol}")
 
     rows = []
     for method in args.compare:
@@ -100,24 +101,28 @@ def main() -> None:
                      "train_seconds": report.seconds, "minutes_total": (sel_s + report.seconds) / 60,
                      "eval": r.to_dict(), "report": report.to_dict()})
 
-    print(f"\nmodel {args.model}: {depth} -> {args.layers} blocks; teacher probe accuracy {ref.probe_accuracy_reference:.3f}; {ref.protocol}")
+    print(f"\nmodel {args.model}: {depth} -> {args.layers} blocks; teacher probe accuracy {ref.probe_accuracy_reference:.3f} "
+          f"(cross-validated {ref.probe_cv_reference:.3f}); {ref.protocol}")
     print(f"\nsentence-embedding cosine on the movie reviews and on {sum(len(b['input_ids']) for b in eval_split)} "
           "sentences of the evaluation split")
     print(f"{'selection':<10} {'trained':>8} {'cosine mean':>12} {'cosine min':>11} {'eval split':>11} {'probe acc':>10} "
-          f"{'vs teacher':>11} {'refit probe':>12} {'minutes':>8}  kept")
+          f"{'vs teacher':>11} {'refit probe':>12} {'cv probe':>9} {'cv vs teacher':>14} {'cv refit':>9} {'minutes':>8}  kept")
     for r in rows:
         e = r["eval"]
         minutes = r.get("minutes_total", r["selection_seconds"] / 60)
+        cv_diff = f"{100 * (e['probe_cv_model'] - e['probe_cv_reference']):+.1f}+-{100 * e['probe_cv_model_se']:.1f}p"
         print(f"{r['method']:<10} {'yes' if r['trained'] else 'no':>8} {e['cosine_mean']:>12.4f} {e['cosine_min']:>11.4f} "
               f"{r['eval_split_cosine']:>11.4f} "
               f"{e['probe_accuracy_model']:>10.3f} {100 * (e['probe_accuracy_model'] - e['probe_accuracy_reference']):>+10.1f}p "
-              f"{e['probe_accuracy_model_refit']:>12.3f} {minutes:>8.1f}  {r['keep']}")
+              f"{e['probe_accuracy_model_refit']:>12.3f} {e['probe_cv_model']:>9.3f} {cv_diff:>14} "
+              f"{e['probe_cv_model_refit']:>9.3f} {minutes:>8.1f}  {r['keep']}")
     real = sum(int(b["attention_mask"].sum()) for b in train)
     padded = sum(b["attention_mask"].numel() for b in train)
     print(f"training text: {len(train)} batches, {real} tokens, {100 * (1 - real / padded):.1f}% of the padded tokens are padding")
     write_json(args.json, {"environment": environment(), "args": vars(args), "train_batches": len(train),
                            "train_tokens": real, "train_padded_tokens": padded,
-                           "teacher_probe_accuracy": ref.probe_accuracy_reference, "results": rows})
+                           "teacher_probe_accuracy": ref.probe_accuracy_reference,
+                           "teacher_probe_accuracy_cv": ref.probe_cv_reference, "results": rows})
 
 
 if __name__ == "__main__":

@@ -40,11 +40,14 @@ def main() -> None:
         rows.append({"preset": report.config, "report": report.to_dict(), "eval": result.to_dict()})
 
     print(f"\nmodel {args.model}; protocol: {rows[0]['eval']['protocol']}")
-    print(f"{'recipe':<20} {'cos mean':>9} {'cos min':>9} {'probe acc (orig)':>17} {'probe acc (q)':>14} {'x smaller':>10}")
+    print(f"{'recipe':<20} {'cos mean':>9} {'cos min':>9} {'probe acc (orig)':>17} {'probe acc (q)':>14} "
+          f"{'cv (orig)':>10} {'cv (q)':>7} {'cv diff':>13} {'x smaller':>10}")
     for r in rows:
         e, rep = r["eval"], r["report"]
+        cv_diff = f"{100 * (e['probe_cv_model'] - e['probe_cv_reference']):+.1f}+-{100 * e['probe_cv_model_se']:.1f}p"
         print(f"{r['preset']:<20} {e['cosine_mean']:>9.5f} {e['cosine_min']:>9.5f} "
-              f"{e['probe_accuracy_reference']:>17.3f} {e['probe_accuracy_model']:>14.3f} {rep['weight_compression']:>10.2f}")
+              f"{e['probe_accuracy_reference']:>17.3f} {e['probe_accuracy_model']:>14.3f} "
+              f"{e['probe_cv_reference']:>10.3f} {e['probe_cv_model']:>7.3f} {cv_diff:>13} {rep['weight_compression']:>10.2f}")
     write_json(args.json, {"environment": environment(), "args": vars(args), "results": rows})
 
 

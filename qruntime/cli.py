@@ -229,6 +229,14 @@ def cmd_eval(args) -> dict:
                           "on its own embeddings")
             lines += [f"reference probe accuracy {100 * res.probe_accuracy_reference:.2f} % ({ref_name})",
                       f"embedding cosine to the reference: mean {res.cosine_mean:.5f}, min {res.cosine_min:.5f}"]
+            if res.probe_cv_reference is not None:
+                lines.append(
+                    f"cross-validated probe accuracy: {100 * res.probe_cv_model:.2f} % (the reference's probes; "
+                    f"{100 * (res.probe_cv_model - res.probe_cv_reference):+.2f} +- {100 * res.probe_cv_model_se:.2f} points), "
+                    f"{100 * res.probe_cv_model_refit:.2f} % refit ({100 * (res.probe_cv_model_refit - res.probe_cv_reference):+.2f} "
+                    f"+- {100 * res.probe_cv_refit_se:.2f}); reference {100 * res.probe_cv_reference:.2f} %")
+        elif res.probe_cv_reference is not None:
+            lines.append(f"cross-validated probe accuracy {100 * res.probe_cv_reference:.2f} %")
     _say(args, *lines)
     return out
 

@@ -21,6 +21,7 @@ __all__ = [
     "sentence_embeddings",
     "EncoderEval",
     "evaluate_encoder",
+    "cross_validated_probes",
     "sqnr_db",
 ]
 
@@ -165,9 +166,53 @@ def _fit_logistic_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, step
     return w.detach()
 
 
-def _probe_accuracy(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+def _probe_hits(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1.0 where the probe ``w`` classifies the row of ``x`` correctly, else 0.0 (float64)."""
     x = torch.cat([x.to(torch.float64), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
-    return ((x @ w > 0).long() == y).double().mean().item()
+    return ((x @ w > 0).long() == y).to(torch.float64)
+
+
+def _probe_accuracy(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    return _probe_hits(w, x, y).mean().item()
+
+
+def cross_validated_probes(
+    reference: torch.Tensor, model: torch.Tensor, labels: torch.Tensor, folds: int = 10, repeats: int = 20, seed: int = 0
+) -> dict[str, float]:
+    """Linear-probe accuracies by repeated k-fold cross-validation over all the sentences: each repeat
+    shuffles the sentences (``seed``), splits them into ``folds`` folds, and scores every sentence once
+    with probes fit on the other folds; the accuracies are averaged over the repeats.
+
+    Returns ``reference`` (probes fit on the reference's embeddings, scored on them), ``model`` (the same
+    probes on the model's embeddings), ``model_refit`` (probes fit and scored on the model's own), and
+    ``model_se`` / ``refit_se``: the standard error of the paired difference to ``reference``, from each
+    sentence's correct fraction over the repeats (so it measures which sentences were drawn, not the
+    spread over repeats). Every sentence is scored ``repeats`` times instead of half of them once, and
+    the comparison is paired, so it resolves smaller differences than the even/odd split."""
+    n = len(labels)
+    if folds < 2 or folds > n:
+        raise ValueError(f"folds={folds}: must be in [2, {n}] (the number of sentences)")
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: must be >= 1")
+    y = labels.to(torch.long)
+    hits = {k: torch.zeros(n, dtype=torch.float64) for k in ("reference", "model", "model_refit")}
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(repeats):
+        order = torch.randperm(n, generator=gen)
+        for fold in order.tensor_split(folds):
+            train = torch.ones(n, dtype=torch.bool)
+            train[fold] = False
+            w_ref = _fit_logistic_probe(reference[train], y[train])
+            w_own = _fit_logistic_probe(model[train], y[train])
+            hits["reference"][fold] += _probe_hits(w_ref, reference[fold], y[fold])
+            hits["model"][fold] += _probe_hits(w_ref, model[fold], y[fold])
+            hits["model_refit"][fold] += _probe_hits(w_own, model[fold], y[fold])
+    frac = {k: v / repeats for k, v in hits.items()}
+    out = {k: v.mean().item() for k, v in frac.items()}
+    for key, name in (("model", "model_se"), ("model_refit", "refit_se")):
+        d = frac[key] - frac["reference"]
+        out[name] = (d.std(unbiased=True) / math.sqrt(n)).item()
+    return out
 
 
 @dataclass
@@ -179,13 +224,20 @@ class EncoderEval:
     probe_accuracy_model: float
     probe_accuracy_model_refit: float | None = None
     seconds: float = 0.0
+    # repeated k-fold cross-validation over all the sentences (cross_validated_probes); None when not run
+    probe_cv_reference: float | None = None
+    probe_cv_model: float | None = None
+    probe_cv_model_refit: float | None = None
+    probe_cv_model_se: float | None = None
+    probe_cv_refit_se: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def evaluate_encoder(
-    model: nn.Module, reference: nn.Module, tokenizer, sentences: list[str], labels: list[int]
+    model: nn.Module, reference: nn.Module, tokenizer, sentences: list[str], labels: list[int], *,
+    cv_folds: int | None = 10, cv_repeats: int = 20,
 ) -> EncoderEval:
     """Embedding cosine to the reference, and a linear probe fit on the reference's embeddings of the
     even-indexed sentences, scored on the odd-indexed ones with each model's embeddings
@@ -193,7 +245,11 @@ def evaluate_encoder(
     a classifier already trained on the reference?). ``probe_accuracy_model_refit``: a probe fit the
     same way on the model's own embeddings (a student whose downstream classifier is retrained), equal
     to ``probe_accuracy_reference`` when the model is the reference. Each accuracy is over the
-    odd-indexed sentences: with 100 of them, one sentence is one point."""
+    odd-indexed sentences: with 100 of them, one sentence is one point.
+
+    The ``probe_cv_*`` fields: the same three accuracies by ``cv_repeats`` x ``cv_folds``-fold
+    cross-validation over all the sentences, with the standard error of each paired difference to the
+    reference (:func:`cross_validated_probes`); ``cv_folds=None`` skips them."""
     import time
 
     if len(sentences) != len(labels) or len(sentences) < 4:
@@ -204,12 +260,19 @@ def evaluate_encoder(
     cos = F.cosine_similarity(ref.double(), emb.double(), dim=-1)
     y = torch.tensor(labels, dtype=torch.long)
     w = _fit_logistic_probe(ref[0::2], y[0::2])
+    protocol = f"{len(sentences)} sentences; probe fit on {len(ref[0::2])} (even), scored on {len(ref[1::2])} (odd)"
+    cv = {}
+    if cv_folds is not None:
+        folds = min(cv_folds, len(sentences))  # leave-one-out below cv_folds sentences
+        cv = cross_validated_probes(ref, emb, y, folds, cv_repeats)
+        protocol += f"; cross-validated: {cv_repeats} x {folds}-fold over all {len(sentences)}"
     return EncoderEval(
-        protocol=f"{len(sentences)} sentences; probe fit on {len(ref[0::2])} (even), scored on {len(ref[1::2])} (odd)",
+        protocol=protocol,
         cosine_mean=cos.mean().item(),
         cosine_min=cos.min().item(),
         probe_accuracy_reference=_probe_accuracy(w, ref[1::2], y[1::2]),
         probe_accuracy_model=_probe_accuracy(w, emb[1::2], y[1::2]),
         probe_accuracy_model_refit=_probe_accuracy(_fit_logistic_probe(emb[0::2], y[0::2]), emb[1::2], y[1::2]),
         seconds=time.perf_counter() - start,
+        **{f"probe_cv_{k}": v for k, v in cv.items()},
     )

@@ -109,6 +109,7 @@ def test_eval_of_encoder_rejects_ppl_and_scores_embeddings(tiny_folder, tmp_path
     assert rc == 0, err
     assert "(the reference's probe)" in out and "refit on its own embeddings" in out
     assert "embedding cosine to the reference: mean 1.00000" in out
+    assert "cross-validated probe accuracy:" in out and "(the reference's probes; +0.00 +- 0.00 points)" in out
 
 
 def test_compress_with_depth_stage(tiny_folder, tmp_path, capsys):

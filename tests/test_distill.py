@@ -456,9 +456,43 @@ def test_encoder_probe_refit_is_blind_to_a_rotation_of_the_embeddings():
     same = evaluate_encoder(bert, bert, tok, sentences, labels)
     assert same.cosine_mean == pytest.approx(1.0) and same.probe_accuracy_reference > 0.6
     assert same.probe_accuracy_model == same.probe_accuracy_model_refit == same.probe_accuracy_reference
+    assert same.probe_cv_model == same.probe_cv_model_refit == same.probe_cv_reference > 0.6
+    assert same.probe_cv_model_se == same.probe_cv_refit_se == 0.0
     turned = evaluate_encoder(Rotated(), bert, tok, sentences, labels)
     assert turned.cosine_mean < 0.5 and turned.probe_accuracy_model < same.probe_accuracy_reference - 0.1
     assert turned.probe_accuracy_model_refit == same.probe_accuracy_reference
+    # cross-validated: the same, every sentence scored 20 times by probes that never saw it
+    assert turned.probe_cv_reference == same.probe_cv_reference
+    assert turned.probe_cv_model < same.probe_cv_reference - 0.1 and turned.probe_cv_model_se > 0
+    assert turned.probe_cv_model_refit == pytest.approx(same.probe_cv_reference, abs=1 / 300)
+    assert "20 x 10-fold over all 60" in turned.protocol
+
+
+def test_cross_validated_probes_score_every_sentence_and_measure_the_paired_difference():
+    from qruntime.evaluate import cross_validated_probes
+
+    g = torch.Generator().manual_seed(7)
+    n = 80
+    y = torch.randint(0, 2, (n,), generator=g)
+    signal = torch.randn(n, 16, generator=g)
+    signal[:, 0] += 3 * (2 * y - 1)  # one direction carries the label
+    r = cross_validated_probes(signal, signal, y, folds=8, repeats=3)
+    assert r["reference"] == r["model"] == r["model_refit"] > 0.85 and r["model_se"] == r["refit_se"] == 0.0
+    # the label direction wiped out: chance for both probes, and a clearly negative paired difference
+    blind = signal.clone()
+    blind[:, 0] = torch.randn(n, generator=g)
+    b = cross_validated_probes(signal, blind, y, folds=8, repeats=3)
+    assert b["reference"] == r["reference"]
+    assert b["model"] < 0.7 and b["model_refit"] < 0.7
+    assert 0 < b["model_se"] < (b["reference"] - b["model"]) / 2  # resolved: more than two standard errors
+    # each repeat scores every sentence exactly once: accuracies are multiples of 1 / (n * repeats)
+    assert b["model"] * n * 3 == pytest.approx(round(b["model"] * n * 3))
+    with pytest.raises(ValueError, match="folds=1: must be in"):
+        cross_validated_probes(signal, signal, y, folds=1)
+    with pytest.raises(ValueError, match="folds=81: must be in"):
+        cross_validated_probes(signal, signal, y, folds=81)
+    with pytest.raises(ValueError, match="repeats=0"):
+        cross_validated_probes(signal, signal, y, repeats=0)
 
 
 @pytest.mark.parametrize(

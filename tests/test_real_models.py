@@ -78,6 +78,11 @@ def test_minilm_int8_embeddings_and_probe():
     assert result.probe_accuracy_reference > 0.6  # the probe learned something real
     assert abs(result.probe_accuracy_model - result.probe_accuracy_reference) <= 0.03
     assert abs(result.probe_accuracy_model_refit - result.probe_accuracy_reference) <= 0.03
+    # cross-validated over all 200: INT8 weights move the probes by less than the measurement resolves
+    assert result.probe_cv_reference > 0.6
+    for diff, se in ((result.probe_cv_model - result.probe_cv_reference, result.probe_cv_model_se),
+                     (result.probe_cv_model_refit - result.probe_cv_reference, result.probe_cv_refit_se)):
+        assert 0 <= se < 0.02 and abs(diff) <= 0.02
 
 
 def test_demo_command(smollm2, tmp_path, capsys):
