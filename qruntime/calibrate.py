@@ -84,9 +84,9 @@ def sentence_batches(
     similar token length together (a stable sort by length), so the batches carry almost no padding
     (Wikipedia sentences of the training split in text order, 32 a batch: 58% of the padded tokens
     were padding; sorted: 0.4%). The batches then go from the shortest sentences to the longest: train
-    with ``DistillConfig(shuffle=True)``, and pass :func:`qruntime.distill` a ``selection_data`` in text
-    order (a measured block selection otherwise runs on the first, shortest, batches). Every sentence is
-    in exactly one batch; the last batch may be smaller.
+    with ``DistillConfig(shuffle=True)``. A measured block selection without ``selection_data`` runs on
+    batches spread evenly over them, short and long; ``selection_data`` in text order is closer still
+    to the text the model will see. Every sentence is in exactly one batch; the last batch may be smaller.
     """
     if batch_size < 1 or max_length < 2 or min_words < 0:
         raise ValueError(

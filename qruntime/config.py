@@ -577,7 +577,7 @@ class DistillConfig:
             the student (or its depth) directly.
         selection: how the kept blocks are chosen when only ``num_layers`` is given (see
             :data:`SELECTION_METHODS`); the measured ones run ``selection_batches`` batches of the
-            training data through the teacher.
+            training data (spread evenly over it) through the teacher.
 
     Loss (each term's weight; 0 turns it off):
         alpha_kd: ``T^2 * KL(teacher || student)`` of the output logits at temperature ``temperature``

@@ -889,14 +889,16 @@ def distill(
         teacher: an HF model (causal LM, encoder, classifier); not modified (run under no_grad, in eval mode).
         student_or_num_layers: a student ``nn.Module`` (e.g. a pruned copy: the 2:4 recovery), a number
             of blocks (the student is built with :func:`make_student`, blocks chosen by
-            ``config.selection`` on the first ``config.selection_batches`` batches of ``data``), a list of
+            ``config.selection`` on ``config.selection_batches`` batches spread evenly over ``data``), a list of
             block indices to keep, or None to use ``config.num_layers`` / ``config.keep``.
         data: training batches: LongTensors of input ids [B, T] or dicts of model inputs (with
             ``attention_mask`` for padded text). Cycled when ``steps * grad_accum`` exceeds them.
         config: :class:`DistillConfig` (loss weights, optimizer, schedule, autocast, seed, ...).
         eval_data: held-out batches, evaluated before, every ``config.eval_every`` steps, and after.
-        selection_data: batches for a measured block selection (default: the first
-            ``config.selection_batches`` batches of ``data``).
+        selection_data: batches for a measured block selection (default: ``config.selection_batches``
+            batches spread evenly over ``data``, the middle one of each equal stretch, so that data sorted
+            by length, as :func:`qruntime.calibrate.sentence_batches` gives it, is measured on short and
+            long sentences alike, not only on its first, shortest, batches).
         masks: parameter name -> 0/1 tensor of the same shape; masked entries stay exactly zero
             (gradients and weights are masked every step), e.g. 2:4 sparsity masks.
         blocks: the path of the block list when it cannot be found automatically.
@@ -934,7 +936,7 @@ def distill(
         if num_layers is not None:
             _check_depth(num_layers, depth)
         student = make_student(teacher, num_layers, keep, method=cfg.selection,
-                               data=batches[: cfg.selection_batches] if selection_data is None else selection_data,
+                               data=_spread(batches, cfg.selection_batches) if selection_data is None else selection_data,
                                blocks=blocks, progress=progress)
         choice = getattr(student, "qruntime_layer_choice", None)
     selection_seconds = time.perf_counter() - start
@@ -1051,6 +1053,12 @@ def distill(
             report.history.append({**report.after, "step": report.steps, "train_tokens": report.tokens,
                                    "seconds": report.seconds})
     return student, report
+
+
+def _spread(batches: list, k: int) -> list:
+    """``k`` of ``batches``, the middle one of each of ``k`` equal stretches (all of them when k >= len)."""
+    n = len(batches)
+    return list(batches) if k >= n else [batches[(2 * i + 1) * n // (2 * k)] for i in range(k)]
 
 
 def _step_loss(teacher, student, t_blocks, s_blocks, inputs, mask, w: _Weights, cfg: DistillConfig, layer_map, cached,

@@ -351,6 +351,33 @@ def test_distill_is_deterministic_and_leaves_the_teacher_alone():
     assert a.config.qruntime_student["selection"] == "greedy"
 
 
+def test_default_selection_batches_are_spread_over_the_training_data(monkeypatch):
+    # sorted data (batch i holds sentences of length i + 2): the selection must not see only the first,
+    # shortest, batches; it gets the middle batch of each equal stretch
+    import sys
+
+    dmod = sys.modules["qruntime.distill"]
+    assert dmod._spread(list(range(10)), 4) == [1, 3, 6, 8]
+    assert dmod._spread(list(range(10)), 1) == [5]
+    assert dmod._spread(list(range(3)), 4) == [0, 1, 2]
+    teacher = _gpt2()
+    train = [torch.randint(2, VOCAB, (2, i + 2)) for i in range(12)]
+    seen = []
+    real = dmod.make_student
+
+    def spy(model, num_layers=None, keep=None, *, data=None, **kw):
+        seen.extend(b.shape[1] for b in data)
+        return real(model, num_layers, keep, data=data, **kw)
+
+    monkeypatch.setattr(dmod, "make_student", spy)
+    qruntime.distill(teacher, 2, train, DistillConfig(selection="single", selection_batches=3, steps=1), progress=False)
+    assert seen == [4, 8, 12]  # lengths of batches 2, 6, 10 of 12
+    seen.clear()
+    qruntime.distill(teacher, 2, train, DistillConfig(selection="single", selection_batches=3, steps=1),
+                     selection_data=train[:2], progress=False)
+    assert seen == [2, 3]  # selection_data as given
+
+
 def test_dropout_is_off_unless_asked_for():
     # a BERT student with dropout 0.5: it trains in eval mode by default (no dropout: the seed then
     # changes nothing without shuffling), in train mode with dropout=True; its mode is restored after
