@@ -254,6 +254,9 @@ def evaluate_encoder(
 
     if len(sentences) != len(labels) or len(sentences) < 4:
         raise ValueError(f"sentences ({len(sentences)}) and labels ({len(labels)}) must match, at least 4")
+    if any(v not in (0, 1) for v in labels):
+        values = sorted({repr(v) for v in labels})
+        raise ValueError(f"labels: the probe is binary, expected 0 / 1, got the values {', '.join(values[:6])}")
     start = time.perf_counter()
     ref = sentence_embeddings(reference, tokenizer, sentences)
     emb = sentence_embeddings(model, tokenizer, sentences)

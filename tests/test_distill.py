@@ -495,6 +495,23 @@ def test_encoder_probe_refit_is_blind_to_a_rotation_of_the_embeddings():
     assert "20 x 10-fold over all 60" in turned.protocol
 
 
+@pytest.mark.parametrize(
+    "sentences, labels, match",
+    [
+        (["a b c"] * 5, [0, 1] * 2, r"sentences \(5\) and labels \(4\) must match"),
+        (["a b c"] * 3, [0, 1, 0], r"sentences \(3\) and labels \(3\) must match, at least 4"),
+        (["a b c"] * 4, [0, 1, 2, 1], "labels: the probe is binary, expected 0 / 1, got the values 0, 1, 2"),
+        (["a b c"] * 4, [0, 1, 0.5, 1], "the probe is binary"),
+        (["a b c"] * 4, ["pos", "neg", "pos", "neg"], "got the values 'neg', 'pos'"),
+    ],
+)
+def test_evaluate_encoder_rejects_bad_labels(sentences, labels, match):
+    from qruntime.evaluate import evaluate_encoder
+
+    with pytest.raises(ValueError, match=match):
+        evaluate_encoder(nn.Identity(), nn.Identity(), None, sentences, labels)
+
+
 def test_cross_validated_probes_score_every_sentence_and_measure_the_paired_difference():
     from qruntime.evaluate import cross_validated_probes
 
