@@ -1,4 +1,5 @@
-"""Compiles every Triton kernel config for an NVIDIA GPU ahead of time, on any machine, no GPU needed.
+"""Compiles the quantized-GEMM Triton kernels for an NVIDIA GPU ahead of time, on any machine, no GPU needed
+(a representative config of each path, or with ``--all`` every autotuning config; not the 2:4 kernels yet).
 
 Triton lowers each kernel to PTX and a cubin with its bundled ptxas for the target architecture, so this
 catches, without a GPU: kernels that do not compile for real hardware (the interpreter accepts more than

@@ -1,7 +1,9 @@
 """Calibration: run sample batches through the model and collect what each method needs.
 
-For now that is the Hessian proxy ``H = X^T X / rows`` of each target layer's input (GPTQ). Hooks are
-removed on every exit path, and the model's weights are never modified here.
+Per target layer's input X: the Hessian proxy ``H = X^T X / rows`` (GPTQ and the other Hessian-based
+methods), the per-channel absolute maximum and sample rows of X (SmoothQuant); also the calibration
+batches from text (:func:`calibration_batches`, :func:`sentence_batches`).
+Hooks are removed on every exit path, and the model's weights are never modified here.
 """
 from __future__ import annotations
 

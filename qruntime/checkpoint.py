@@ -6,14 +6,14 @@ A checkpoint is a folder (layout and fields in docs/formats.md, "Checkpoint"):
   are (int8 / uint8 codes, float32 scales, uint8 zero points); a tensor tied to another one (GPT-2's and
   Llama's ``lm_head.weight``) is stored once.
 * ``qruntime.json``: the manifest: format version, versions of qruntime / torch / transformers, the model
-  class, the recipe, each quantized module's format, the tied-tensor aliases, every tensor's dtype and
+  class, the recipe, each compressed module's format, the tied-tensor aliases, every tensor's dtype and
   shape, and each tensor file's byte size and SHA-256.
 * ``config.json`` (+ ``generation_config.json``): the HF config of the base architecture, when the
   model is a ``transformers`` model; tokenizer files when a tokenizer is passed to :func:`save`.
 
 :func:`load` verifies sizes and checksums before reading a tensor, builds the architecture with its
-parameters on the meta device, swaps in empty :class:`~qruntime.nn.QuantLinear` modules as the manifest
-says and assigns the stored tensors: no calibration, no quantization, outputs bit-identical to the saved
+parameters on the meta device, swaps in empty :class:`~qruntime.nn.QuantLinear`, ``QuantEmbedding`` and
+``SparseLinear`` modules as the manifest says and assigns the stored tensors: no calibration, no quantization, outputs bit-identical to the saved
 model. Nothing is unpickled, and only ``transformers`` classes are instantiated by name.
 """
 from __future__ import annotations

@@ -9,7 +9,8 @@
     qruntime presets                                the recipe names
 
 MODEL is a default-model alias (smollm2-135m, minilm-l6), a local folder or an HF hub name (online).
-Every command takes ``--json [FILE]`` (JSON to FILE, or to stdout without FILE). On failure a command
+Every command but ``demo`` takes ``--json [FILE]`` (JSON to FILE, or to stdout without FILE) and ``--quiet``;
+``demo --json FILE`` writes its results to FILE. On failure a command
 prints one line ``qruntime: error: ...`` and exits with 2 (bad input) or 1 (anything else); set
 QRUNTIME_DEBUG=1 for the traceback.
 """
