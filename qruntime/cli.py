@@ -9,8 +9,8 @@
     qruntime presets                                the recipe names
 
 MODEL is a default-model alias (smollm2-135m, minilm-l6), a local folder or an HF hub name (online).
-Every command but ``demo`` takes ``--json [FILE]`` (JSON to FILE, or to stdout without FILE) and ``--quiet``;
-``demo --json FILE`` writes its results to FILE. On failure a command
+Every command takes ``--json [FILE]`` (JSON to FILE, or to stdout without FILE) and ``--quiet`` (no progress
+bars). On failure a command
 prints one line ``qruntime: error: ...`` and exits with 2 (bad input) or 1 (anything else); set
 QRUNTIME_DEBUG=1 for the traceback.
 """
@@ -57,8 +57,12 @@ def _versions() -> dict:
 
 
 def run_demo(
-    model_name: str, preset: str, eval_tokens: int, window: int, calib_samples: int, json_path: str | None
+    model_name: str, preset: str, eval_tokens: int, window: int, calib_samples: int, json_path: str | None = None,
+    *, quiet: bool = False,
 ) -> dict:
+    """Compresses ``model_name`` with ``preset``, evaluates both models and prints what was gained and lost.
+    ``json_path``: also the results as JSON, to that file, or to stdout with ``"-"`` (the table then goes to
+    stderr); ``quiet``: no progress bars."""
     import torch
 
     from . import __version__, compress
@@ -77,8 +81,8 @@ def run_demo(
     calib = None
     if cfg.needs_calibration:
         calib = calibration_batches(tokenizer, num_samples=calib_samples, seq_len=window)
-    qmodel, report = compress(model, cfg, calib, inplace=False)
-    result = evaluate_causal_lm(qmodel, ids, reference=model, window=window)
+    qmodel, report = compress(model, cfg, calib, inplace=False, progress=not quiet)
+    result = evaluate_causal_lm(qmodel, ids, reference=model, window=window, progress=not quiet)
 
     params = sum(p.numel() for p in model.parameters())
     rows = [
@@ -92,17 +96,15 @@ def run_demo(
         ("next-token top-1 agreement", "", f"{100 * result.top1_agreement:.2f} %"),
         ("KL(original || compressed)", "", f"{result.kl_divergence:.5f} nats/token"),
     ]
-    print()
-    print(f"{'':<36} {'original':>20} {'compressed':>24}")
-    for label, before, after in rows:
-        print(f"{label:<36} {before:>20} {after:>24}")
-    print(
+    say = argparse.Namespace(json=json_path)
+    _say(say, "", f"{'':<36} {'original':>20} {'compressed':>24}")
+    _say(say, *(f"{label:<36} {before:>20} {after:>24}" for label, before, after in rows))
+    _say(
+        say,
         f"\nLinear weights {report.weight_compression:.2f}x smaller; perplexity x{result.perplexity_ratio:.4f}; "
-        f"protocol: {result.protocol}."
-    )
-    print(
+        f"protocol: {result.protocol}.",
         f"time: load {load_s:.1f} s, compress (calibration included) {report.seconds:.1f} s, evaluate both models {result.seconds:.1f} s "
-        f"(torch {torch.__version__}, {torch.get_num_threads()} threads, CPU backend: {report.cpu_backend})"
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads, CPU backend: {report.cpu_backend})",
     )
     summary = {
         "qruntime": __version__,
@@ -113,10 +115,7 @@ def run_demo(
         "report": report.to_dict(),
         "eval": result.to_dict(),
     }
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(summary, f, indent=2)
-        print(f"wrote {json_path}")
+    _emit_json(json_path, summary)
     return summary
 
 
@@ -353,13 +352,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         return p
 
-    demo = sub.add_parser("demo", help="compress the default model and report size and accuracy")
+    demo = add("demo", "compress the default model and report size and accuracy")
     demo.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m), local folder or HF name")
     demo.add_argument("--preset", default="w8a16-gptq-clip", help="w8a16-gptq-clip, w8a16, w4a16-g128-gptq-clip-awq, auto, ... (qruntime presets)")
     demo.add_argument("--calib-samples", type=int, default=16, help="calibration windows (of --window tokens)")
     demo.add_argument("--eval-tokens", type=int, default=16384, help="tokens of the Wikipedia eval split")
     demo.add_argument("--window", type=int, default=512, help="perplexity window (non-overlapping)")
-    demo.add_argument("--json", default=None, help="also write the results to this JSON file")
 
     p = add("compress", "compress a model and save it as a qruntime checkpoint")
     p.add_argument("model", help="alias (smollm2-135m, minilm-l6), local folder or HF name")
@@ -423,9 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             print(f"qruntime: error: --{name.replace('_', '-')}={value}: must be >= 1", file=sys.stderr)
             return 2
+    restore = _silence_library_bars() if args.quiet else None
     try:
         if args.command == "demo":
-            run_demo(args.model, args.preset, args.eval_tokens, args.window, args.calib_samples, args.json)
+            run_demo(args.model, args.preset, args.eval_tokens, args.window, args.calib_samples, args.json, quiet=args.quiet)
         else:
             _emit_json(args.json, _COMMANDS[args.command](args))
     except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
@@ -438,7 +437,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"qruntime: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
         return 1
+    finally:
+        if restore is not None:
+            restore()
     return 0
+
+
+def _silence_library_bars():
+    """``--quiet``: transformers' own bars (loading / writing weights) off too; returns what turns them back."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return lambda: None
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    return hf_logging.enable_progress_bar if was_on else (lambda: None)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,25 @@ def test_eval_of_encoder_rejects_ppl_and_scores_embeddings(tiny_folder, tmp_path
     assert "cross-validated probe accuracy:" in out and "(the reference's probes; +0.00 +- 0.00 points)" in out
 
 
+def test_demo_takes_json_and_quiet_like_every_command(tiny_folder, tmp_path, capsys):
+    # --json without a file: the JSON alone on stdout, the table on stderr; --quiet: no progress bars
+    code, out, err = _run(capsys, "demo", "--model", tiny_folder, "--preset", "w8a16", "--eval-tokens", "128",
+                          "--window", "32", "--json", "--quiet")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["report"]["config"] == "w8a16" and summary["eval"]["tokens_scored"] == 128 - 4
+    assert "Linear weight bytes" in err and "perplexity x" in err
+    assert "it/s" not in err and "%|" not in err  # no tqdm bar, transformers' weight loading included
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # turned back on after the command
+    # --json FILE: the table on stdout, the file written
+    code, out, err = _run(capsys, "demo", "--model", tiny_folder, "--preset", "w8a16", "--eval-tokens", "128",
+                          "--window", "32", "--json", tmp_path / "demo.json", "--quiet")
+    assert code == 0 and "Linear weight bytes" in out and f"wrote {tmp_path / 'demo.json'}" in err
+    assert json.loads((tmp_path / "demo.json").read_text())["report"]["config"] == "w8a16"
+
+
 def test_compress_with_depth_stage(tiny_folder, tmp_path, capsys):
     """d1+w8a16: a 1-block student distilled on the training split, quantized, saved, reloaded."""
     import qruntime
