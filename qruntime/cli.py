@@ -58,11 +58,13 @@ def _versions() -> dict:
 
 def run_demo(
     model_name: str, preset: str, eval_tokens: int, window: int, calib_samples: int, json_path: str | None = None,
-    *, quiet: bool = False,
+    *, quiet: bool = False, speed_rounds: int = 3,
 ) -> dict:
     """Compresses ``model_name`` with ``preset``, evaluates both models and prints what was gained and lost.
     ``json_path``: also the results as JSON, to that file, or to stdout with ``"-"`` (the table then goes to
-    stderr); ``quiet``: no progress bars."""
+    stderr); ``quiet``: no progress bars; ``speed_rounds``: rounds of the side-by-side prefill (up to
+    256 tokens of the evaluation text) and decode (32 greedy steps after 32 tokens) timing, medians
+    reported; 0 skips it."""
     import torch
 
     from . import __version__, compress
@@ -71,6 +73,7 @@ def run_demo(
     from .data import split_text
     from .evaluate import evaluate_causal_lm, tokenize_text
     from .models import load_causal_lm
+    from .speed import compare_causal_lm
 
     cfg = resolve_config(preset)  # a bad recipe fails before the model is loaded
     t0 = time.perf_counter()
@@ -83,6 +86,11 @@ def run_demo(
         calib = calibration_batches(tokenizer, num_samples=calib_samples, seq_len=window)
     qmodel, report = compress(model, cfg, calib, inplace=False, progress=not quiet)
     result = evaluate_causal_lm(qmodel, ids, reference=model, window=window, progress=not quiet)
+    speed = None
+    if speed_rounds:
+        prefill = ids[: min(256, len(ids))].unsqueeze(0)
+        speed = compare_causal_lm({"original": model, "compressed": qmodel}, prefill, prompt_len=min(32, prefill.shape[1]),
+                                  decode_steps=32, rounds=speed_rounds)
 
     params = sum(p.numel() for p in model.parameters())
     rows = [
@@ -96,12 +104,23 @@ def run_demo(
         ("next-token top-1 agreement", "", f"{100 * result.top1_agreement:.2f} %"),
         ("KL(original || compressed)", "", f"{result.kl_divergence:.5f} nats/token"),
     ]
+    faster = ""
+    if speed is not None:
+        o, c = speed["original"], speed["compressed"]
+        rows += [
+            (f"prefill tokens/s ({prefill.shape[1]} tokens)", f"{o['prefill_tok_s']:.0f}",
+             f"{c['prefill_tok_s']:.0f} ({c['prefill_tok_s'] / o['prefill_tok_s']:.2f}x)"),
+            ("decode tokens/s (greedy, KV cache)", f"{o['decode_tok_s']:.1f}",
+             f"{c['decode_tok_s']:.1f} ({c['decode_tok_s'] / o['decode_tok_s']:.2f}x)"),
+        ]
+        faster = (f", decode {c['decode_tok_s'] / o['decode_tok_s']:.2f}x and prefill "
+                  f"{c['prefill_tok_s'] / o['prefill_tok_s']:.2f}x the original's speed (medians of {speed_rounds} interleaved rounds)")
     say = argparse.Namespace(json=json_path)
     _say(say, "", f"{'':<36} {'original':>20} {'compressed':>24}")
     _say(say, *(f"{label:<36} {before:>20} {after:>24}" for label, before, after in rows))
     _say(
         say,
-        f"\nLinear weights {report.weight_compression:.2f}x smaller; perplexity x{result.perplexity_ratio:.4f}; "
+        f"\nLinear weights {report.weight_compression:.2f}x smaller{faster}; perplexity x{result.perplexity_ratio:.4f}; "
         f"protocol: {result.protocol}.",
         f"time: load {load_s:.1f} s, compress (calibration included) {report.seconds:.1f} s, evaluate both models {result.seconds:.1f} s "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads, CPU backend: {report.cpu_backend})",
@@ -114,6 +133,7 @@ def run_demo(
         "load_seconds": load_s,
         "report": report.to_dict(),
         "eval": result.to_dict(),
+        "speed": speed,
     }
     _emit_json(json_path, summary)
     return summary
@@ -358,6 +378,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--calib-samples", type=int, default=16, help="calibration windows (of --window tokens)")
     demo.add_argument("--eval-tokens", type=int, default=16384, help="tokens of the Wikipedia eval split")
     demo.add_argument("--window", type=int, default=512, help="perplexity window (non-overlapping)")
+    demo.add_argument("--speed-rounds", type=int, default=3,
+                      help="rounds of the side-by-side prefill / decode timing (medians); 0: no timing")
 
     p = add("compress", "compress a model and save it as a qruntime checkpoint")
     p.add_argument("model", help="alias (smollm2-135m, minilm-l6), local folder or HF name")
@@ -421,10 +443,14 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             print(f"qruntime: error: --{name.replace('_', '-')}={value}: must be >= 1", file=sys.stderr)
             return 2
+    if getattr(args, "speed_rounds", 0) < 0:
+        print(f"qruntime: error: --speed-rounds={args.speed_rounds}: must be >= 0 (0: no timing)", file=sys.stderr)
+        return 2
     restore = _silence_library_bars() if args.quiet else None
     try:
         if args.command == "demo":
-            run_demo(args.model, args.preset, args.eval_tokens, args.window, args.calib_samples, args.json, quiet=args.quiet)
+            run_demo(args.model, args.preset, args.eval_tokens, args.window, args.calib_samples, args.json, quiet=args.quiet,
+                     speed_rounds=args.speed_rounds)
         else:
             _emit_json(args.json, _COMMANDS[args.command](args))
     except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:

@@ -120,15 +120,23 @@ def test_demo_takes_json_and_quiet_like_every_command(tiny_folder, tmp_path, cap
     summary = json.loads(out)
     assert summary["report"]["config"] == "w8a16" and summary["eval"]["tokens_scored"] == 128 - 4
     assert "Linear weight bytes" in err and "perplexity x" in err
+    # what it gained in speed: both models timed side by side, 3 rounds by default
+    for name in ("original", "compressed"):
+        assert len(summary["speed"][name]["decode_tok_s_all"]) == 3 and summary["speed"][name]["prefill_tok_s"] > 0
+    assert "prefill tokens/s (128 tokens)" in err and "decode tokens/s" in err and "x the original's speed" in err
     assert "it/s" not in err and "%|" not in err  # no tqdm bar, transformers' weight loading included
     from transformers.utils import logging as hf_logging
 
     assert hf_logging.is_progress_bar_enabled()  # turned back on after the command
     # --json FILE: the table on stdout, the file written
     code, out, err = _run(capsys, "demo", "--model", tiny_folder, "--preset", "w8a16", "--eval-tokens", "128",
-                          "--window", "32", "--json", tmp_path / "demo.json", "--quiet")
+                          "--window", "32", "--json", tmp_path / "demo.json", "--quiet", "--speed-rounds", "0")
     assert code == 0 and "Linear weight bytes" in out and f"wrote {tmp_path / 'demo.json'}" in err
-    assert json.loads((tmp_path / "demo.json").read_text())["report"]["config"] == "w8a16"
+    assert "decode tokens/s" not in out
+    saved = json.loads((tmp_path / "demo.json").read_text())
+    assert saved["report"]["config"] == "w8a16" and saved["speed"] is None
+    code, out, err = _run(capsys, "demo", "--model", tiny_folder, "--speed-rounds", "-1")
+    assert code == 2 and "--speed-rounds=-1: must be >= 0" in err
 
 
 def test_compress_with_depth_stage(tiny_folder, tmp_path, capsys):

@@ -89,14 +89,15 @@ def test_demo_command(smollm2, tmp_path, capsys):
     from qruntime.cli import main
 
     out = tmp_path / "demo.json"
-    assert main(["demo", "--preset", "w8a16", "--eval-tokens", "1024", "--json", str(out)]) == 0
+    assert main(["demo", "--preset", "w8a16", "--eval-tokens", "1024", "--json", str(out), "--speed-rounds", "1"]) == 0
     text = capsys.readouterr().out
-    for label in ("parameters", "Linear weight bytes", "perplexity", "top-1 agreement", "time:"):
+    for label in ("parameters", "Linear weight bytes", "perplexity", "top-1 agreement", "decode tokens/s", "time:"):
         assert label in text
     summary = json.loads(out.read_text())
     assert summary["parameters"] == 134_515_008
     assert summary["eval"]["tokens_scored"] == 1024 - 2
     assert summary["report"]["weight_compression"] > 3.9
+    assert summary["speed"]["compressed"]["decode_tok_s"] > 0 and summary["speed"]["original"]["prefill_tok_s"] > 0
 
 
 def test_demo_bad_preset_exits_2(capsys):
