@@ -102,6 +102,8 @@ def sentence_batches(
         sentences = [s for s in sentences if s and len(s.split()) >= min_words]
     else:
         sentences = list(text)
+        if not sentences:
+            raise ValueError("text: an empty list of sentences")
         bad = [i for i, s in enumerate(sentences) if not isinstance(s, str) or not s.strip()]
         if bad:
             raise ValueError(f"text: sentences {bad[:5]} are empty or not strings")

@@ -17,6 +17,7 @@ QRUNTIME_DEBUG=1 for the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -62,9 +63,14 @@ def run_demo(
 ) -> dict:
     """Compresses ``model_name`` with ``preset``, evaluates both models and prints what was gained and lost.
     ``json_path``: also the results as JSON, to that file, or to stdout with ``"-"`` (the table then goes to
-    stderr); ``quiet``: no progress bars; ``speed_rounds``: rounds of the side-by-side prefill (up to
-    256 tokens of the evaluation text) and decode (32 greedy steps after 32 tokens) timing, medians
-    reported; 0 skips it."""
+    stderr); ``quiet``: no progress bars (transformers' own included); ``speed_rounds``: rounds of the
+    side-by-side prefill and decode timing (medians reported; 0 skips it)."""
+    with _library_bars_off() if quiet else contextlib.nullcontext():
+        return _demo(model_name, preset, eval_tokens, window, calib_samples, json_path, quiet, speed_rounds)
+
+
+def _demo(model_name: str, preset: str, eval_tokens: int, window: int, calib_samples: int, json_path: str | None,
+          quiet: bool, speed_rounds: int) -> dict:
     import torch
 
     from . import __version__, compress
@@ -88,9 +94,12 @@ def run_demo(
     result = evaluate_causal_lm(qmodel, ids, reference=model, window=window, progress=not quiet)
     speed = None
     if speed_rounds:
-        prefill = ids[: min(256, len(ids))].unsqueeze(0)
-        speed = compare_causal_lm({"original": model, "compressed": qmodel}, prefill, prompt_len=min(32, prefill.shape[1]),
-                                  decode_steps=32, rounds=speed_rounds)
+        # prefill up to 256 tokens, decode up to 32 steps after up to 32 tokens: within the perplexity
+        # window, which the evaluation has just run, so within the model's positions
+        prefill = ids[: min(256, window, len(ids))].unsqueeze(0)
+        prompt_len = min(32, max(1, prefill.shape[1] // 2))
+        speed = compare_causal_lm({"original": model, "compressed": qmodel}, prefill, prompt_len=prompt_len,
+                                  decode_steps=min(32, window - prompt_len), rounds=speed_rounds)
 
     params = sum(p.numel() for p in model.parameters())
     rows = [
@@ -446,13 +455,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "speed_rounds", 0) < 0:
         print(f"qruntime: error: --speed-rounds={args.speed_rounds}: must be >= 0 (0: no timing)", file=sys.stderr)
         return 2
-    restore = _silence_library_bars() if args.quiet else None
     try:
-        if args.command == "demo":
-            run_demo(args.model, args.preset, args.eval_tokens, args.window, args.calib_samples, args.json, quiet=args.quiet,
-                     speed_rounds=args.speed_rounds)
-        else:
-            _emit_json(args.json, _COMMANDS[args.command](args))
+        with _library_bars_off() if args.quiet else contextlib.nullcontext():
+            if args.command == "demo":
+                run_demo(args.model, args.preset, args.eval_tokens, args.window, args.calib_samples, args.json,
+                         quiet=args.quiet, speed_rounds=args.speed_rounds)
+            else:
+                _emit_json(args.json, _COMMANDS[args.command](args))
     except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
         if os.environ.get("QRUNTIME_DEBUG"):
             raise
@@ -463,21 +472,28 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"qruntime: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
         return 1
-    finally:
-        if restore is not None:
-            restore()
     return 0
 
 
-def _silence_library_bars():
-    """``--quiet``: transformers' own bars (loading / writing weights) off too; returns what turns them back."""
+@contextlib.contextmanager
+def _library_bars_off():
+    """``--quiet``: transformers' and huggingface_hub's own bars (loading / writing weights) off too, each
+    library's setting as it was afterwards."""
     try:
+        from huggingface_hub import utils as hub
         from transformers.utils import logging as hf_logging
     except ImportError:
-        return lambda: None
-    was_on = hf_logging.is_progress_bar_enabled()
+        yield
+        return
+    hf_on, hub_off = hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
     hf_logging.disable_progress_bar()
-    return hf_logging.enable_progress_bar if was_on else (lambda: None)
+    hub.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hf_on:
+            hf_logging.enable_progress_bar()  # turns the hub's on too
+        (hub.disable_progress_bars if hub_off else hub.enable_progress_bars)()
 
 
 if __name__ == "__main__":

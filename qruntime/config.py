@@ -608,7 +608,8 @@ class DistillConfig:
             default: the student trains in ``eval()`` mode, the same function the teacher computes, which
             fits it faster in a short budget (MiniLM 6 -> 3 blocks, equal steps: sentence cosine 0.887
             against 0.875 with BERT's 0.1 dropout; docs/distillation.md). Models without dropout (Llama,
-            SmolLM2) train the same either way.
+            SmolLM2) train the same either way. Gradient checkpointing (``gradient_checkpointing_enable()``)
+            stays on in eval mode: the checkpointed layers alone keep their training flag.
         eval_every: evaluate on the held-out batches every this many steps (0: only before and after).
         max_seconds: stop after this much training time (the report says so); the learning rate then
             decays by time or steps, whichever is further along, so the run is not bit-reproducible.

@@ -27,6 +27,7 @@ import copy
 import functools
 import math
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -142,7 +143,9 @@ def _shortened(model: nn.Module, blocks: Blocks, keep: Sequence[int]):
     full = blocks.layers
     config = getattr(model, "config", None)
     old = _set_config(config, _depth_config_updates(config, len(full), keep)) if config is not None else {}
-    setattr(blocks.parent, blocks.attr, nn.ModuleList([full[i] for i in keep]))
+    shortened = nn.ModuleList([full[i] for i in keep])
+    shortened.training = full.training
+    setattr(blocks.parent, blocks.attr, shortened)
     try:
         yield
     finally:
@@ -498,7 +501,9 @@ def make_student(
     finally:
         setattr(found.parent, found.attr, full)
     parent_name = found.path.rpartition(".")[0]
-    setattr(student.get_submodule(parent_name) if parent_name else student, found.attr, nn.ModuleList(kept))
+    layers = nn.ModuleList(kept)
+    layers.training = full.training  # a new ModuleList starts in train mode, whatever the model's
+    setattr(student.get_submodule(parent_name) if parent_name else student, found.attr, layers)
     for j, block in enumerate(kept):
         for m in block.modules():
             if isinstance(getattr(m, "layer_idx", None), int):
@@ -760,7 +765,7 @@ def evaluate_student(teacher: nn.Module, student: nn.Module, batches: Iterable, 
     causal = _is_causal(student)
     sums: dict[str, float] = {}
     n_tok = n_seq = n_next = 0
-    modes = (teacher.training, student.training)
+    modes = _modes(teacher) + _modes(student)
     teacher.eval()
     student.eval()
     try:
@@ -796,8 +801,7 @@ def evaluate_student(teacher: nn.Module, student: nn.Module, batches: Iterable, 
                 sums["cosine"] = sums.get("cosine", 0.0) + F.cosine_similarity(te, se, dim=-1).sum().item()
                 n_seq += th.shape[0]
     finally:
-        teacher.train(modes[0])
-        student.train(modes[1])
+        _restore(modes)
     if n_tok == 0:
         raise ValueError("eval_data yielded no tokens")
     result: dict[str, float] = {}
@@ -917,6 +921,8 @@ def distill(
     batches = list(data)
     if not batches:
         raise ValueError("data yielded no batches")
+    if not cfg.shuffle:
+        _warn_if_sorted(batches)
     eval_batches = list(eval_data) if eval_data is not None else []
     t_blocks = find_blocks(teacher, blocks)
     depth = len(t_blocks)
@@ -985,9 +991,9 @@ def distill(
             report.teacher = {"perplexity": report.before.pop("teacher_perplexity")}
         report.history.append({**report.before, "step": 0, "train_tokens": 0, "seconds": 0.0})
 
-    teacher_mode, student_mode = teacher.training, student.training
+    modes = _modes(teacher) + _modes(student)
     teacher.eval()
-    student.train(cfg.dropout)  # eval mode unless dropout is asked for: see DistillConfig.dropout
+    _train_mode(student, cfg.dropout)
     # fused: one kernel per step instead of about ten passes over every parameter (CPU and CUDA)
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
@@ -1032,7 +1038,7 @@ def distill(
             if eval_batches and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 report.history.append({**evaluate_student(teacher, student, eval_batches), "step": step + 1,
                                        "train_tokens": report.tokens, "seconds": elapsed})
-                student.train(cfg.dropout)
+                _train_mode(student, cfg.dropout)
             if cfg.max_seconds is not None and elapsed >= cfg.max_seconds and step + 1 < cfg.steps:
                 report.stopped_early = f"max_seconds={cfg.max_seconds:g} reached after {step + 1} of {cfg.steps} steps"
                 break
@@ -1042,8 +1048,7 @@ def distill(
     finally:
         for p, flag in saved_flags.items():
             p.requires_grad_(flag)
-        teacher.train(teacher_mode)
-        student.train(student_mode)
+        _restore(modes)
         for m, impl in attn_impl.values():
             if impl is not None:
                 m.set_attn_implementation(impl)
@@ -1053,6 +1058,43 @@ def distill(
             report.history.append({**report.after, "step": report.steps, "train_tokens": report.tokens,
                                    "seconds": report.seconds})
     return student, report
+
+
+def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every module's ``training`` flag, for :func:`_restore` (``train(flag)`` would make them all alike)."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, flag in modes:
+        module.training = flag
+
+
+def _train_mode(student: nn.Module, dropout: bool) -> None:
+    """``train()`` with dropout, else ``eval()`` (see DistillConfig.dropout), except that the modules
+    with gradient checkpointing on (transformers' layers after ``gradient_checkpointing_enable()``) keep
+    their own ``training`` flag set, without their children: they check it to checkpoint, and their
+    dropout stays off."""
+    student.train(dropout)
+    if not dropout:
+        for module in student.modules():
+            if getattr(module, "gradient_checkpointing", False) is True:
+                module.training = True
+
+
+def _warn_if_sorted(batches: list) -> None:
+    """Batches sorted by length (``sentence_batches``' default), trained in that order, go from the
+    shortest sentences to the longest; under a time budget the long ones may never come."""
+    lengths = []
+    for b in batches:
+        ids = b.get("input_ids") if isinstance(b, Mapping) else b
+        if not isinstance(ids, torch.Tensor):
+            return
+        lengths.append(ids.shape[-1])
+    if len(lengths) >= 3 and lengths[0] < lengths[-1] and all(x <= y for x, y in zip(lengths, lengths[1:])):
+        warnings.warn(f"data: the {len(lengths)} batches grow from {lengths[0]} to {lengths[-1]} tokens (sorted by "
+                      "length?) and shuffle=False trains them in that order; pass DistillConfig(shuffle=True)",
+                      stacklevel=3)
 
 
 def _spread(batches: list, k: int) -> list:

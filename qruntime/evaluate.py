@@ -172,6 +172,16 @@ def _probe_hits(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return ((x @ w > 0).long() == y).to(torch.float64)
 
 
+def _check_binary(labels: list, what: str) -> None:
+    """The probes are binary logistic regressions: 0 / 1 labels, both present."""
+    if any(v not in (0, 1) for v in labels):
+        values = sorted({repr(v) for v in labels})
+        raise ValueError(f"{what}: the probe is binary, expected 0 / 1, got the values {', '.join(values[:6])}")
+    ones = sum(int(v) for v in labels)
+    if ones in (0, len(labels)):
+        raise ValueError(f"{what}: all {len(labels)} are {int(ones > 0)}: a probe needs both classes")
+
+
 def _probe_accuracy(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
     return _probe_hits(w, x, y).mean().item()
 
@@ -189,12 +199,16 @@ def cross_validated_probes(
     sentence's correct fraction over the repeats (so it measures which sentences were drawn, not the
     spread over repeats). Every sentence is scored ``repeats`` times instead of half of them once, and
     the comparison is paired, so it resolves smaller differences than the even/odd split."""
-    n = len(labels)
-    if folds < 2 or folds > n:
-        raise ValueError(f"folds={folds}: must be in [2, {n}] (the number of sentences)")
+    y = torch.as_tensor(labels)
+    n = len(y)
+    if not len(reference) == len(model) == n:
+        raise ValueError(f"reference ({len(reference)} rows), model ({len(model)} rows) and labels ({n}): must match")
+    _check_binary(y.tolist(), "labels")
+    if n < 2 or folds < 2 or folds > n:
+        raise ValueError(f"folds={folds}: must be in [2, number of sentences], here {n}")
     if repeats < 1:
         raise ValueError(f"repeats={repeats}: must be >= 1")
-    y = labels.to(torch.long)
+    y = y.to(torch.long)
     hits = {k: torch.zeros(n, dtype=torch.float64) for k in ("reference", "model", "model_refit")}
     gen = torch.Generator().manual_seed(seed)
     for _ in range(repeats):
@@ -222,8 +236,8 @@ class EncoderEval:
     cosine_min: float
     probe_accuracy_reference: float
     probe_accuracy_model: float
-    probe_accuracy_model_refit: float | None = None
     seconds: float = 0.0
+    probe_accuracy_model_refit: float | None = None
     # repeated k-fold cross-validation over all the sentences (cross_validated_probes); None when not run
     probe_cv_reference: float | None = None
     probe_cv_model: float | None = None
@@ -254,9 +268,8 @@ def evaluate_encoder(
 
     if len(sentences) != len(labels) or len(sentences) < 4:
         raise ValueError(f"sentences ({len(sentences)}) and labels ({len(labels)}) must match, at least 4")
-    if any(v not in (0, 1) for v in labels):
-        values = sorted({repr(v) for v in labels})
-        raise ValueError(f"labels: the probe is binary, expected 0 / 1, got the values {', '.join(values[:6])}")
+    _check_binary(list(labels), "labels")
+    _check_binary(list(labels)[0::2], "labels[0::2] (the even-indexed sentences the split's probe is fit on)")
     start = time.perf_counter()
     ref = sentence_embeddings(reference, tokenizer, sentences)
     emb = sentence_embeddings(model, tokenizer, sentences)

@@ -123,7 +123,7 @@ def test_demo_takes_json_and_quiet_like_every_command(tiny_folder, tmp_path, cap
     # what it gained in speed: both models timed side by side, 3 rounds by default
     for name in ("original", "compressed"):
         assert len(summary["speed"][name]["decode_tok_s_all"]) == 3 and summary["speed"][name]["prefill_tok_s"] > 0
-    assert "prefill tokens/s (128 tokens)" in err and "decode tokens/s" in err and "x the original's speed" in err
+    assert "prefill tokens/s (32 tokens)" in err and "decode tokens/s" in err and "x the original's speed" in err
     assert "it/s" not in err and "%|" not in err  # no tqdm bar, transformers' weight loading included
     from transformers.utils import logging as hf_logging
 
@@ -137,6 +137,35 @@ def test_demo_takes_json_and_quiet_like_every_command(tiny_folder, tmp_path, cap
     assert saved["report"]["config"] == "w8a16" and saved["speed"] is None
     code, out, err = _run(capsys, "demo", "--model", tiny_folder, "--speed-rounds", "-1")
     assert code == 2 and "--speed-rounds=-1: must be >= 0" in err
+
+
+@pytest.mark.parametrize("hub_off", [False, True])
+def test_quiet_leaves_each_librarys_bars_as_they_were(hub_off):
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    from qruntime.cli import _library_bars_off
+
+    (hub.disable_progress_bars if hub_off else hub.enable_progress_bars)()
+    try:
+        with _library_bars_off():
+            assert not hf_logging.is_progress_bar_enabled() and hub.are_progress_bars_disabled()
+        assert hf_logging.is_progress_bar_enabled() and hub.are_progress_bars_disabled() == hub_off
+    finally:
+        hub.enable_progress_bars()
+
+
+def test_demo_timing_stays_within_the_models_positions(tiny_folder, tmp_path, capsys):
+    # a GPT-2 with 64 positions, evaluated in windows of 64: the timing's prefill and prompt + decode fit too
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=256, n_positions=64)).save_pretrained(tmp_path / "gpt2")
+    PreTrainedTokenizerFast.from_pretrained(tiny_folder).save_pretrained(tmp_path / "gpt2")
+    code, out, err = _run(capsys, "demo", "--model", tmp_path / "gpt2", "--preset", "w8a16", "--eval-tokens", "256",
+                          "--window", "64", "--speed-rounds", "1", "--quiet")
+    assert code == 0, err
+    assert "prefill tokens/s (64 tokens)" in out and "decode tokens/s" in out
 
 
 def test_compress_with_depth_stage(tiny_folder, tmp_path, capsys):

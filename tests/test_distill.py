@@ -3,6 +3,7 @@ its closed form, training that lowers the held-out KL, masks, determinism, bad i
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -370,12 +371,19 @@ def test_default_selection_batches_are_spread_over_the_training_data(monkeypatch
         return real(model, num_layers, keep, data=data, **kw)
 
     monkeypatch.setattr(dmod, "make_student", spy)
-    qruntime.distill(teacher, 2, train, DistillConfig(selection="single", selection_batches=3, steps=1), progress=False)
+    qruntime.distill(teacher, 2, train, DistillConfig(selection="single", selection_batches=3, steps=1, shuffle=True), progress=False)
     assert seen == [4, 8, 12]  # lengths of batches 2, 6, 10 of 12
     seen.clear()
-    qruntime.distill(teacher, 2, train, DistillConfig(selection="single", selection_batches=3, steps=1),
+    qruntime.distill(teacher, 2, train, DistillConfig(selection="single", selection_batches=3, steps=1, shuffle=True),
                      selection_data=train[:2], progress=False)
     assert seen == [2, 3]  # selection_data as given
+    # these batches grow in length: trained in that order (shuffle=False), a warning says so
+    with pytest.warns(UserWarning, match=r"the 12 batches grow from 2 to 13 tokens .* pass DistillConfig\(shuffle=True\)"):
+        qruntime.distill(teacher, 2, train, DistillConfig(selection="uniform", steps=1), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shuffled, or in no length order: no warning
+        qruntime.distill(teacher, 2, train, DistillConfig(selection="uniform", steps=1, shuffle=True), progress=False)
+        qruntime.distill(teacher, 2, train[::-1], DistillConfig(selection="uniform", steps=1), progress=False)
 
 
 def test_dropout_is_off_unless_asked_for():
@@ -407,6 +415,36 @@ def test_dropout_is_off_unless_asked_for():
     assert not all(torch.equal(x, y) for x, y in zip(c.state_dict().values(), d.state_dict().values()))
     with pytest.raises(TypeError, match="dropout='yes'"):
         DistillConfig(dropout="yes")
+
+
+def test_gradient_checkpointing_stays_on_without_dropout():
+    # eval mode (no dropout) must not switch off a student's gradient checkpointing: its layers run twice
+    # per step (forward, then again in backward), and train to the same weights as without checkpointing
+    teacher = _bert()
+    train = _padded(2, seed=5)
+
+    def run(checkpointing: bool):
+        student = make_student(teacher, keep=[0, 3, 5])
+        assert not any(m.training for m in student.modules())  # the teacher's eval mode, its new block list too
+        for m in student.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.5  # would make the two runs differ if dropout were on
+        if checkpointing:
+            (getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable)()
+        modes = [m.training for m in student.modules()]
+        calls = []
+        hook = student.encoder.layer[1].intermediate.register_forward_hook(lambda *a: calls.append(1))
+        cfg = DistillConfig(steps=2, lr=1e-3, alpha_kd=0, alpha_hidden=1, alpha_cosine=1)
+        qruntime.distill(teacher, student, train, cfg, progress=False)
+        hook.remove()
+        assert [m.training for m in student.modules()] == modes  # every module's mode restored
+        return student, len(calls)
+
+    plain, plain_calls = run(False)
+    ckpt, ckpt_calls = run(True)
+    assert plain_calls == 2 and ckpt_calls == 4
+    for (name, x), y in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), name
 
 
 def _word_tokenizer(words: list[str]):
@@ -503,6 +541,8 @@ def test_encoder_probe_refit_is_blind_to_a_rotation_of_the_embeddings():
         (["a b c"] * 4, [0, 1, 2, 1], "labels: the probe is binary, expected 0 / 1, got the values 0, 1, 2"),
         (["a b c"] * 4, [0, 1, 0.5, 1], "the probe is binary"),
         (["a b c"] * 4, ["pos", "neg", "pos", "neg"], "got the values 'neg', 'pos'"),
+        (["a b c"] * 4, [1, 1, 1, 1], "labels: all 4 are 1: a probe needs both classes"),
+        (["a b c"] * 4, [0, 1, 0, 1], r"labels\[0::2\] \(the even-indexed sentences the split's probe is fit on\): all 2 are 0"),
     ],
 )
 def test_evaluate_encoder_rejects_bad_labels(sentences, labels, match):
@@ -531,12 +571,19 @@ def test_cross_validated_probes_score_every_sentence_and_measure_the_paired_diff
     assert 0 < b["model_se"] < (b["reference"] - b["model"]) / 2  # resolved: more than two standard errors
     # each repeat scores every sentence exactly once: accuracies are multiples of 1 / (n * repeats)
     assert b["model"] * n * 3 == pytest.approx(round(b["model"] * n * 3))
-    with pytest.raises(ValueError, match="folds=1: must be in"):
+    assert cross_validated_probes(signal, blind, y.tolist(), folds=8, repeats=3) == b  # a list of labels is fine
+    with pytest.raises(ValueError, match=r"folds=1: must be in \[2, number of sentences\], here 80"):
         cross_validated_probes(signal, signal, y, folds=1)
     with pytest.raises(ValueError, match="folds=81: must be in"):
         cross_validated_probes(signal, signal, y, folds=81)
     with pytest.raises(ValueError, match="repeats=0"):
         cross_validated_probes(signal, signal, y, repeats=0)
+    with pytest.raises(ValueError, match=r"reference \(80 rows\), model \(79 rows\) and labels \(80\): must match"):
+        cross_validated_probes(signal, signal[:-1], y)
+    with pytest.raises(ValueError, match="expected 0 / 1, got the values 0, 2"):
+        cross_validated_probes(signal, signal, 2 * y)
+    with pytest.raises(ValueError, match="all 80 are 0: a probe needs both classes"):
+        cross_validated_probes(signal, signal, torch.zeros(80, dtype=torch.long))
 
 
 @pytest.mark.parametrize(
@@ -547,6 +594,7 @@ def test_cross_validated_probes_score_every_sentence_and_measure_the_paired_diff
         ({"limit": 0}, "limit=0"),
         ({"text": "a b. c"}, "no sentence of at least min_words=4"),
         ({"text": ["w1", " "]}, r"sentences \[1\] are empty"),
+        ({"text": []}, "text: an empty list of sentences"),
     ],
 )
 def test_sentence_batches_bad_inputs(kwargs, match):
