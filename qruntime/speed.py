@@ -5,6 +5,7 @@ over the rounds are reported, so ratios between models are meaningful even when 
 """
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections.abc import Mapping
@@ -23,15 +24,22 @@ def prefill_tokens_per_s(model: nn.Module, ids: torch.Tensor) -> float:
     return ids.shape[1] / (time.perf_counter() - t0)
 
 
+def _cache_name(model: nn.Module) -> str:
+    """The KV cache's keyword and output field: ``cache`` in transformers 5.24+, ``past_key_values``
+    before (still accepted there, with a deprecation warning, until 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, steps: int) -> float:
     """tokens/s of ``steps`` greedy decoding steps with the KV cache after ``prompt`` [1, P]."""
+    name = _cache_name(model)
     out = model(prompt, use_cache=True)
-    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    past, tok = getattr(out, name), out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(steps):
-        out = model(tok, past_key_values=past, use_cache=True)
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(tok, use_cache=True, **{name: past})
+        past, tok = getattr(out, name), out.logits[:, -1:].argmax(-1)
     return steps / (time.perf_counter() - t0)
 
 
