@@ -155,6 +155,7 @@ def test_quiet_leaves_each_librarys_bars_as_they_were(hub_off):
         hub.enable_progress_bars()
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the KV cache passed under its current name
 def test_demo_timing_stays_within_the_models_positions(tiny_folder, tmp_path, capsys):
     # a GPT-2 with 64 positions, evaluated in windows of 64: the timing's prefill and prompt + decode fit too
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
