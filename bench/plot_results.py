@@ -41,9 +41,22 @@ def plot_accuracy(data: dict, title: str, path: str) -> str:
     if not points:
         raise ValueError(f"{title}: no result with a perplexity ratio or an embedding cosine")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, mib, value in points:
+    for _, mib, value in points:
         ax.scatter(mib, value)
-        ax.annotate(name, (mib, value), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.autoscale_view()
+    # labels from the lowest point up, each moved up (in points) until it clears the labels already
+    # placed near it: recipes of the same bytes and close quality are listed, not overprinted
+    placed: list[tuple[float, float]] = []
+    to_pt = 72 / fig.dpi
+    for name, mib, value in sorted(points, key=lambda p: p[2]):
+        x, y = (c * to_pt for c in ax.transData.transform((mib, value)))
+        label = y + 4
+        while any(abs(label - py) < 10 and abs(x - px) < 90 for px, py in placed):
+            label += 10
+        placed.append((x, label))
+        moved = label - y > 4  # a thin line then leads from the label to its point
+        ax.annotate(name, (mib, value), textcoords="offset points", xytext=(14 if moved else 4, label - y), fontsize=8,
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="gray", shrinkA=0) if moved else None)
     ax.set_xlabel("converted Linear weights, MiB (packed + scales)")
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=9)
@@ -97,9 +110,13 @@ def plot_file(path: str, out_dir: str) -> str | None:
         data = json.load(f)
     base = os.path.splitext(os.path.basename(path))[0]
     os.makedirs(out_dir, exist_ok=True)
-    if isinstance(data, dict) and data.get("rows") and "speedup_vs_fp32" in data["rows"][0]:
+    if not isinstance(data, dict):
+        return None
+    rows, results = data.get("rows"), data.get("results")
+    if isinstance(rows, list) and rows and isinstance(rows[0], dict) and "speedup_vs_fp32" in rows[0]:
         return plot_kernels(data, base, os.path.join(out_dir, f"{base}_speedup.png"))
-    if isinstance(data, dict) and data.get("results") and {"preset", "eval", "report"} <= set(data["results"][0]):
+    if (isinstance(results, list) and results and isinstance(results[0], dict)
+            and {"preset", "eval", "report"} <= set(results[0])):
         return plot_accuracy(data, base, os.path.join(out_dir, f"{base}_quality_vs_bytes.png"))
     return None
 

@@ -35,13 +35,16 @@ def test_kernel_and_accuracy_plots(tmp_path):
         for p, b, r in (("w8a16", 2**20, 1.002), ("w4a16-g128", 2**19, 1.3))
     ]}
     other = {"rows": [{"recipe": "fp32"}]}
+    # results of other shapes (a dict of results, a list of numbers, a top-level list): skipped, not a crash
+    others = ({"results": {"a": 1}}, {"results": [1, 2]}, [1, 2], {"rows": {"x": 1}})
     paths = []
-    for name, payload in (("k", kernels), ("a", accuracy), ("o", other)):
+    for name, payload in (("k", kernels), ("a", accuracy), ("o", other), *((f"o{i}", p) for i, p in enumerate(others))):
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(payload))
     out = tmp_path / "plots"
     assert _is_png(plot.plot_file(str(paths[0]), str(out)))
     assert _is_png(plot.plot_file(str(paths[1]), str(out)))
-    assert plot.plot_file(str(paths[2]), str(out)) is None
+    for path in paths[2:]:
+        assert plot.plot_file(str(path), str(out)) is None, path
     with pytest.raises(ValueError, match="no result"):
         plot.plot_accuracy({"results": [{"preset": "x", "report": {"weight_bytes_after": 1}, "eval": {}}]}, "t", str(out / "x.png"))
