@@ -381,7 +381,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         return p
 
-    demo = add("demo", "compress the default model and report size and accuracy")
+    demo = add("demo", "compress the default model and report size, accuracy and speed, side by side")
     demo.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m), local folder or HF name")
     demo.add_argument("--preset", default="w8a16-gptq-clip", help="w8a16-gptq-clip, w8a16, w4a16-g128-gptq-clip-awq, auto, ... (qruntime presets)")
     demo.add_argument("--calib-samples", type=int, default=16, help="calibration windows (of --window tokens)")

@@ -187,7 +187,8 @@ def _probe_accuracy(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def cross_validated_probes(
-    reference: torch.Tensor, model: torch.Tensor, labels: torch.Tensor, folds: int = 10, repeats: int = 20, seed: int = 0
+    reference: torch.Tensor, model: torch.Tensor, labels: torch.Tensor | list[int], folds: int = 10, repeats: int = 20,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Linear-probe accuracies by repeated k-fold cross-validation over all the sentences: each repeat
     shuffles the sentences (``seed``), splits them into ``folds`` folds, and scores every sentence once
