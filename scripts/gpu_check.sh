@@ -29,6 +29,6 @@ timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_ke
   2>&1 | tee "$out/gpu_tests.log" | tail -25
 
 # the file name as bench_gpu_kernels.py would give it: gpu_kernels_<GPU name, lowercase, runs of other characters as "-">.json
-slug=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
+slug=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g' || true)
 timeout 420 python3 bench/bench_gpu_kernels.py ${QUICK---quick} --e2e --out "$out/gpu_kernels_${slug:-gpu}.json" \
   2>&1 | tee "$out/gpu_bench.log" | tail -80
