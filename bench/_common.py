@@ -56,3 +56,9 @@ def write_json(path: str | None, payload: dict) -> None:
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
         print(f"wrote {path}")
+
+
+def cv_probe_difference(e: dict) -> str:
+    """An ``EncoderEval.to_dict()``'s cross-validated difference of the reference's probes on the model,
+    in points, with its standard error: ``-1.8+-1.8p``."""
+    return f"{100 * (e['probe_cv_model'] - e['probe_cv_reference']):+.1f}+-{100 * e['probe_cv_model_se']:.1f}p"

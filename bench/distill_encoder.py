@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, write_json  # noqa: E402
+from _common import cv_probe_difference, environment, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -110,7 +110,7 @@ def main() -> None:
     for r in rows:
         e = r["eval"]
         minutes = r.get("minutes_total", r["selection_seconds"] / 60)
-        cv_diff = f"{100 * (e['probe_cv_model'] - e['probe_cv_reference']):+.1f}+-{100 * e['probe_cv_model_se']:.1f}p"
+        cv_diff = cv_probe_difference(e)
         print(f"{r['method']:<10} {'yes' if r['trained'] else 'no':>8} {e['cosine_mean']:>12.4f} {e['cosine_min']:>11.4f} "
               f"{r['eval_split_cosine']:>11.4f} "
               f"{e['probe_accuracy_model']:>10.3f} {100 * (e['probe_accuracy_model'] - e['probe_accuracy_reference']):>+10.1f}p "

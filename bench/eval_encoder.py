@@ -10,7 +10,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, write_json  # noqa: E402
+from _common import cv_probe_difference, environment, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
           f"{'cv (orig)':>10} {'cv (q)':>7} {'cv diff':>13} {'x smaller':>10}")
     for r in rows:
         e, rep = r["eval"], r["report"]
-        cv_diff = f"{100 * (e['probe_cv_model'] - e['probe_cv_reference']):+.1f}+-{100 * e['probe_cv_model_se']:.1f}p"
+        cv_diff = cv_probe_difference(e)
         print(f"{r['preset']:<20} {e['cosine_mean']:>9.5f} {e['cosine_min']:>9.5f} "
               f"{e['probe_accuracy_reference']:>17.3f} {e['probe_accuracy_model']:>14.3f} "
               f"{e['probe_cv_reference']:>10.3f} {e['probe_cv_model']:>7.3f} {cv_diff:>13} {rep['weight_compression']:>10.2f}")
