@@ -2,15 +2,16 @@
 
     python bench/bench_cpu_e2e.py --model smollm2-135m --json bench/results/smollm2-135m_cpu_e2e.json
 
-For each recipe (default: fp32, w8a8, w8a16, w4a16-g128, and torch.ao dynamic int8 on the same layers
-as a peer), measured in one run on the same machine:
+For each recipe (default: fp32, w8a8-nosq, w8a16, w4a16-g128-rtn, and torch.ao dynamic int8 on the same
+layers as a peer), measured in one run on the same machine:
   prefill: one forward over --prefill tokens, tokens/s, with logits for the last position only
            (logits_to_keep=1, as generate() does);
   decode:  --decode greedy steps with the KV cache after a --prompt-token prompt, tokens/s;
   both measured in --rounds interleaved rounds (each round runs every recipe once), medians reported;
   top-1 agreement: share of the prefill positions whose next-token argmax equals the fp32 model's
   (a sanity check on the same text; bench/eval_causal_lm.py measures accuracy properly).
-Recipes use round-to-nearest weights (GPTQ changes codes, not speed). "+head" variants also quantize
+The default recipes are the data-free ones (round-to-nearest weights, no SmoothQuant): GPTQ and
+SmoothQuant change the codes and scales, not the kernels or the speed. "+head" variants also quantize
 lm_head (excluded by default for accuracy), which is 21% of SmolLM2-135M's weights.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--recipes", nargs="+",
-                    default=["fp32", "w8a8", "w8a16", "w4a16-g128", "w8a8+head", "torch.ao-int8"])
+                    default=["fp32", "w8a8-nosq", "w8a16", "w4a16-g128-rtn", "w8a8-nosq+head", "torch.ao-int8"])
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--decode", type=int, default=32, help="greedy steps per round")
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
         if recipe == "fp32":
             models[recipe] = base
         elif recipe == "torch.ao-int8":
-            names, _ = select_targets(base, resolve_config("w8a8"))
+            names, _ = select_targets(base, resolve_config("w8a8-nosq"))
             spec = {name: torch.ao.quantization.default_dynamic_qconfig for name, _ in names}
             models[recipe] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), spec, dtype=torch.qint8)
         else:

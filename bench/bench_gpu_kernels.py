@@ -262,7 +262,7 @@ def e2e(args, device: str, payload: dict) -> None:
     new_tokens = 4 if args.smoke else 128
     out = []
     for name, cfg in configs.items():
-        for recipe in ("fp16", "w8a16", "w4a16-g128", "w8a8"):
+        for recipe in ("fp16", "w8a16", "w4a16-g128-rtn", "w8a8-nosq"):
             torch.manual_seed(0)
             # built and compressed on the device (round-to-nearest runs where the weights are)
             model = LlamaForCausalLM(LlamaConfig(**cfg, max_position_embeddings=1024)).eval()

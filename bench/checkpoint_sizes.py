@@ -23,7 +23,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--preset", nargs="+",
-                    default=["w8a16", "w8a8", "w4a16-g128", "w4a16-g64", "w8a16-emb8", "w4a16-g128-emb4", "w4a16-g64-emb4"])
+                    default=["w8a16", "w8a8-nosq", "w4a16-g128-rtn", "w4a16-g64-rtn", "w8a16-emb8", "w4a16-g128-rtn-emb4",
+                             "w4a16-g64-rtn-emb4"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 

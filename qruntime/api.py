@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .awq import plan_awq
 from .calibrate import collect_stats, forward_dtype
-from .config import CompressConfig, QuantConfig, resolve_config
+from .config import CompressConfig, QuantConfig, data_free_variant, resolve_config
 from .distill import distill as run_distill
 from .nn import QuantEmbedding, QuantLinear, SparseLinear, is_conv1d, linear_weight
 from .offload import check_device, home_device, onloaded
@@ -161,7 +161,8 @@ def compress(
         model: any ``nn.Module``; HF BERT, GPT-2 (Conv1D), Llama-family and others.
         config: a preset name (``"w8a16"``, ``"w4a16-g128"``, see :mod:`qruntime.config`), a
             :class:`QuantConfig` or a :class:`CompressConfig`.
-        calib_data: for calibrated methods (``*-gptq``): an iterable of input-id tensors [batch, seq]
+        calib_data: for calibrated recipes (GPTQ: ``w4a16-g128`` and ``*-gptq``; SmoothQuant: ``w8a8``;
+            ``-clip``, ``-awq``, ``-tune``, budgets, ``2:4``): an iterable of input-id tensors [batch, seq]
             or of dicts of model keyword arguments (a tokenized ``datasets.Dataset`` works: its lists of ids
             become tensors), e.g.
             ``qruntime.calibrate.calibration_batches(tokenizer)``. Ignored by round-to-nearest. With a
@@ -265,7 +266,8 @@ def compress(
     prebuilt: dict[str, nn.Module] = {}  # layers quantized during the block-by-block pass
     if cfg.needs_calibration:
         if calib_data is None:
-            hint = " (or '2:4-magnitude', which needs no data)" if sp is not None and sp.needs_calibration else ""
+            free = data_free_variant(cfg)
+            hint = f" (or the data-free {free.name!r})" if free is not None else ""
             raise ValueError(
                 f"recipe {cfg.name!r} needs calib_data: an iterable of input-id tensors or dicts of model "
                 f"inputs, e.g. qruntime.calibrate.calibration_batches(tokenizer){hint}"

@@ -2,14 +2,20 @@
 
 A preset string is parsed into a :class:`CompressConfig`; grammar::
 
-    w8a16                 INT8 weights, per output channel, symmetric
-    w4a16                 INT4 weights, per output channel, asymmetric (zero points)
-    w4a16-g128            INT4 weights in groups of 128 along K, asymmetric
+    w8a16                 INT8 weights, per output channel, symmetric, round to nearest (no data)
+    w8a8                  INT8 weights per channel + INT8 activations quantized per token at run time,
+                          with SmoothQuant (alpha 0.5) folded into the norms (calibrated)
+    w8a8-sq0.75           ... another migration strength; "-sqauto": alpha searched per group of layers;
+                          "-nosq": no SmoothQuant (plain per-token W8A8, no data)
+    w4a16                 INT4 weights, per output channel, asymmetric (zero points), GPTQ rounding
+                          with act-order (calibrated)
+    w4a16-g128            INT4 weights in groups of 128 along K, asymmetric, GPTQ (calibrated)
     w4a16-g64-sym         ... symmetric (no zero points)
-    w8a8                  INT8 weights per channel + INT8 activations quantized per token at run time
-    w8a16-gptq            any of the above with GPTQ rounding (needs calibration data)
+    w4a16-g128-rtn        any INT4 recipe rounded to nearest instead of GPTQ (no data)
+    w8a16-gptq            INT8 recipes with GPTQ rounding (calibrated); "-gptq" on INT4 recipes is the
+                          default, accepted and written out in full names (w4a16-g128-asym-gptq)
     w4a16-g128-mse        any of the above with each group's range searched to minimize the rounding error
-                          ("-clip": weighted by the calibration activations, needs data); also after -gptq
+                          (with -rtn: no data); "-clip": weighted by the calibration activations
     w4a16-g128-gptq-budget0.02  any of the above under an accuracy budget: the most sensitive layers are
                           given INT8 ("-budget0.02-float": left in float) until the perplexity measured
                           on the budget data is within 2% of the original's (calibrated; causal LMs)
@@ -27,7 +33,8 @@ A preset string is parsed into a :class:`CompressConfig`; grammar::
                           model (DistillConfig defaults; needs training data), then quantized
     2:4                   2:4 structured sparsity (SparseGPT, needs calibration data), kept values in
                           the layer's float dtype; "2:4-magnitude" / "2:4-wanda" choose the mask otherwise
-    2:4+w8a16             ... with the kept values in INT8 (any weight-only recipe above: 2:4+w4a16-g128)
+    2:4+w8a16             ... with the kept values in INT8 (any weight-only recipe above: 2:4+w4a16-g128,
+                          GPTQ-rounded on the pruned weights; 2:4-magnitude+w4a16-g128-rtn needs no data)
     2:4-kd+w8a16          ... with a recovery stage: the pruned model is distilled from the original with
                           the masks fixed (DistillConfig defaults; needs training data) before packing
     2:4-tune              ... each block's kept weights tuned to its float output after the block is
@@ -36,13 +43,20 @@ A preset string is parsed into a :class:`CompressConfig`; grammar::
 
 Group sizes are powers of two >= 16. With "a16" the activations stay in the model's float dtype;
 "a8" (INT8 weights only) quantizes each token's activations to INT8 with its own scale at run time.
+
+The defaults follow the calibration issue's preset list: ``w8a8`` is SmoothQuant and the INT4 recipes
+are GPTQ, so both need calibration data; ``w8a16`` (the default of :func:`qruntime.compress`) needs none.
+The data-free variants are spelled out: ``w8a8-nosq``, ``w4a16-g128-rtn``. Full names
+(:attr:`CompressConfig.name`, the report's ``config``) always state the INT4 rounding (``-rtn`` /
+``-gptq``) and the W8A8 smoothing (``-sq`` / ``-nosq``), and parse back to the same config.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
 
-__all__ = ["CompressConfig", "QuantConfig", "DistillConfig", "SparsityConfig", "PRESETS", "SELECTION_METHODS", "resolve_config", "DEFAULT_EXCLUDE"]
+__all__ = ["CompressConfig", "QuantConfig", "DistillConfig", "SparsityConfig", "PRESETS", "SELECTION_METHODS", "resolve_config",
+           "data_free_variant", "DEFAULT_EXCLUDE"]
 
 # Heads and embeddings are kept in full precision by default: they are few layers, they dominate the
 # accuracy loss when quantized, and lm_head is usually tied to the embedding matrix.
@@ -200,7 +214,7 @@ class QuantConfig:
             s += f"-g{self.group_size}"
         if self.bits == 4:
             s += "-sym" if self.symmetric else "-asym"
-        if self.method != "rtn":
+        if self.method != "rtn" or self.bits == 4:  # INT4 states its rounding (plain presets are GPTQ)
             s += f"-{self.method}"
         s += CLIP_METHODS[self.clip]
         return s + _tune_suffix(self.tune_steps, DEFAULT_TUNE_STEPS) + ("-round" if self.tune_rounding else "")
@@ -415,6 +429,8 @@ class CompressConfig:
         if self.smoothquant is not None:
             s += "-sq" if self.smoothquant == 0.5 else (
                 "-sqauto" if self.smoothquant == "auto" else f"-sq{self.smoothquant:g}")
+        elif self.quant is not None and self.quant.act_bits == 8:
+            s += "-nosq"  # plain "w8a8" is SmoothQuant
         if self.embeddings is not None:
             s += f"-emb{self.embeddings.bits}"
         if self.max_ppl_increase is not None:
@@ -426,38 +442,39 @@ class CompressConfig:
 
 
 _PRESET_RE = re.compile(
-    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?(?:-(?P<clip>mse|clip))?(?:-tune(?P<tune>\d+)?(?P<tuneflag>)(?P<round>-round)?)?(?P<awq>-awq)?(?P<sqflag>-sq(?P<sq>0?\.\d+|auto)?)?(?:-emb(?P<emb>8|4))?(?:-budget(?P<budget>\d*\.?\d+)(?P<float>-float)?)?$"
+    r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?(?:-(?P<clip>mse|clip))?(?:-tune(?P<tune>\d+)?(?P<tuneflag>)(?P<round>-round)?)?(?P<awq>-awq)?(?:(?P<sqflag>-sq(?P<sq>0?\.\d+|auto)?)|(?P<nosq>-nosq))?(?:-emb(?P<emb>8|4))?(?:-budget(?P<budget>\d*\.?\d+)(?P<float>-float)?)?$"
 )
 
 AUTO_PRESET = "w4a16-g128-gptq-clip-budget0.02"
 
 PRESETS: dict[str, str] = {
-    "w8a16": "INT8 weights, per-channel symmetric scales",
+    "w8a16": "INT8 weights, per-channel symmetric scales, round to nearest (no data)",
     "w8a16-gptq": "INT8 weights, per-channel, GPTQ rounding (calibrated)",
-    "w8a8": "INT8 weights per channel, INT8 activations per token (dynamic), int32 accumulation",
-    "w8a8-gptq": "w8a8 with GPTQ rounding of the weights (calibrated)",
-    "w8a8-sq": "w8a8 with SmoothQuant (alpha 0.5; -sq0.75 for another), folded into the norms (calibrated)",
-    "w8a8-gptq-sq": "w8a8 with SmoothQuant and GPTQ rounding (calibrated)",
+    "w8a16-gptq-clip": "INT8 weights, per-channel, range searched on the calibration activations, then GPTQ",
+    "w8a8": "INT8 weights per channel, INT8 activations per token (dynamic), int32 accumulation, with "
+            "SmoothQuant (alpha 0.5; -sq0.75 for another) folded into the norms (calibrated)",
+    "w8a8-gptq": "w8a8 (SmoothQuant) with GPTQ rounding of the weights (calibrated)",
     "w8a8-sqauto": "w8a8 with SmoothQuant, alpha searched per group of layers on the calibration data",
-    "w4a16": "INT4 weights, per-channel asymmetric",
-    "w4a16-g128": "INT4 weights, groups of 128 along K, asymmetric",
-    "w4a16-g64": "INT4 weights, groups of 64 along K, asymmetric",
-    "w4a16-g32": "INT4 weights, groups of 32 along K, asymmetric",
-    "w4a16-g128-gptq": "INT4 weights, groups of 128, asymmetric, GPTQ rounding (calibrated)",
-    "w4a16-g128-mse": "INT4 g128, each group's range shrunk to minimize its squared rounding error (no data)",
+    "w8a8-nosq": "plain per-token W8A8, no SmoothQuant, round to nearest (no data)",
+    "w4a16": "INT4 weights, per-channel asymmetric, GPTQ with act-order (calibrated)",
+    "w4a16-g128": "INT4 weights, groups of 128 along K, asymmetric, GPTQ with act-order (calibrated)",
+    "w4a16-g64": "INT4 weights, groups of 64 along K, asymmetric, GPTQ with act-order (calibrated)",
+    "w4a16-g32": "INT4 weights, groups of 32 along K, asymmetric, GPTQ with act-order (calibrated)",
+    "w4a16-g128-rtn": "INT4 g128 asymmetric, round to nearest (no data; '-rtn' on any INT4 recipe)",
+    "w4a16-g128-rtn-mse": "INT4 g128, each group's range shrunk to minimize its squared rounding error (no data)",
     "w4a16-g128-gptq-clip": "INT4 g128, range searched with activation-weighted error (calibrated), then GPTQ",
     "auto": f"{AUTO_PRESET}: INT4 where the accuracy budget allows, INT8 for the most sensitive layers",
-    "w4a16-g128-awq": "INT4 g128 after AWQ scaling (alpha searched per group on calibration Hessians, folded)",
+    "w4a16-g128-awq": "INT4 g128 GPTQ after AWQ scaling (alpha searched per group on calibration Hessians, folded)",
     "w4a16-g128-gptq-clip-tune-awq": "INT4 g128: AWQ, clipping search, GPTQ, then each block's scales tuned "
                                      "to its float output (64 steps; '-tune<steps>' for another number)",
     "w4a16-g128-gptq-clip-tune-round-awq": "as -tune-awq, with the codes tuned too (learned rounding: each code "
                                            "may move to the other grid point next to its GPTQ value)",
-    "w4a16-g128-gptq-emb4": "w4a16-g128-gptq, plus the token embedding (and a tied lm_head) in INT4 g128",
+    "w4a16-g128-gptq-emb4": "w4a16-g128 (GPTQ), plus the token embedding (and a tied lm_head) in INT4 g128",
     "w8a16-emb8": "w8a16, plus the token embedding (and a tied lm_head) in INT8 per row",
     "2:4": "2:4 structured sparsity by SparseGPT (calibrated), kept values in the layer's float dtype",
     "2:4-magnitude": "2:4 by weight magnitude (no data); '2:4-wanda': by |W| x input norm (calibrated)",
     "2:4+w8a16": "2:4 (SparseGPT) with the kept values in INT8 per channel",
-    "2:4+w4a16-g128": "2:4 (SparseGPT) with the kept values in INT4, groups of 128, asymmetric",
+    "2:4+w4a16-g128": "2:4 (SparseGPT) with the kept values in INT4, groups of 128, asymmetric, GPTQ-rounded",
     "2:4-kd+w8a16": "2:4, then a KD recovery fine-tune with the masks fixed (needs training data), then INT8",
     "2:4-tune": "2:4 (SparseGPT), each block's kept weights then tuned to its float output on the calibration "
                 "data (128 steps; '-tune<steps>' for another number)",
@@ -484,10 +501,10 @@ def parse_preset(name: str) -> CompressConfig:
         if sparse[5] is None:
             return CompressConfig(quant=None, sparsity=sparsity)
         base = parse_preset(sparse[5])
+        if base.quant is not None and base.quant.act_bits != 16:
+            raise ValueError(f"preset {name!r}: 2:4 kernels take float activations; use w8a16 or w4a16")
         if base.sparsity is not None or base.distill is not None or base.smoothquant is not None or base.embeddings is not None:
             raise ValueError(f"preset {name!r}: after '2:4+' give a weight recipe such as 'w8a16' or 'w4a16-g128'")
-        if base.quant.act_bits != 16:
-            raise ValueError(f"preset {name!r}: 2:4 kernels take float activations; use w8a16 or w4a16")
         return replace(base, sparsity=sparsity)
     if name.strip().lower().startswith(("2:", "4:")):
         raise ValueError(
@@ -498,7 +515,7 @@ def parse_preset(name: str) -> CompressConfig:
     if m is None:
         raise ValueError(
             f"unknown preset {name!r}: expected one of {sorted(PRESETS)} or the form "
-            "'w8a16' / 'w8a8' / 'w4a16[-g<group>][-sym|-asym]' with an optional '-gptq', '-mse' or '-clip', '-tune[<steps>][-round]', '-awq', '-sq[<alpha>]' (w8a8), '-emb8|4', "
+            "'w8a16' / 'w8a8' / 'w4a16[-g<group>][-sym|-asym]' with an optional '-rtn' or '-gptq', '-mse' or '-clip', '-tune[<steps>][-round]', '-awq', '-sq[<alpha>|auto]' or '-nosq' (w8a8), '-emb8|4', "
             "'-budget<x>[-float]'"
         )
     bits = int(m["bits"])
@@ -507,7 +524,7 @@ def parse_preset(name: str) -> CompressConfig:
         raise ValueError(f"preset {name!r}: INT8 activations need INT8 weights (w8a8)")
     group = int(m["group"]) if m["group"] else None
     sym = m["sym"]
-    method = m["method"] or "rtn"
+    method = m["method"] or ("gptq" if bits == 4 else "rtn")  # the calibration issue's presets: INT4 is GPTQ
     clip = {"mse": "mse", "clip": "act", None: "none"}[m["clip"]]
     tune = _parse_tune(name, m["tuneflag"], m["tune"], DEFAULT_TUNE_STEPS)
     if bits == 8:
@@ -519,16 +536,30 @@ def parse_preset(name: str) -> CompressConfig:
         quant = QuantConfig(bits=4, group_size=group, symmetric=(sym == "sym"), method=method, clip=clip,
                             tune_steps=tune, tune_rounding=bool(m["round"]))
     smoothquant = None
-    if m["sqflag"]:
+    if (m["sqflag"] is not None or m["nosq"]) and act_bits != 8:
+        raise ValueError(f"preset {name!r}: SmoothQuant ('-sq' / '-nosq') is for INT8 activations (w8a8)")
+    if act_bits == 8 and not m["nosq"]:  # plain "w8a8" is SmoothQuant at alpha 0.5
         smoothquant = "auto" if m["sq"] == "auto" else (float(m["sq"]) if m["sq"] else 0.5)
-        if act_bits != 8:
-            raise ValueError(f"preset {name!r}: SmoothQuant ('-sq') is for INT8 activations (w8a8)")
     if m["awq"] and act_bits != 16:
         raise ValueError(f"preset {name!r}: AWQ ('-awq') is for weight-only recipes (w8a16 / w4a16); W8A8 has '-sq'")
     return CompressConfig(quant=quant, embeddings=embedding_config(int(m["emb"]), quant) if m["emb"] else None,
                           smoothquant=smoothquant, awq=bool(m["awq"]),
                           max_ppl_increase=float(m["budget"]) if m["budget"] else None,
                           fallback="float" if m["float"] else "w8a16")
+
+
+def data_free_variant(cfg: CompressConfig) -> CompressConfig | None:
+    """The nearest recipe that needs no calibration data (round to nearest, no SmoothQuant / AWQ / tuning /
+    budget, activation-aware clipping dropped, magnitude masks), for error messages; None when ``cfg``
+    needs no data or has a stage that needs training data anyway."""
+    if not cfg.needs_calibration or cfg.distill is not None or (cfg.sparsity is not None and cfg.sparsity.recover):
+        return None
+    quant = cfg.quant
+    if quant is not None:
+        quant = replace(quant, method="rtn", clip="none" if quant.clip == "act" else quant.clip, tune_steps=0,
+                        tune_rounding=False)
+    sparsity = None if cfg.sparsity is None else replace(cfg.sparsity, method="magnitude", tune_steps=0)
+    return replace(cfg, quant=quant, sparsity=sparsity, smoothquant=None, awq=False, max_ppl_increase=None)
 
 
 def embedding_config(bits: int, quant: QuantConfig) -> QuantConfig:

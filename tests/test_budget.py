@@ -86,11 +86,11 @@ def test_compress_respects_the_budget_on_its_data(tiny_llama, awq):
     calib = _sampled(model)
     suffix = "-awq" if awq else ""
     ref = perplexity(model, calib)
-    low, _ = compress(model, f"w4a16{suffix}", calib, inplace=False, progress=False)
+    low, _ = compress(model, f"w4a16-rtn{suffix}", calib, inplace=False, progress=False)
     increase = perplexity(low, calib) / ref - 1
     assert increase > 0.01, increase  # per-channel INT4 with outliers: the budget has work to do
     budget = increase / 4
-    q, report = compress(model, f"w4a16{suffix}", calib, inplace=False, progress=False, max_ppl_increase=budget)
+    q, report = compress(model, f"w4a16-rtn{suffix}", calib, inplace=False, progress=False, max_ppl_increase=budget)
     b = report.budget
     assert b["met"] and b["max_ppl_increase"] == budget and b["data"] == "calibration data"
     assert 0 < len(b["promoted"]) < b["layers"]
@@ -168,7 +168,7 @@ def test_fisher_sensitivity_is_quadratic_leaves_no_gradients_and_ranks_like_meas
     model = _outliers(tiny_llama)
     batches = _sampled(model)
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and "head" not in n]
-    q, _ = compress(model, "w4a16", inplace=False, progress=False)
+    q, _ = compress(model, "w4a16-rtn", inplace=False, progress=False)
     deltas = {n: linear_weight(model.get_submodule(n)).float() - q.get_submodule(n).dequantized_weight() for n in names}
     base = fisher_sensitivity(model, deltas, batches)
     double = fisher_sensitivity(model, {n: 2 * d for n, d in deltas.items()}, batches)

@@ -12,7 +12,8 @@ import qruntime
 from qruntime.checkpoint import FORMAT_VERSION, MANIFEST, WEIGHTS, CheckpointError, load, read_manifest, save
 from qruntime.nn import QuantEmbedding, QuantLinear
 
-ROUND_TRIP_PRESETS = ["w8a16", "w8a8", "w4a16-g32", "w4a16-sym", "w4a16-g16-sym", "w8a16-emb8", "w4a16-g32-emb4"]
+ROUND_TRIP_PRESETS = ["w8a16", "w8a8-nosq", "w4a16-g32-rtn", "w4a16-sym-rtn", "w4a16-g16-sym-rtn", "w8a16-emb8",
+                      "w4a16-g32-rtn-emb4"]
 
 
 def _ids(vocab: int = 128, seq: int = 16) -> torch.Tensor:
@@ -67,7 +68,7 @@ def test_tied_weights_stay_tied(tiny_llama, tiny_gpt2, tmp_path):
         r = load(tmp_path / f"f{i}")
         assert r.lm_head.weight is r.get_input_embeddings().weight  # one Parameter, stored once
         assert "lm_head.weight" in read_manifest(tmp_path / f"f{i}")["tied"]
-        q, _ = qruntime.compress(base, "w4a16-g32-emb4", inplace=False, progress=False)
+        q, _ = qruntime.compress(base, "w4a16-g32-rtn-emb4", inplace=False, progress=False)
         save(q, tmp_path / f"e{i}")
         r = load(tmp_path / f"e{i}")
         emb, head = r.get_input_embeddings(), r.lm_head
@@ -77,7 +78,7 @@ def test_tied_weights_stay_tied(tiny_llama, tiny_gpt2, tmp_path):
 
 def test_bf16_model_round_trip(tiny_llama, tmp_path):
     base = tiny_llama.to(torch.bfloat16)
-    q, _ = qruntime.compress(base, "w4a16-g32", inplace=False, progress=False)
+    q, _ = qruntime.compress(base, "w4a16-g32-rtn", inplace=False, progress=False)
     save(q, tmp_path)
     r = load(tmp_path)
     assert r.model.norm.weight.dtype == torch.bfloat16
@@ -100,7 +101,7 @@ def test_gptq_model_round_trip_and_report_kept(tiny_llama, tmp_path):
 def test_plain_module_needs_its_architecture(tmp_path):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(40, 48), nn.GELU(), nn.Linear(48, 24)).eval()
-    q, _ = qruntime.compress(base, "w4a16-g16", inplace=False, progress=False)
+    q, _ = qruntime.compress(base, "w4a16-g16-rtn", inplace=False, progress=False)
     save(q, tmp_path)
     with pytest.raises(CheckpointError, match="pass the architecture"):
         load(tmp_path)
@@ -114,7 +115,7 @@ def test_plain_module_needs_its_architecture(tmp_path):
 
 @pytest.fixture
 def saved(tiny_llama, tmp_path):
-    q, report = qruntime.compress(tiny_llama, "w4a16-g32", inplace=False, progress=False)
+    q, report = qruntime.compress(tiny_llama, "w4a16-g32-rtn", inplace=False, progress=False)
     save(q, tmp_path, report=report)
     return tmp_path
 
@@ -183,7 +184,7 @@ def test_not_json(saved):
 
 
 def test_tampered_values_are_refused(tiny_llama, tmp_path):
-    q, _ = qruntime.compress(tiny_llama, "w4a16-g32", inplace=False, progress=False)
+    q, _ = qruntime.compress(tiny_llama, "w4a16-g32-rtn", inplace=False, progress=False)
     name, layer = next((n, m) for n, m in q.named_modules() if isinstance(m, QuantLinear))
     layer.scales[0, 0] = float("nan")
     save(q, tmp_path)  # the checksums match what was written: the values themselves are checked on load
@@ -203,7 +204,7 @@ def test_save_refuses_meta_and_non_modules(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_checkpoint_moves_between_devices(tiny_llama, tmp_path):
-    q, _ = qruntime.compress(tiny_llama, "w4a16-g32", inplace=False, progress=False)
+    q, _ = qruntime.compress(tiny_llama, "w4a16-g32-rtn", inplace=False, progress=False)
     save(q, tmp_path / "cpu")
     on_gpu = load(tmp_path / "cpu", device="cuda")
     ids = _ids()

@@ -115,12 +115,12 @@ def test_quantlinear_with_clip_keeps_the_format_and_round_trips_through_gptq():
 
 
 def test_presets_and_config_validation():
-    for preset, name in [("w4a16-g128-mse", "w4a16-g128-asym-mse"), ("w4a16-g64-gptq-clip", "w4a16-g64-asym-gptq-clip"),
-                         ("w8a16-clip", "w8a16-clip"), ("w4a16-g128-awq", "w4a16-g128-asym-awq"),
+    for preset, name in [("w4a16-g128-rtn-mse", "w4a16-g128-asym-rtn-mse"), ("w4a16-g128-mse", "w4a16-g128-asym-gptq-mse"), ("w4a16-g64-gptq-clip", "w4a16-g64-asym-gptq-clip"),
+                         ("w8a16-clip", "w8a16-clip"), ("w4a16-g128-awq", "w4a16-g128-asym-gptq-awq"),
                          ("w4a16-g128-gptq-clip-awq", "w4a16-g128-asym-gptq-clip-awq")]:
         cfg = parse_preset(preset)
         assert cfg.name == name and parse_preset(cfg.name) == cfg
-    assert not resolve_config("w4a16-g128-mse").needs_calibration
+    assert not resolve_config("w4a16-g128-rtn-mse").needs_calibration and resolve_config("w4a16-g128-mse").needs_calibration
     assert resolve_config("w4a16-g128-clip").needs_calibration and resolve_config("w8a16-awq").needs_calibration
     with pytest.raises(ValueError, match="clip='minmax': must be one of"):
         QuantConfig(clip="minmax")
@@ -155,7 +155,7 @@ def _logits(model, ids):
 def test_compress_with_clipping_reports_it_and_needs_data_for_act(tiny_llama):
     with pytest.raises(ValueError, match="needs calib_data"):
         compress(tiny_llama, "w4a16-g32-clip", inplace=False, progress=False)
-    _, report = compress(tiny_llama, "w4a16-g32-mse", inplace=False, progress=False)
+    _, report = compress(tiny_llama, "w4a16-g32-rtn-mse", inplace=False, progress=False)
     assert all("mse clipping" in layer.method for layer in report.layers)
     _, report = compress(tiny_llama, "w4a16-g32-gptq-clip", _calib(), inplace=False, progress=False)
     assert all(layer.method.startswith("gptq + activation-aware clipping") for layer in report.layers)
@@ -208,8 +208,8 @@ def test_compress_awq_beats_rtn_with_outlier_channels_and_saves(tiny_llama, tmp_
     calib = _calib(8)
     ids = torch.cat(calib[:4])
     ref = _logits(model, ids)
-    rtn, _ = compress(model, "w4a16-g32", inplace=False, progress=False)
-    awq, report = compress(model, "w4a16-g32-awq", calib, inplace=False, progress=False)
+    rtn, _ = compress(model, "w4a16-g32-rtn", inplace=False, progress=False)
+    awq, report = compress(model, "w4a16-g32-rtn-awq", calib, inplace=False, progress=False)
     e_rtn, e_awq = rel_error(_logits(rtn, ids), ref), rel_error(_logits(awq, ids), ref)
     assert e_awq < 0.9 * e_rtn, (e_rtn, e_awq)
     assert "awq alpha auto" in report.table()

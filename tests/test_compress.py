@@ -31,7 +31,7 @@ def _gpt2_inputs():
     return {"input_ids": torch.randint(0, 128, (2, 24))}
 
 
-@pytest.mark.parametrize("preset", ["w8a16", "w8a8", "w4a16-g32", "w4a16-g16-sym", "w4a16"])
+@pytest.mark.parametrize("preset", ["w8a16", "w8a8-nosq", "w4a16-g32-rtn", "w4a16-g16-sym-rtn", "w4a16-rtn"])
 @pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_bert", "tiny_llama"])
 def test_compress_converts_all_but_heads_and_runs(arch, preset, request):
     model = request.getfixturevalue(arch)
@@ -52,9 +52,9 @@ def test_compress_converts_all_but_heads_and_runs(arch, preset, request):
         out = model(**inputs).logits
     assert out.shape == ref.shape and torch.isfinite(out).all()
     # INT8 must be near-transparent; INT4 round-to-nearest on random weights is coarser but still close
-    assert sqnr_db(ref, out) >= {"w8a16": 30, "w8a8": 25}.get(preset, 12)
+    assert sqnr_db(ref, out) >= {"w8a16": 30, "w8a8-nosq": 25}.get(preset, 12)
     assert report.weight_bytes_after < report.weight_bytes_before
-    assert all(l.format == report.config for l in report.layers)
+    assert all(l.format == qruntime.config.parse_preset(preset).quant.name for l in report.layers)
 
 
 def test_gpt2_conv1d_weight_is_transposed(tiny_gpt2):
@@ -127,14 +127,54 @@ def test_config_validation_messages():
         QuantConfig(bits=3)
     with pytest.raises(TypeError, match="include"):
         CompressConfig(include="*")
-    assert qruntime.config.parse_preset("w4a16-g128").quant == QuantConfig(bits=4, group_size=128, symmetric=False)
-    assert qruntime.config.parse_preset("W4A16-g64-sym").quant == QuantConfig(bits=4, group_size=64, symmetric=True)
+    assert qruntime.config.parse_preset("w4a16-g128").quant == QuantConfig(bits=4, group_size=128, symmetric=False,
+                                                                           method="gptq")
+    assert qruntime.config.parse_preset("W4A16-g64-sym-rtn").quant == QuantConfig(bits=4, group_size=64, symmetric=True)
     assert qruntime.config.parse_preset("w8a8-gptq").quant == QuantConfig(bits=8, act_bits=8, method="gptq")
     assert QuantConfig(bits=8, act_bits=8).name == "w8a8"
     with pytest.raises(ValueError, match="act_bits=12: must be 16 or 8"):
         QuantConfig(act_bits=12)
     with pytest.raises(ValueError, match="bits=4 with act_bits=8"):
         QuantConfig(bits=4, act_bits=8)
+
+
+def test_plain_presets_are_the_calibrated_recipes_the_issue_names():
+    """Issue #5's preset list: plain ``w8a8`` is SmoothQuant and plain INT4 recipes are GPTQ; ``-nosq`` and
+    ``-rtn`` are the data-free spellings; every full name parses back to its config."""
+    from qruntime.config import PRESETS, data_free_variant, parse_preset
+
+    assert parse_preset("w8a8").smoothquant == 0.5 and parse_preset("w8a8").quant.method == "rtn"
+    assert parse_preset("w8a8-nosq").smoothquant is None and not parse_preset("w8a8-nosq").needs_calibration
+    for group in ("", "-g32", "-g64", "-g128"):
+        cfg = parse_preset(f"w4a16{group}")
+        assert cfg.quant.method == "gptq" and cfg.quant.gptq_act_order and not cfg.quant.symmetric
+        assert cfg == parse_preset(f"w4a16{group}-gptq") and cfg.name == f"w4a16{group}-asym-gptq"
+        rtn = parse_preset(f"w4a16{group}-rtn")
+        assert rtn.quant.method == "rtn" and not rtn.needs_calibration and data_free_variant(cfg) == rtn
+    assert parse_preset("w8a16") == CompressConfig() and not parse_preset("w8a16").needs_calibration
+    assert data_free_variant(parse_preset("w8a8-gptq-sqauto")) == parse_preset("w8a8-nosq")
+    assert data_free_variant(parse_preset("w8a16")) is None
+    for name in PRESETS:
+        cfg = parse_preset(name)
+        assert parse_preset(cfg.name) == cfg, name
+    with pytest.raises(ValueError, match=r"'-sq' / '-nosq'\) is for INT8 activations"):
+        parse_preset("w4a16-g128-nosq")
+
+
+def test_plain_presets_compress_like_their_explicit_spellings(tiny_llama):
+    calib = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    runs = {}
+    for preset in ("w4a16-g32", "w4a16-g32-gptq", "w8a8", "w8a8-sq"):
+        q, report = compress(copy.deepcopy(tiny_llama), preset, calib, progress=False)
+        runs[preset] = (q.state_dict(), report)
+    for plain, explicit in (("w4a16-g32", "w4a16-g32-gptq"), ("w8a8", "w8a8-sq")):
+        (a, ra), (b, rb) = runs[plain], runs[explicit]
+        assert ra.config == rb.config and a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), plain
+    assert all(layer.method.startswith("gptq") for layer in runs["w4a16-g32"][1].layers)
+    assert runs["w8a8"][1].smoothing["alpha"] == 0.5 and runs["w8a8"][1].smoothing["groups"]
+    with pytest.raises(ValueError, match="needs calib_data.*the data-free 'w8a8-nosq'"):
+        compress(tiny_llama, "w8a8", progress=False)
 
 
 def test_no_convertible_layer():
@@ -160,7 +200,7 @@ def test_nan_weight_is_refused_and_model_unchanged(tiny_gpt2):
         tiny_gpt2.transformer.h[1].mlp.c_proj.weight[3, 5] = float("nan")
     before = copy.deepcopy(tiny_gpt2)
     with pytest.raises(ValueError, match=r"transformer.h.1.mlp.c_proj.*1 NaN/Inf"):
-        compress(tiny_gpt2, "w4a16-g32", progress=False)
+        compress(tiny_gpt2, "w4a16-g32-rtn", progress=False)
     assert [type(m) for m in tiny_gpt2.modules()] == [type(m) for m in before.modules()]
 
 
@@ -169,7 +209,7 @@ def test_not_a_module():
         compress({"weight": torch.ones(2, 2)})
 
 
-@pytest.mark.parametrize("preset", ["w8a16", "w8a8", "w4a16-g32"])
+@pytest.mark.parametrize("preset", ["w8a16", "w8a8-nosq", "w4a16-g32-rtn"])
 def test_compressed_model_traces_with_torch_compile(tiny_llama, preset):
     compress(tiny_llama, preset, progress=False)
     ids = torch.randint(0, 128, (1, 8))
@@ -180,7 +220,7 @@ def test_compressed_model_traces_with_torch_compile(tiny_llama, preset):
     assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("preset", ["w8a16", "w8a8", "w4a16-g32"])
+@pytest.mark.parametrize("preset", ["w8a16", "w8a8-nosq", "w4a16-g32-rtn"])
 def test_module_fast_path_equals_the_op(tiny_llama, preset):
     """Eager CPU calls skip the dispatcher; the op (used with autograd or compile) gives the same numbers."""
     compress(tiny_llama, preset, progress=False)
@@ -199,7 +239,7 @@ def test_bf16_model_runs_quantized(tiny_llama):
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         ref = model(ids).logits.float()
-    compress(model, "w8a8", progress=False)
+    compress(model, "w8a8-nosq", progress=False)
     with torch.no_grad():
         out = model(ids).logits
     assert out.dtype == torch.bfloat16 and sqnr_db(ref, out.float()) > 20
@@ -207,7 +247,7 @@ def test_bf16_model_runs_quantized(tiny_llama):
 
 def test_module_kernel_arguments_follow_load_state_dict_and_pickle(tiny_llama, tmp_path):
     """The module keeps its CPU kernel's arguments; a load_state_dict (in-place copy) must refresh them."""
-    compress(tiny_llama, "w8a8", progress=False)
+    compress(tiny_llama, "w8a8-nosq", progress=False)
     layer = tiny_llama.model.layers[0].self_attn.q_proj
     other = QuantLinear.from_linear(nn.Linear(layer.in_features, layer.out_features, bias=False), layer.quant)
     x = torch.randn(4, layer.in_features)
@@ -222,7 +262,7 @@ def test_module_kernel_arguments_follow_load_state_dict_and_pickle(tiny_llama, t
         assert torch.equal(loaded.model.layers[0].self_attn.q_proj(x), expected)
 
 
-@pytest.mark.parametrize("preset", ["w8a16", "w4a16-g32-emb4"])
+@pytest.mark.parametrize("preset", ["w8a16", "w4a16-g32-rtn-emb4"])
 def test_half_keeps_scales_float32(tiny_llama, preset):
     """model.half() after compress: bias and the model follow, the scales stay float32 (exact)."""
     compress(tiny_llama, preset, progress=False)

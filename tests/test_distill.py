@@ -761,7 +761,7 @@ def test_compress_with_depth_stage():
 
 def test_distilled_and_quantized_checkpoint_round_trip(tmp_path):
     teacher = _llama()
-    model, report = qruntime.compress(teacher, "d2+w4a16-g16", train_data=_ids(4), progress=False)
+    model, report = qruntime.compress(teacher, "d2+w4a16-g16-rtn", train_data=_ids(4), progress=False)
     qruntime.save(model, tmp_path / "ckpt", report=report)
     loaded = qruntime.load(tmp_path / "ckpt")
     assert loaded.config.num_hidden_layers == 2 and loaded.config.qruntime_student["teacher_num_layers"] == DEPTH

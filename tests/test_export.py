@@ -42,7 +42,8 @@ def test_pack_int32_matches_the_published_bit_order():
     assert _pack_int32(torch.tensor([[1, 2, 3]], dtype=torch.uint8), 4).item() == 0x321
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w8a16", "w4a16-g32", "w4a16-g16-sym", "w4a16", "w4a16-sym", "w4a16-g32-emb4"])
+@pytest.mark.parametrize("preset", ["w8a8-nosq", "w8a16", "w4a16-g32-rtn", "w4a16-g16-sym-rtn", "w4a16-rtn", "w4a16-sym-rtn",
+                                    "w4a16-g32-rtn-emb4"])
 def test_export_decompresses_to_our_weights_exactly(tiny_llama, preset, tmp_path):
     q, _ = qruntime.compress(tiny_llama, preset, inplace=False, progress=False)
     summary = export_compressed_tensors(q, tmp_path)
@@ -55,7 +56,7 @@ def test_export_decompresses_to_our_weights_exactly(tiny_llama, preset, tmp_path
     assert summary["embeddings_as_float"] == (["model.embed_tokens"] if preset.endswith("emb4") else [])
 
 
-@pytest.mark.parametrize("preset", ["w8a16", "w4a16-g32"])
+@pytest.mark.parametrize("preset", ["w8a16", "w4a16-g32-rtn"])
 def test_transformers_loads_the_export(tiny_llama, preset, tmp_path):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
@@ -70,7 +71,7 @@ def test_transformers_loads_the_export(tiny_llama, preset, tmp_path):
 
 
 def test_bert_exports(tiny_bert, tmp_path):
-    q, _ = qruntime.compress(tiny_bert, "w4a16-g32-asym", inplace=False, progress=False)
+    q, _ = qruntime.compress(tiny_bert, "w4a16-g32-asym-rtn", inplace=False, progress=False)
     summary = export_compressed_tensors(q, tmp_path)
     assert summary["ignore"] == ["classifier"]
     got = _ct_decompressed(tmp_path)
@@ -78,7 +79,7 @@ def test_bert_exports(tiny_bert, tmp_path):
 
 
 def test_unexportable_models_are_refused_with_reasons(tiny_llama, tiny_gpt2, tmp_path):
-    q, _ = qruntime.compress(tiny_llama, "w4a16-g64", inplace=False, progress=False)  # K=96, 160: not whole groups
+    q, _ = qruntime.compress(tiny_llama, "w4a16-g64-rtn", inplace=False, progress=False)  # K=96, 160: not whole groups
     with pytest.raises(ValueError, match=r"K=96, group_size=64.*group size 32"):
         export_compressed_tensors(q, tmp_path)
     q, _ = qruntime.compress(tiny_gpt2, "w8a16", inplace=False, progress=False)
@@ -91,7 +92,7 @@ def test_unexportable_models_are_refused_with_reasons(tiny_llama, tiny_gpt2, tmp
         export_compressed_tensors(plain, tmp_path)
 
 
-@pytest.mark.parametrize("preset", ["2:4-magnitude+w8a16", "2:4-magnitude+w4a16-g32", "2:4-magnitude+w4a16-sym"])
+@pytest.mark.parametrize("preset", ["2:4-magnitude+w8a16", "2:4-magnitude+w4a16-g32-rtn", "2:4-magnitude+w4a16-sym-rtn"])
 def test_2_4_layers_export_dense_with_their_structure(tiny_llama, preset, tmp_path):
     """2:4 layers are written as dense codes (pruned positions: code 0 / the zero point) that decompress
     to our weights exactly, with a sparsity_config naming them; transformers loads the export."""

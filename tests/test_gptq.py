@@ -115,7 +115,7 @@ def test_compress_gptq_on_tiny_llama_beats_rtn(tiny_llama):
     ids = torch.randint(0, 128, (2, 32))
     with torch.no_grad():
         ref = tiny_llama(ids).logits
-    rtn_model, _ = compress(tiny_llama, "w4a16-g32", inplace=False, progress=False)
+    rtn_model, _ = compress(tiny_llama, "w4a16-g32-rtn", inplace=False, progress=False)
     gptq_model, report = compress(copy.deepcopy(tiny_llama), "w4a16-g32-gptq", calib, progress=False)
     assert all(l.method.startswith("gptq (256 calibration rows)") for l in report.layers)
     with torch.no_grad():

@@ -57,7 +57,7 @@ def test_smollm2_int8_gptq_meets_targets(smollm2, tmp_path):
 def test_smollm2_int4_g128_runs_and_is_bounded(smollm2):
     model, tok = smollm2
     ids = tokenize_text(tok, split_text("eval"), max_tokens=2048)
-    qmodel, report = compress(model, "w4a16-g128", inplace=False, progress=False)
+    qmodel, report = compress(model, "w4a16-g128-rtn", inplace=False, progress=False)
     # 576 input columns are padded to 640 for groups of 128: this must just work
     assert report.layers[0].in_features == 576 and report.weight_compression > 6
     result = evaluate_causal_lm(qmodel, ids, reference=model, progress=False)
@@ -109,7 +109,8 @@ def test_demo_bad_preset_exits_2(capsys):
 
 # Every weight format on SmolLM2-135M (the GPTQ presets store the same formats as these, with other codes;
 # one of them is round-tripped above).
-SMOLLM2_FORMATS = ["w8a16", "w8a8", "w4a16-g128", "w4a16-g64", "w4a16-g32", "w4a16", "w4a16-g128-sym", "w8a16-emb8", "w4a16-g128-emb4"]
+SMOLLM2_FORMATS = ["w8a16", "w8a8-nosq", "w4a16-g128-rtn", "w4a16-g64-rtn", "w4a16-g32-rtn", "w4a16-rtn", "w4a16-g128-sym-rtn",
+                   "w8a16-emb8", "w4a16-g128-rtn-emb4"]
 
 
 @pytest.mark.parametrize("preset", SMOLLM2_FORMATS)
@@ -129,7 +130,7 @@ def test_smollm2_checkpoint_round_trip(smollm2, preset, tmp_path):
         torch.Size(m["shape"]).numel() * getattr(torch, m["dtype"]).itemsize for m in manifest["tensors"].values()
     )
     assert (folder / "model.safetensors").stat().st_size <= 1.05 * tensor_bytes
-    if preset == "w4a16-g128-emb4":
+    if preset == "w4a16-g128-rtn-emb4":
         # vs the fp16 safetensors of the same model: every parameter in 2 bytes, the tied head once
         fp16_bytes = 2 * sum(p.numel() for p in model.parameters())
         assert (folder / "model.safetensors").stat().st_size <= 0.30 * fp16_bytes

@@ -10,6 +10,7 @@ import torch
 
 import qruntime
 from qruntime import QuantLinear, compress
+from qruntime.config import resolve_config
 from qruntime.nn import QuantEmbedding
 
 
@@ -74,7 +75,7 @@ def test_failure_in_the_embedding_leaves_the_model_as_it_was(tiny_llama, monkeyp
 
     monkeypatch.setattr(QuantEmbedding, "from_embedding", classmethod(failing))
     with pytest.raises(MemoryError, match="injected"):
-        compress(tiny_llama, "w4a16-g32-emb4", progress=False)
+        compress(tiny_llama, "w4a16-g32-rtn-emb4", progress=False)
     _assert_unchanged(tiny_llama, before)
 
 
@@ -85,7 +86,7 @@ def test_inplace_false_never_touches_the_original_even_on_success(tiny_llama):
     _assert_unchanged(tiny_llama, before)
 
 
-@pytest.mark.parametrize("preset", ["w8a16", "w4a16-g32-asym", "w8a8", "w4a16-g32-gptq", "w8a16-gptq-emb8"])
+@pytest.mark.parametrize("preset", ["w8a16", "w4a16-g32-asym-rtn", "w8a8-nosq", "w8a8", "w4a16-g32-gptq", "w8a16-gptq-emb8"])
 def test_same_model_recipe_and_data_give_bit_identical_weights(tiny_llama, preset):
     runs = []
     for _ in range(2):
@@ -96,7 +97,7 @@ def test_same_model_recipe_and_data_give_bit_identical_weights(tiny_llama, prese
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert ra.calibration == rb.calibration
-    if "gptq" in preset:
+    if resolve_config(preset).needs_calibration:  # GPTQ, SmoothQuant (plain w8a8)
         assert ra.calibration["batches"] == 3 and ra.calibration["tokens"] == 36
         assert len(ra.calibration["sha256"]) == 64 and "calibration data: 3 batches" in ra.table()
     else:

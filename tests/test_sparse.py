@@ -168,7 +168,7 @@ def test_presets_and_their_errors():
     assert resolve_config("2:4").sparsity == SparsityConfig()
     assert resolve_config("2:4").quant is None
     c = resolve_config("2:4-wanda+w4a16-g128")
-    assert c.sparsity.method == "wanda" and c.quant.group_size == 128 and c.name == "2:4-wanda+w4a16-g128-asym"
+    assert c.sparsity.method == "wanda" and c.quant.group_size == 128 and c.name == "2:4-wanda+w4a16-g128-asym-gptq"
     assert resolve_config(c.name) == c  # the name parses back
     assert resolve_config("2:4-kd+w8a16").sparsity.recover is not None
     assert resolve_config("d1+2:4+w8a16").distill.num_layers == 1
@@ -263,7 +263,7 @@ def test_recovery_keeps_the_masks_and_reduces_the_error(tiny_llama):
     assert all(type(m).__name__ != "SparseLinear" for m in tiny_llama.modules())
 
 
-@pytest.mark.parametrize("preset", ["2:4-magnitude", "2:4-magnitude+w8a16", "2:4-magnitude+w4a16-g32"])
+@pytest.mark.parametrize("preset", ["2:4-magnitude", "2:4-magnitude+w8a16", "2:4-magnitude+w4a16-g32-rtn"])
 def test_save_load_round_trip_is_exact(preset, tiny_llama, tiny_gpt2, tmp_path):
     for i, model in enumerate((tiny_llama, tiny_gpt2)):
         out, report = qruntime.compress(model, preset, inplace=False, progress=False)

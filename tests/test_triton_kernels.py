@@ -294,7 +294,7 @@ def test_measured_dispatch_picks_a_timed_path():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU")
-@pytest.mark.parametrize("preset", ["w8a16", "w8a8", "w4a16-g32"])
+@pytest.mark.parametrize("preset", ["w8a16", "w8a8-nosq", "w4a16-g32-rtn"])
 def test_compressed_model_on_cuda_compiles_without_graph_breaks(tiny_llama, preset):
     from qruntime import compress
 
@@ -326,5 +326,5 @@ def test_gpu_benchmark_script_runs_under_the_interpreter(tmp_path, monkeypatch):
     methods = {(r["method"], r["path"].split(":")[0]) for r in payload["rows"]}
     assert ("fp16", "cublas") in methods and ("w4a16-g128", "auto") in methods and ("w8a8", "gemm") in methods
     assert all(r["rel_err"] < 2e-2 for r in payload["rows"] if "rel_err" in r)
-    assert {r["recipe"] for r in payload["e2e_decode"]} == {"fp16", "w8a16", "w4a16-g128", "w8a8"}
+    assert {r["recipe"] for r in payload["e2e_decode"]} == {"fp16", "w8a16", "w4a16-g128-rtn", "w8a8-nosq"}
     assert any(line.startswith("dispatched path") for line in payload["targets"])

@@ -306,7 +306,7 @@ def test_compress_with_tuning_reports_each_block_and_leaves_the_original(model_n
     calib = _batches(vocab, n=8)
     # rounding from round to nearest: on these tiny random models with random tokens, GPTQ's codes, fitted
     # to the few calibration rows, are rarely improved on the held-out windows (see the next test)
-    preset = "w4a16-g32-tune16-round" if rounding else "w4a16-g32-gptq-tune16"
+    preset = "w4a16-g32-rtn-tune16-round" if rounding else "w4a16-g32-gptq-tune16"
     q, report = compress(model, preset, calib, progress=False, inplace=False)
     if rounding:
         _check_tuned_report(report, model, "scales and codes", "scale and rounding tuning")
@@ -345,7 +345,7 @@ def test_a_model_without_blocks_is_not_tuned_and_the_report_says_so():
             return self.b(torch.relu(self.a(input_ids.float())))
 
     calib = [torch.randint(0, 9, (4, 32)) for _ in range(2)]
-    _, report = compress(Flat(), "w4a16-g32-tune4", calib, progress=False)
+    _, report = compress(Flat(), "w4a16-g32-rtn-tune4", calib, progress=False)
     assert report.calibration["mode"].startswith("one pass") and report.calibration["tuned_blocks"] == []
     assert "scale tuning: not run" in str(report)
     sparse, report = compress(Flat(), "2:4-tune4", calib, progress=False)
