@@ -16,7 +16,7 @@ from _common import cv_probe_difference, environment, write_json  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm-l6")
-    p.add_argument("--preset", nargs="+", default=["w8a16", "w8a16-gptq", "w4a16-g32", "w4a16-g32-gptq"])
+    p.add_argument("--preset", nargs="+", default=["w8a16", "w8a16-gptq", "w4a16-g32-rtn", "w4a16-g32"])
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
