@@ -281,7 +281,7 @@ def e2e(args, device: str, payload: dict) -> None:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
             out.append(dict(model=name, recipe=recipe, tokens_per_s=new_tokens / dt))
-            print(f"e2e {name:28s} {recipe:12s} {new_tokens / dt:9.1f} tok/s")
+            print(f"e2e {name:28s} {recipe:15s} {new_tokens / dt:9.1f} tok/s")
             del model
     base = {r["model"]: r["tokens_per_s"] for r in out if r["recipe"] == "fp16"}
     for r in out:

@@ -559,7 +559,8 @@ def data_free_variant(cfg: CompressConfig) -> CompressConfig | None:
         quant = replace(quant, method="rtn", clip="none" if quant.clip == "act" else quant.clip, tune_steps=0,
                         tune_rounding=False)
     sparsity = None if cfg.sparsity is None else replace(cfg.sparsity, method="magnitude", tune_steps=0)
-    return replace(cfg, quant=quant, sparsity=sparsity, smoothquant=None, awq=False, max_ppl_increase=None)
+    return replace(cfg, quant=quant, sparsity=sparsity, smoothquant=None, awq=False, max_ppl_increase=None,
+                   fallback="w8a16")
 
 
 def embedding_config(bits: int, quant: QuantConfig) -> QuantConfig:

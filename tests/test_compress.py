@@ -154,9 +154,11 @@ def test_plain_presets_are_the_calibrated_recipes_the_issue_names():
     assert parse_preset("w8a16") == CompressConfig() and not parse_preset("w8a16").needs_calibration
     assert data_free_variant(parse_preset("w8a8-gptq-sqauto")) == parse_preset("w8a8-nosq")
     assert data_free_variant(parse_preset("w8a16")) is None
-    for name in PRESETS:
+    for name in [*PRESETS, "w4a16-g128-budget0.02-float", "w8a8-sqauto-emb8"]:
         cfg = parse_preset(name)
         assert parse_preset(cfg.name) == cfg, name
+        free = data_free_variant(cfg)
+        assert free is None or (parse_preset(free.name) == free and not free.needs_calibration), name
     with pytest.raises(ValueError, match=r"'-sq' / '-nosq'\) is for INT8 activations"):
         parse_preset("w4a16-g128-nosq")
 
