@@ -4,7 +4,8 @@
         --eval-tokens 16384 --json bench/results/smollm2_cpu.json
 
 Text: the Wikipedia evaluation split of qruntime.data (first --eval-tokens tokens); calibration for
-calibrated recipes (GPTQ, SmoothQuant, ...): --calib-samples windows of the calibration split (disjoint from the evaluation text).
+calibrated recipes (GPTQ, SmoothQuant, ...): --calib-samples windows of the calibration split (disjoint
+from the evaluation text).
 """
 from __future__ import annotations
 

@@ -115,7 +115,8 @@ def test_quantlinear_with_clip_keeps_the_format_and_round_trips_through_gptq():
 
 
 def test_presets_and_config_validation():
-    for preset, name in [("w4a16-g128-rtn-mse", "w4a16-g128-asym-rtn-mse"), ("w4a16-g128-mse", "w4a16-g128-asym-gptq-mse"), ("w4a16-g64-gptq-clip", "w4a16-g64-asym-gptq-clip"),
+    for preset, name in [("w4a16-g128-rtn-mse", "w4a16-g128-asym-rtn-mse"), ("w4a16-g128-mse", "w4a16-g128-asym-gptq-mse"),
+                         ("w4a16-g64-gptq-clip", "w4a16-g64-asym-gptq-clip"),
                          ("w8a16-clip", "w8a16-clip"), ("w4a16-g128-awq", "w4a16-g128-asym-gptq-awq"),
                          ("w4a16-g128-gptq-clip-awq", "w4a16-g128-asym-gptq-clip-awq")]:
         cfg = parse_preset(preset)
