@@ -58,7 +58,24 @@ def write_json(path: str | None, payload: dict) -> None:
         print(f"wrote {path}")
 
 
+def _points(diff: float, se: float) -> str:
+    return f"{100 * diff:+.1f}+-{100 * se:.1f}p"
+
+
+TASK_HEADER = f"{'topic cv':>9} {'vs original':>12} {'refit vs':>12} {'Lee r':>7} {'vs original':>15}"
+
+
+def task_columns(t: dict) -> str:
+    """An ``EncoderTasksEval.to_dict()`` as table columns: the topic probe (cross-validated, the
+    original's probes on the model's embeddings, and refit), its paired differences in points, and the
+    Lee similarity Pearson correlation with its difference to the original's (jackknife standard error)."""
+    n, lee = t["newsgroups"], t["lee"]
+    lee_diff = f"{lee['model_pearson'] - lee['reference_pearson']:+.3f}+-{lee['pearson_se']:.3f}"
+    return (f"{n['model']:>9.3f} {_points(n['model'] - n['reference'], n['model_se']):>12} "
+            f"{_points(n['model_refit'] - n['reference'], n['refit_se']):>12} {lee['model_pearson']:>7.3f} {lee_diff:>15}")
+
+
 def cv_probe_difference(e: dict) -> str:
     """An ``EncoderEval.to_dict()``'s cross-validated difference of the reference's probes on the model,
     in points, with its standard error: ``-1.8+-1.8p``."""
-    return f"{100 * (e['probe_cv_model'] - e['probe_cv_reference']):+.1f}+-{100 * e['probe_cv_model_se']:.1f}p"
+    return _points(e['probe_cv_model'] - e['probe_cv_reference'], e['probe_cv_model_se'])

@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cv_probe_difference, environment, write_json  # noqa: E402
+from _common import TASK_HEADER, cv_probe_difference, environment, task_columns, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     from qruntime.config import DistillConfig
     from qruntime.data import movie_reviews, split_text
     from qruntime.distill import choose_layers, distill, evaluate_student, make_student
-    from qruntime.evaluate import evaluate_encoder
+    from qruntime.evaluate import evaluate_encoder, evaluate_encoder_tasks
     from qruntime.models import load_encoder
 
     teacher, tok = load_encoder(args.model)
@@ -67,8 +67,11 @@ def main() -> None:
     eval_split = sentence_batches(tok, split_text("eval"), args.batch, args.max_length, sort_by_length=False,
                                   limit=args.eval_batches)
     ref = evaluate_encoder(teacher, teacher, tok, sentences, labels)
+    ref_tasks = evaluate_encoder_tasks(teacher, teacher, tok)
+    teacher_tasks = (f"topic probe (cross-validated) {ref_tasks.newsgroups['reference']:.3f}, Lee similarity "
+                     f"Pearson {ref_tasks.lee['reference_pearson']:.3f} (Spearman {ref_tasks.lee['reference_spearman']:.3f})")
     print(f"teacher ({depth} blocks): probe accuracy {ref.probe_accuracy_reference:.3f} "
-          f"(cross-validated {ref.probe_cv_reference:.3f}); {ref.protocol}")
+          f"(cross-validated {ref.probe_cv_reference:.3f}); {ref.protocol}; {teacher_tasks}")
 
     rows = []
     for method in args.compare:
@@ -78,7 +81,7 @@ def main() -> None:
         split_cos = evaluate_student(teacher, candidate, eval_split)["cosine"]
         rows.append({"method": method, "keep": choice.keep, "selection_divergence": choice.divergence,
                      "selection_seconds": choice.seconds, "trained": False, "eval": r.to_dict(),
-                     "eval_split_cosine": split_cos})
+                     "eval_split_cosine": split_cos, "tasks": evaluate_encoder_tasks(candidate, teacher, tok).to_dict()})
         print(f"{method:<10} no training: cosine {r.cosine_mean:.4f} (eval split {split_cos:.4f}), "
               f"probe {r.probe_accuracy_model:.3f} (refit {r.probe_accuracy_model_refit:.3f}), kept {choice.keep}", flush=True)
 
@@ -99,7 +102,8 @@ def main() -> None:
         rows.append({"method": args.train_method, "keep": choice.keep, "selection_seconds": sel_s, "trained": True,
                      "eval_split_cosine": evaluate_student(teacher, student, eval_split)["cosine"],
                      "train_seconds": report.seconds, "minutes_total": (sel_s + report.seconds) / 60,
-                     "eval": r.to_dict(), "report": report.to_dict()})
+                     "eval": r.to_dict(), "tasks": evaluate_encoder_tasks(student, teacher, tok).to_dict(),
+                     "report": report.to_dict()})
 
     print(f"\nmodel {args.model}: {depth} -> {args.layers} blocks; teacher probe accuracy {ref.probe_accuracy_reference:.3f} "
           f"(cross-validated {ref.probe_cv_reference:.3f}); {ref.protocol}")
@@ -116,13 +120,18 @@ def main() -> None:
               f"{e['probe_accuracy_model']:>10.3f} {100 * (e['probe_accuracy_model'] - e['probe_accuracy_reference']):>+10.1f}p "
               f"{e['probe_accuracy_model_refit']:>12.3f} {e['probe_cv_model']:>9.3f} {cv_diff:>14} "
               f"{e['probe_cv_model_refit']:>9.3f} {minutes:>8.1f}  {r['keep']}")
+    print(f"\nfurther tasks; the teacher: {teacher_tasks}")
+    print(f"{'selection':<10} {'trained':>8} {TASK_HEADER}  kept")
+    for r in rows:
+        print(f"{r['method']:<10} {'yes' if r['trained'] else 'no':>8} {task_columns(r['tasks'])}  {r['keep']}")
     real = sum(int(b["attention_mask"].sum()) for b in train)
     padded = sum(b["attention_mask"].numel() for b in train)
     print(f"training text: {len(train)} batches, {real} tokens, {100 * (1 - real / padded):.1f}% of the padded tokens are padding")
     write_json(args.json, {"environment": environment(), "args": vars(args), "train_batches": len(train),
                            "train_tokens": real, "train_padded_tokens": padded,
                            "teacher_probe_accuracy": ref.probe_accuracy_reference,
-                           "teacher_probe_accuracy_cv": ref.probe_cv_reference, "results": rows})
+                           "teacher_probe_accuracy_cv": ref.probe_cv_reference, "teacher_tasks": ref_tasks.to_dict(),
+                           "results": rows})
 
 
 if __name__ == "__main__":

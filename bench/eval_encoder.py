@@ -1,5 +1,7 @@
 """Sentence-embedding fidelity of compressed encoders: cosine to the original's embeddings and the
-accuracy of a linear probe (fit on the original's embeddings) on the 200 labelled movie-review sentences.
+accuracy of a linear probe (fit on the original's embeddings) on the 200 labelled movie-review sentences;
+then a topic probe on 200 Usenet posts and the correlation of embedding similarity with human ratings of
+Lee news documents (qruntime.evaluate.evaluate_encoder_tasks).
 
     python bench/eval_encoder.py --model minilm-l6 --preset w8a16 w4a16-g32 --json bench/results/minilm_cpu.json
 """
@@ -10,7 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cv_probe_difference, environment, write_json  # noqa: E402
+from _common import TASK_HEADER, cv_probe_difference, environment, task_columns, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -24,7 +26,7 @@ def main() -> None:
     from qruntime.calibrate import calibration_batches
     from qruntime.config import resolve_config
     from qruntime.data import movie_reviews
-    from qruntime.evaluate import evaluate_encoder
+    from qruntime.evaluate import evaluate_encoder, evaluate_encoder_tasks
     from qruntime.models import load_encoder
 
     model, tok = load_encoder(args.model)
@@ -37,7 +39,8 @@ def main() -> None:
             calib = calibration_batches(tok, num_samples=16, seq_len=256)
         qmodel, report = compress(model, preset, calib, inplace=False)
         result = evaluate_encoder(qmodel, model, tok, sentences, labels)
-        rows.append({"preset": report.config, "report": report.to_dict(), "eval": result.to_dict()})
+        rows.append({"preset": report.config, "report": report.to_dict(), "eval": result.to_dict(),
+                     "tasks": evaluate_encoder_tasks(qmodel, model, tok).to_dict()})
 
     print(f"\nmodel {args.model}; protocol: {rows[0]['eval']['protocol']}")
     print(f"{'recipe':<20} {'cos mean':>9} {'cos min':>9} {'probe acc (orig)':>17} {'probe acc (q)':>14} "
@@ -48,6 +51,12 @@ def main() -> None:
         print(f"{r['preset']:<20} {e['cosine_mean']:>9.5f} {e['cosine_min']:>9.5f} "
               f"{e['probe_accuracy_reference']:>17.3f} {e['probe_accuracy_model']:>14.3f} "
               f"{e['probe_cv_reference']:>10.3f} {e['probe_cv_model']:>7.3f} {cv_diff:>13} {rep['weight_compression']:>10.2f}")
+    lee = rows[0]["tasks"]["lee"]
+    print(f"\nfurther tasks; the original: topic probe (cross-validated) {rows[0]['tasks']['newsgroups']['reference']:.3f}, "
+          f"Lee similarity Pearson {lee['reference_pearson']:.3f} (Spearman {lee['reference_spearman']:.3f})")
+    print(f"{'recipe':<20} {TASK_HEADER}")
+    for r in rows:
+        print(f"{r['preset']:<20} {task_columns(r['tasks'])}")
     write_json(args.json, {"environment": environment(), "args": vars(args), "results": rows})
 
 

@@ -19,6 +19,13 @@ Sources
   ``lee.cor``: 50 further news documents.  Both via :func:`lee_news`.
 * ``pang_lee_polarity.cor``: 200 labelled movie-review sentences, via
   :func:`movie_reviews`.
+* ``similarities0-1.txt``: a 50 x 50 matrix of human similarity ratings of
+  the 50 ``lee.cor`` documents (Lee, Pincombe & Welsh 2005: the mean rating
+  of each pair, scaled to [0, 1]; row ``i``, column ``j > i``; ones on the
+  diagonal, zeros below it), via :func:`lee_similarities`.
+* ``mini_newsgroup``: 200 Usenet posts, 100 from alt.atheism and 100 from
+  sci.space (a zlib-compressed pickle of a scikit-learn ``Bunch``), via
+  :func:`newsgroup_posts`.
 
 Splits (the project's evaluation protocol)
 ------------------------------------------
@@ -61,16 +68,20 @@ Results are also memoised in-process.
 from __future__ import annotations
 
 import bz2
+import copyreg
 import functools
 import html
 import importlib.util
+import io
 import json
 import os
 import pathlib
+import pickle
 import re
 import tempfile
 import xml.etree.ElementTree as ET
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+import zlib
+from typing import TYPE_CHECKING, ClassVar, Iterator, NamedTuple
 
 if TYPE_CHECKING:  # pragma: no cover - import only for annotations
     import datasets
@@ -81,8 +92,11 @@ __all__ = [
     "cache_dir",
     "clean_wikitext",
     "gensim_test_data_dir",
+    "NEWSGROUPS",
     "lee_news",
+    "lee_similarities",
     "movie_reviews",
+    "newsgroup_posts",
     "split_articles",
     "split_text",
     "text_dataset",
@@ -102,6 +116,9 @@ MIN_ARTICLE_CHARS = 500
 _WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _LEE_FILES = {"test": "lee.cor", "background": "lee_background.cor"}
 _POLARITY_FILE = "pang_lee_polarity.cor"
+_LEE_SIMILARITY_FILE = "similarities0-1.txt"
+_NEWSGROUP_FILE = "mini_newsgroup"
+NEWSGROUPS: tuple[str, ...] = ("alt.atheism", "sci.space")  # label 0, label 1
 _GENSIM_HINT = "install it with: pip install --no-deps gensim==4.4.0"
 
 
@@ -575,3 +592,98 @@ def movie_reviews() -> list[tuple[str, int]]:
     space-tokenised as shipped, without the ``__label__`` prefix.
     """
     return list(_movie_reviews())
+
+
+@functools.lru_cache(maxsize=1)
+def _lee_similarities() -> tuple[tuple[str, ...], tuple[tuple[float, ...], ...]]:
+    docs = _lee_news("test")
+    path = _data_file(_LEE_SIMILARITY_FILE)
+    rows = tuple(tuple(float(v) for v in line.split()) for line in _read_lines(path))
+    n = len(docs)
+    if len(rows) != n or any(len(r) != n for r in rows):
+        shape = f"{len(rows)} rows of {sorted({len(r) for r in rows})} values"
+        raise ValueError(f"{path}: {shape}, expected {n} x {n} (one row and column per lee.cor document)")
+    for i, row in enumerate(rows):
+        if row[i] != 1.0 or any(not 0.0 <= v <= 1.0 for v in row):
+            raise ValueError(f"{path}: row {i + 1}: expected 1 on the diagonal and ratings in [0, 1]")
+    return docs, rows
+
+
+def lee_similarities() -> tuple[list[str], list[list[float]]]:
+    """Return the 50 ``lee.cor`` news documents and their human similarity matrix.
+
+    ``matrix[i][j]`` for ``j > i`` is the mean human rating of how similar
+    documents ``i`` and ``j`` are, scaled to [0, 1] (1,225 pairs); the
+    diagonal is 1 and the lower triangle 0, as shipped.  The documents are
+    those of ``lee_news("test")``, in the same order.
+    """
+    docs, rows = _lee_similarities()
+    return list(docs), [list(r) for r in rows]
+
+
+class _NewsgroupUnpickler(pickle.Unpickler):
+    """Loads the one pickle :func:`newsgroup_posts` reads without running
+    arbitrary code: only the names that file uses are resolved.  The
+    scikit-learn ``Bunch`` becomes a plain dict; its numpy arrays (targets,
+    file names) become inert placeholders, as the labels are read from each
+    post's ``Newsgroups:`` header instead (so numpy is not needed)."""
+
+    class _Opaque:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def __setstate__(self, state: object) -> None:
+            pass
+
+    _ALLOWED: ClassVar[dict[tuple[str, str], object]] = {
+        ("copy_reg", "_reconstructor"): copyreg._reconstructor,
+        ("sklearn.datasets.base", "Bunch"): dict,
+        ("__builtin__", "dict"): dict,
+        ("numpy.core.multiarray", "_reconstruct"): _Opaque,
+        ("numpy", "ndarray"): _Opaque,
+        ("numpy", "dtype"): _Opaque,
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"{_NEWSGROUP_FILE}: unexpected global {module}.{name} in the pickle"
+            ) from None
+
+
+@functools.lru_cache(maxsize=1)
+def _newsgroup_posts() -> tuple[tuple[str, int], ...]:
+    path = _data_file(_NEWSGROUP_FILE)
+    bunch = _NewsgroupUnpickler(
+        io.BytesIO(zlib.decompress(path.read_bytes())), encoding="latin1"
+    ).load()
+    posts: list[tuple[str, int]] = []
+    for k, post in enumerate(bunch["data"]):
+        head, _, body = post.partition("\n\n")
+        found = re.search(r"^Newsgroups:[ \t]*(.*)$", head, re.MULTILINE)
+        groups = {g.strip() for g in found.group(1).split(",")} if found else set()
+        labels = [i for i, name in enumerate(NEWSGROUPS) if name in groups]
+        if len(labels) != 1 or not body.strip():
+            raise ValueError(
+                f"{path}: post {k}: expected a header naming exactly one of {NEWSGROUPS} "
+                f"and a body, got groups {sorted(groups)}"
+            )
+        posts.append((body.strip(), labels[0]))
+    return tuple(posts)
+
+
+def newsgroup_posts() -> list[tuple[str, int]]:
+    """Return the 200 Usenet posts of gensim's ``mini_newsgroup`` as ``(body, label)``.
+
+    ``label`` is 0 for alt.atheism and 1 for sci.space (``NEWSGROUPS``),
+    read from the post's ``Newsgroups:`` header; every post names exactly
+    one of the two (cross-posts to other groups included).  ``body`` is the
+    post without its header block (everything before the first blank line:
+    From, Subject, Organization, ...), quoted replies and signatures kept;
+    file order (100 of each label, interleaved).  A topic task: both classes
+    differ in vocabulary, so a linear probe on sentence embeddings is
+    accurate, unlike on the movie reviews' sentiment.
+    """
+    return list(_newsgroup_posts())

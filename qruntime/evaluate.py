@@ -2,7 +2,10 @@
 
 Causal LMs: perplexity over windows of the evaluation text, and next-token top-1 agreement and
 KL(original || compressed) over the same scored positions. Encoders: cosine similarity of sentence
-embeddings to the original's, and the accuracy of a linear probe fit on the original's embeddings.
+embeddings to the original's, and the accuracy of a linear probe fit on the original's embeddings;
+beside the movie reviews' sentiment, two more uses of sentence embeddings (``evaluate_encoder_tasks``):
+a topic probe on Usenet posts and the correlation of embedding similarity with human similarity
+ratings of news documents.
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ __all__ = [
     "EncoderEval",
     "evaluate_encoder",
     "cross_validated_probes",
+    "similarity_correlation",
+    "EncoderTasksEval",
+    "evaluate_encoder_tasks",
     "sqnr_db",
 ]
 
@@ -293,3 +299,107 @@ def evaluate_encoder(
         seconds=time.perf_counter() - start,
         **{f"probe_cv_{k}": v for k, v in cv.items()},
     )
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of the 1-D ``x``, tied values sharing the mean of their ranks (for Spearman's rho)."""
+    order = x.argsort(stable=True)
+    _, inverse, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).to(torch.float64)
+    ranks = torch.empty(len(x), dtype=torch.float64)
+    ranks[order] = ((ends - counts + 1 + ends) / 2)[inverse]
+    return ranks
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two 1-D float64 tensors; NaN when either is constant."""
+    a, b = a - a.mean(), b - b.mean()
+    den = (a.norm() * b.norm()).item()
+    return (a @ b).item() / den if den > 0 else float("nan")
+
+
+def similarity_correlation(
+    reference: torch.Tensor, model: torch.Tensor, human: torch.Tensor | list[list[float]]
+) -> dict[str, float]:
+    """How well each model's embedding similarity follows human similarity ratings.
+
+    ``reference`` and ``model`` are embeddings [D, H] of the same D documents; ``human`` [D, D] holds the
+    rating of each pair ``i < j`` above the diagonal (the rest is ignored). Over the D (D - 1) / 2 pairs,
+    the cosine of the two documents' embeddings is correlated with the ratings: ``reference_pearson`` /
+    ``model_pearson`` (linear), ``reference_spearman`` / ``model_spearman`` (ranks, ties averaged).
+    ``pearson_se`` / ``spearman_se``: the jackknife standard error of the paired difference (model minus
+    reference) over documents: each of the D leave-one-document-out estimates drops that document's
+    D - 1 pairs, since the pairs of one document are not independent of each other."""
+    human = torch.as_tensor(human, dtype=torch.float64)
+    d = len(human)
+    if human.shape != (d, d) or d < 3:
+        raise ValueError(f"human: shape {tuple(human.shape)}, expected a square [D, D] matrix with D >= 3")
+    if not len(reference) == len(model) == d:
+        raise ValueError(f"reference ({len(reference)} rows), model ({len(model)} rows) and human ({d} x {d}): must match")
+    i, j = torch.triu_indices(d, d, 1)
+    rated = human[i, j]
+    sims = {}
+    for name, emb in (("reference", reference), ("model", model)):
+        e = F.normalize(emb.to(torch.float64), dim=-1)
+        sims[name] = (e[i] * e[j]).sum(-1)
+
+    def both(keep: torch.Tensor) -> dict[str, float]:
+        h = rated[keep]
+        hr = _average_ranks(h)
+        out = {}
+        for name, sim in sims.items():
+            out[f"{name}_pearson"] = _pearson(sim[keep], h)
+            out[f"{name}_spearman"] = _pearson(_average_ranks(sim[keep]), hr)
+        return out
+
+    out = {"documents": d, "pairs": len(rated), **both(torch.ones(len(rated), dtype=torch.bool))}
+    left_out = [both((i != k) & (j != k)) for k in range(d)]  # document k's pairs dropped
+    for kind in ("pearson", "spearman"):
+        loo = torch.tensor([r[f"model_{kind}"] - r[f"reference_{kind}"] for r in left_out], dtype=torch.float64)
+        out[f"{kind}_se"] = math.sqrt((d - 1) / d * ((loo - loo.mean()) ** 2).sum().item())
+    return out
+
+
+@dataclass
+class EncoderTasksEval:
+    """Two further uses of sentence embeddings, reference (original) and model side by side.
+
+    ``newsgroups``: :func:`cross_validated_probes` on the 200 Usenet posts of
+    :func:`qruntime.data.newsgroup_posts` (topic: alt.atheism or sci.space), plus ``posts``.
+    ``lee``: :func:`similarity_correlation` of the 50 :func:`qruntime.data.lee_similarities` news
+    documents' embeddings with the human ratings of their 1,225 pairs."""
+
+    newsgroups: dict
+    lee: dict
+    max_length: int
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_encoder_tasks(
+    model: nn.Module, reference: nn.Module, tokenizer, *, max_length: int = 256, cv_folds: int = 10,
+    cv_repeats: int = 20,
+) -> EncoderTasksEval:
+    """Score ``model`` against ``reference`` on a topic probe (Usenet posts) and on document similarity
+    (Lee news with human ratings), both from gensim's test data (:mod:`qruntime.data`); the texts are
+    truncated to ``max_length`` tokens (the posts average 290 words, the news documents 100-160 tokens).
+    Same protocol for both models: mean-pooled, normalized embeddings (:func:`sentence_embeddings`)."""
+    import time
+
+    from .data import lee_similarities, newsgroup_posts
+
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length}: must be >= 2")
+    start = time.perf_counter()
+    posts = newsgroup_posts()
+    texts, labels = [t for t, _ in posts], [y for _, y in posts]
+    ref = sentence_embeddings(reference, tokenizer, texts, max_length=max_length)
+    emb = ref if model is reference else sentence_embeddings(model, tokenizer, texts, max_length=max_length)
+    news = {"posts": len(texts), **cross_validated_probes(ref, emb, labels, cv_folds, cv_repeats)}
+    docs, human = lee_similarities()
+    ref = sentence_embeddings(reference, tokenizer, docs, max_length=max_length)
+    emb = ref if model is reference else sentence_embeddings(model, tokenizer, docs, max_length=max_length)
+    return EncoderTasksEval(newsgroups=news, lee=similarity_correlation(ref, emb, human), max_length=max_length,
+                            seconds=time.perf_counter() - start)
