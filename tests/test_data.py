@@ -217,3 +217,70 @@ def test_lee_news() -> None:
     assert any("£" in doc for doc in data.lee_news("test"))  # latin-1 byte decoded
     with pytest.raises(ValueError, match="'news'"):
         data.lee_news("news")
+
+
+def test_newsgroup_posts() -> None:
+    posts = data.newsgroup_posts()
+    assert len(posts) == 200
+    labels = [label for _, label in posts]
+    assert sorted(set(labels)) == [0, 1] and sum(labels) == 100
+    assert labels[:6] == [0, 1, 1, 0, 1, 1]  # file order, interleaved
+    assert data.NEWSGROUPS == ("alt.atheism", "sci.space")
+    for body, _ in posts:
+        # the header block (Path, From, Newsgroups, Subject, ...) is gone, the text is kept
+        assert body and body == body.strip()
+        assert not any(body.startswith(h) for h in ("Path:", "From:", "Newsgroups:", "Subject:"))
+    assert posts[0][0].startswith("In article <1993Apr05.174537.14962@watson.ibm.com>")
+    words = {label: " ".join(b for b, y in posts if y == label).lower() for label in (0, 1)}
+    assert words[1].count("nasa") > 5 * max(1, words[0].count("nasa"))  # the topics differ in vocabulary
+    assert words[0].count("god") > 5 * max(1, words[1].count("god"))
+
+
+def _fake_data_file(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, name: str, payload: bytes) -> None:
+    (tmp_path / name).write_bytes(payload)
+    real = data._data_file
+    monkeypatch.setattr(data, "_data_file", lambda n: tmp_path / n if n == name else real(n))
+
+
+def test_newsgroup_pickle_globals_are_allow_listed(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    import collections
+    import pickle
+    import zlib
+
+    # a pickle naming any other global (here collections.OrderedDict) is refused, never imported
+    payload = zlib.compress(pickle.dumps({"data": collections.OrderedDict()}, protocol=2))
+    _fake_data_file(monkeypatch, tmp_path, "mini_newsgroup", payload)
+    data._newsgroup_posts.cache_clear()
+    try:
+        with pytest.raises(pickle.UnpicklingError, match="unexpected global collections.OrderedDict"):
+            data.newsgroup_posts()
+        # a post whose header names neither group is an error, not a silent guess
+        payload = zlib.compress(pickle.dumps({"data": ["Newsgroups: sci.med\nSubject: x\n\nbody"]}, protocol=2))
+        _fake_data_file(monkeypatch, tmp_path, "mini_newsgroup", payload)
+        data._newsgroup_posts.cache_clear()
+        with pytest.raises(ValueError, match=r"post 0: expected a header naming exactly one of .* got groups \['sci.med'\]"):
+            data.newsgroup_posts()
+    finally:
+        data._newsgroup_posts.cache_clear()
+
+
+def test_lee_similarities() -> None:
+    docs, matrix = data.lee_similarities()
+    assert docs == data.lee_news("test") and len(matrix) == 50
+    upper = []
+    for i, row in enumerate(matrix):
+        assert len(row) == 50 and row[i] == 1.0
+        assert all(v == 0.0 for v in row[:i])  # as shipped: the ratings are above the diagonal
+        upper += row[i + 1:]
+    assert len(upper) == 1225 and all(0.0 <= v <= 1.0 for v in upper)
+    assert 0.15 < min(upper) and max(upper) == 1.0 and len(set(upper)) > 20
+
+
+def test_lee_similarities_bad_file(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    _fake_data_file(monkeypatch, tmp_path, "similarities0-1.txt", b"1 0.5\n0 1\n")
+    data._lee_similarities.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"2 rows of \[2\] values, expected 50 x 50"):
+            data.lee_similarities()
+    finally:
+        data._lee_similarities.cache_clear()

