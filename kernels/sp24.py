@@ -88,7 +88,28 @@ _INT4 = tl.constexpr(INT4)
 _INT8 = tl.constexpr(INT8)
 _FLOAT = tl.constexpr(FLOAT)
 
-_prune = pruner("sp24")
+_fits = pruner("sp24")
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of GEMM_CONFIGS that, with grouped INT4 values and zero points,
+# load the tile's zero points a byte per row per thread inside the K loop (32 one-byte loads a tile
+# instead of one; Triton 3.9 gives the uint8 load the expansion's 3-D layout when BLOCK_N is below the
+# thread count). Found by ``python -m qruntime.kernels.aot --all``; dropped for those launches only.
+INT4_ZERO_BYTE_LOADS = frozenset({(128, 128, 64, 8), (64, 64, 64, 4), (32, 64, 32, 4)})
+
+
+def drops_for_int4_zeros(cfg: triton.Config) -> bool:
+    kw = cfg.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps) in INT4_ZERO_BYTE_LOADS
+
+
+def _prune(configs, named, **launch_kwargs):
+    """The shared constraints (``kernels._common.fits``), then, for grouped INT4 values with zero points,
+    without the configs of :data:`INT4_ZERO_BYTE_LOADS`."""
+    kept = _fits(configs, named, **launch_kwargs)
+    args = {**named, **launch_kwargs}
+    if args.get("VALUES") == INT4 and args.get("HAS_ZEROS") and not args.get("PER_CHANNEL"):
+        kept = [c for c in kept if not drops_for_int4_zeros(c)] or kept  # never leave the tuner nothing
+    return kept
 
 
 # ---- kernels -----------------------------------------------------------------------------------------

@@ -88,11 +88,11 @@ if TYPE_CHECKING:  # pragma: no cover - import only for annotations
 
 __all__ = [
     "Article",
+    "NEWSGROUPS",
     "SPLITS",
     "cache_dir",
     "clean_wikitext",
     "gensim_test_data_dir",
-    "NEWSGROUPS",
     "lee_news",
     "lee_similarities",
     "movie_reviews",

@@ -33,7 +33,9 @@ def test_every_kernel_path_compiles_for_ampere_and_hopper(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     kernels = {r["kernel"].split(" BM")[0] for r in rows}
     for name in ("w8a16 fp16 splitk", "w8a16 bf16 gemm", "w4a16 fp16 splitk g128 asym", "w4a16 bf16 gemm per-channel sym",
-                 "quantize_per_token fp16", "w8a8 splitk", "w8a8 gemm"):
+                 "quantize_per_token fp16", "w8a8 splitk", "w8a8 gemm",
+                 "sp24 fp16 splitk float", "sp24 bf16 gemm int8", "sp24 fp16 gemm int4 g128 asym",
+                 "sp24 bf16 splitk int4 per-channel sym", "sp24 dequant fp16 int4 g128 asym"):
         assert name in kernels, name
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     assert all(r["ok"] and r["instructions_ok"] for r in rows)

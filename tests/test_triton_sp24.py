@@ -330,3 +330,28 @@ def test_sp24_measured_dispatch_times_every_candidate():
         expected.discard("sparse")
     assert set(times) == expected and path == min(times, key=times.get)
     assert rel_error(y, _ref(x, values, meta, None, None, 0, None)) < _tol(torch.float16)
+
+
+def test_int4_zero_point_configs_are_pruned_only_for_grouped_int4_with_zeros():
+    # the configs kernels/aot.py found loading zero points a byte per row per thread are dropped for grouped
+    # INT4 launches with zero points, kept for every other kind; the shared constraints still apply
+    listed = [c for c in ks24.GEMM_CONFIGS if ks24.drops_for_int4_zeros(c)]
+    assert len(listed) == len(ks24.INT4_ZERO_BYTE_LOADS) == 3
+    x = torch.empty(64, 4096, dtype=torch.float16)
+    named = {"x_ptr": x, "M": 4096, "N": 4096, "K": 4096, "m_bucket": 4096, "group_size": 128}
+
+    def kept(**launch):
+        return ks24._prune(ks24.GEMM_CONFIGS, named, **launch)
+
+    grouped = kept(VALUES=ks24.INT4, HAS_ZEROS=True, PER_CHANNEL=False)
+    assert not any(ks24.drops_for_int4_zeros(c) for c in grouped)
+    assert all(c.kwargs["BLOCK_K"] <= 128 and 128 % c.kwargs["BLOCK_K"] == 0 for c in grouped) and grouped
+    everything = kept(VALUES=ks24.FLOAT, HAS_ZEROS=False, PER_CHANNEL=True)
+    assert set(map(str, everything)) == set(map(str, grouped)) | set(map(str, listed))
+    for launch in ({"VALUES": ks24.INT8, "HAS_ZEROS": False, "PER_CHANNEL": True},
+                   {"VALUES": ks24.INT4, "HAS_ZEROS": False, "PER_CHANNEL": False},  # symmetric: no zero points
+                   {"VALUES": ks24.INT4, "HAS_ZEROS": True, "PER_CHANNEL": True}):   # loaded once, before the loop
+        assert len(kept(**launch)) == len(everything), launch
+    # never leaves the autotuner nothing: a launch only the listed configs could serve keeps them
+    only = ks24._prune(listed, named, VALUES=ks24.INT4, HAS_ZEROS=True, PER_CHANNEL=False)
+    assert only == listed
