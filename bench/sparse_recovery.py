@@ -41,13 +41,20 @@ def main() -> None:
     p.add_argument("--tune", type=int, default=0,
                    help="block output tuning of the kept weights after pruning, this many steps per block (2:4-tune)")
     p.add_argument("--skip-one-shot", action="store_true", help="do not evaluate the one-shot model separately")
+    p.add_argument("--skip", action="append", default=[], metavar="PATTERNS",
+                   help="one more one-shot row with these layers kept dense (SparsityConfig.skip): comma-separated "
+                        "fnmatch patterns of layer names, e.g. '*.mlp.down_proj'; repeat for more rows")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    if args.minutes <= 0 and args.skip_one_shot:
+    if args.minutes <= 0 and args.skip_one_shot and not args.skip:
         p.error("--minutes 0 (no recovery) with --skip-one-shot leaves nothing to run")
+    skip_sets = [tuple(x.strip() for x in group.split(",") if x.strip()) for group in args.skip]
+    if any(not patterns for patterns in skip_sets):
+        p.error("--skip: give at least one layer-name pattern")
 
     from qruntime import compress
     from qruntime.calibrate import calibration_batches
+    from qruntime.config import resolve_config
     from qruntime.data import split_text
     from qruntime.evaluate import evaluate_causal_lm, tokenize_text
     from qruntime.models import load_causal_lm
@@ -59,14 +66,19 @@ def main() -> None:
     base = "2:4" + ("" if args.method == "sparsegpt" else f"-{args.method}") + (f"-tune{args.tune}" if args.tune else "")
     suffix = f"+{args.quant}" if args.quant else ""
     rows = []
-    if not args.skip_one_shot:
+    one_shots = ([] if args.skip_one_shot else [()]) + skip_sets
+    for patterns in one_shots:
+        cfg = resolve_config(base + suffix)
+        cfg = replace(cfg, sparsity=replace(cfg.sparsity, skip=patterns))
         t0 = time.perf_counter()
-        one_shot, report = compress(model, base + suffix, calib, inplace=False)
+        one_shot, report = compress(model, cfg, calib, inplace=False)
         seconds = time.perf_counter() - t0
         r = evaluate_causal_lm(one_shot, eval_ids, reference=model)
-        rows.append({"recipe": report.config, "recovery": False, "compress_seconds": seconds,
-                     "eval": r.to_dict(), "report": report.to_dict()})
-        print(f"{report.config}: one-shot perplexity {r.perplexity:.3f} (x{r.perplexity_ratio:.3f}) in {seconds:.0f} s", flush=True)
+        rows.append({"recipe": report.config, "skip": list(patterns), "recovery": False, "compress_seconds": seconds,
+                     "linear_mib": _linear_mib(one_shot, report), "eval": r.to_dict(), "report": report.to_dict()})
+        kept = f", kept dense: {', '.join(patterns)}" if patterns else ""
+        print(f"{report.config}{kept}: one-shot perplexity {r.perplexity:.3f} (x{r.perplexity_ratio:.3f}) "
+              f"in {seconds:.0f} s", flush=True)
         del one_shot
 
     train_windows = 0
@@ -76,13 +88,24 @@ def main() -> None:
 
     ref_ppl = rows[-1]["eval"]["reference_perplexity"]
     print(f"\nmodel {args.model}; {rows[-1]['eval']['protocol']}; original perplexity {ref_ppl:.3f}")
-    print(f"{'recipe':<28} {'recovery':>9} {'perplexity':>11} {'ratio':>8} {'top-1 agree':>12} {'minutes':>8}")
+    print(f"{'recipe':<28} {'recovery':>9} {'perplexity':>11} {'ratio':>8} {'top-1 agree':>12} {'minutes':>8} "
+          f"{'Linear MiB':>11}  kept dense")
     for row in rows:
         e = row["eval"]
+        mib = f"{row['linear_mib']:>11.1f}" if "linear_mib" in row else f"{'':>11}"
         print(f"{row['recipe']:<28} {'yes' if row['recovery'] else 'no':>9} {e['perplexity']:>11.3f} "
-              f"{e['perplexity_ratio']:>8.3f} {100 * e['top1_agreement']:>11.2f}% {row['compress_seconds'] / 60:>8.1f}")
+              f"{e['perplexity_ratio']:>8.3f} {100 * e['top1_agreement']:>11.2f}% {row['compress_seconds'] / 60:>8.1f} "
+              f"{mib}  {', '.join(row.get('skip', [])) or '-'}")
     write_json(args.json, {"environment": environment(), "args": vars(args), "train_windows": train_windows,
                            "results": rows})
+
+
+def _linear_mib(model, report) -> float:
+    """MiB of the blocks' linear weights as stored: the converted layers' packed tensors (the report's
+    bytes: kept values, positions, scales) plus the float weight of each block layer left dense (the
+    report's skipped layers; the output head and embeddings are not counted)."""
+    dense = sum(model.get_submodule(s.name).weight.nbytes for s in report.skipped if ".layers." in s.name)
+    return (report.weight_bytes_after + dense) / 2**20
 
 
 def _recovered(args, model, tok, recipe: str, calib, eval_ids) -> tuple[dict, int]:
