@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--skip", action="append", default=[], metavar="PATTERNS",
                    help="one more one-shot row with these layers kept dense (SparsityConfig.skip): comma-separated "
                         "fnmatch patterns of layer names, e.g. '*.mlp.down_proj'; repeat for more rows")
+    p.add_argument("--recovery-skip", default="", metavar="PATTERNS",
+                   help="layers the recovery row keeps dense (comma-separated fnmatch patterns; default: none)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.minutes <= 0 and args.skip_one_shot and not args.skip:
@@ -128,15 +130,17 @@ def _recovered(args, model, tok, recipe: str, calib, eval_ids) -> tuple[dict, in
              torch.stack(text_batches(tok, train_text, n_train * args.batch, args.seq_len, source="train split"))
              .reshape(n_train, args.batch, args.seq_len)]
     cfg = resolve_config(recipe)
+    patterns = tuple(x.strip() for x in args.recovery_skip.split(",") if x.strip())
     recover = DistillConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, alpha_ce=args.alpha_ce,
                             autocast=args.autocast, eval_every=args.eval_every, max_seconds=args.minutes * 60)
-    cfg = replace(cfg, sparsity=replace(cfg.sparsity, recover=recover))
+    cfg = replace(cfg, sparsity=replace(cfg.sparsity, recover=recover, skip=patterns))
     t0 = time.perf_counter()
     recovered, report = compress(model, cfg, calib, train_data=train, eval_data=monitor)
     seconds = time.perf_counter() - t0
     r = evaluate_causal_lm(recovered, eval_ids, reference=model)
     print(report)
-    return ({"recipe": report.config, "recovery": True, "compress_seconds": seconds,
+    return ({"recipe": report.config, "skip": list(patterns), "recovery": True, "compress_seconds": seconds,
+             "linear_mib": _linear_mib(recovered, report),
              "recovery_minutes": report.recovery["seconds"] / 60, "eval": r.to_dict(), "report": report.to_dict()},
             len(train) * args.batch)
 
