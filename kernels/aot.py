@@ -123,12 +123,6 @@ def _specialize(kernel, pointers: dict, constexprs: dict) -> tuple[dict, dict, d
     return sig, consts, attrs
 
 
-def _sp24_drops(cfg) -> bool:
-    from .sp24 import drops_for_int4_zeros
-
-    return drops_for_int4_zeros(cfg)
-
-
 def byte_loads(ptx: str) -> int:
     """Global loads of one byte per instruction in ``ptx``: a weight tile read this way would run far
     below the memory bandwidth (the tiles must go through cp.async or vector loads). A few are expected
@@ -146,6 +140,7 @@ def compile_all(arch: int, all_configs: bool = False, log=print) -> list[dict]:
     from triton.compiler import ASTSource
 
     from ._common import fits
+    from .sp24 import drops_for_int4_zeros
 
     results = []
     for name, kernel, pointers, flags, cfg, pattern in _variants(all_configs):
@@ -178,7 +173,7 @@ def compile_all(arch: int, all_configs: bool = False, log=print) -> list[dict]:
         row["byte_loads"] = byte_loads(ptx)
         # the 2:4 pruner drops a few configs for grouped INT4 values with zero points (kernels/sp24.py)
         row["pruned_for_byte_loads"] = bool(cfg is not None and name.startswith("sp24") and "g128 asym" in name
-                                            and _sp24_drops(cfg))
+                                            and drops_for_int4_zeros(cfg))
         row["ok"] = (row["instructions_ok"] and (row["shared_fits"] or row["pruned"])
                      and (row["byte_loads"] <= MAX_BYTE_LOADS or row["pruned_for_byte_loads"]))
         results.append(row)

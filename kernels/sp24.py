@@ -92,8 +92,9 @@ _fits = pruner("sp24")
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of GEMM_CONFIGS that, with grouped INT4 values and zero points,
 # load the tile's zero points a byte per row per thread inside the K loop (32 one-byte loads a tile
-# instead of one; Triton 3.9 gives the uint8 load the expansion's 3-D layout when BLOCK_N is below the
-# thread count). Found by ``python -m qruntime.kernels.aot --all``; dropped for those launches only.
+# instead of one or two: Triton 3.9 gives that uint8 load the expansion's 3-D layout; all three have
+# BLOCK_N below the thread count, though not every such config does). Found by
+# ``python -m qruntime.kernels.aot --all`` for sm_90; dropped for those launches only.
 INT4_ZERO_BYTE_LOADS = frozenset({(128, 128, 64, 8), (64, 64, 64, 4), (32, 64, 32, 4)})
 
 
