@@ -493,12 +493,30 @@ def test_sentence_batches_sorted_by_length_keep_every_sentence_once():
     assert len(sentence_batches(tok, text, batch_size=4, limit=2)) == 2
 
 
+class _Rotated(nn.Module):
+    """An encoder whose last hidden states are ``inner``'s turned by the orthogonal matrix ``q``."""
+
+    def __init__(self, inner: nn.Module, q: torch.Tensor):
+        super().__init__()
+        self.inner, self.q = inner, q
+
+    def forward(self, **kw):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(last_hidden_state=self.inner(**kw).last_hidden_state @ self.q)
+
+
+def _labelled_sentences(words: list[str], labels: list[int], g: torch.Generator) -> list[str]:
+    """8 words a sentence, from the 40 ``words``: six of them from the first half of the vocabulary for
+    label 1 and from the second half for label 0 (the other two the other way), so a probe can learn the label."""
+    return [" ".join(words[j + (20 if (k < 6) != bool(y) else 0)]
+                     for k, j in enumerate(torch.randint(0, 20, (8,), generator=g).tolist())) for y in labels]
+
+
 def test_encoder_probe_refit_is_blind_to_a_rotation_of_the_embeddings():
     # a model whose embeddings are the reference's turned by an orthogonal matrix: the reference's probe
     # no longer applies (cosine < 1), a probe refit on the model's own embeddings scores exactly as the
     # reference's (L2-regularized logistic regression is rotation-invariant)
-    from types import SimpleNamespace
-
     from qruntime.evaluate import evaluate_encoder
 
     g = torch.Generator().manual_seed(6)
@@ -506,25 +524,15 @@ def test_encoder_probe_refit_is_blind_to_a_rotation_of_the_embeddings():
     tok = _word_tokenizer(words)
     bert = _bert()
     labels = torch.randint(0, 2, (60,), generator=g).tolist()
-    # label 1 sentences draw most words from the first half of the vocabulary: a probe can learn that
-    sentences = [" ".join(words[j + (20 if (k < 6) != bool(y) else 0)]
-                          for k, j in enumerate(torch.randint(0, 20, (8,), generator=g).tolist())) for y in labels]
+    sentences = _labelled_sentences(words, labels, g)
     q, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
-
-    class Rotated(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = bert
-
-        def forward(self, **kw):
-            return SimpleNamespace(last_hidden_state=self.inner(**kw).last_hidden_state @ q)
 
     same = evaluate_encoder(bert, bert, tok, sentences, labels)
     assert same.cosine_mean == pytest.approx(1.0) and same.probe_accuracy_reference > 0.6
     assert same.probe_accuracy_model == same.probe_accuracy_model_refit == same.probe_accuracy_reference
     assert same.probe_cv_model == same.probe_cv_model_refit == same.probe_cv_reference > 0.6
     assert same.probe_cv_model_se == same.probe_cv_refit_se == 0.0
-    turned = evaluate_encoder(Rotated(), bert, tok, sentences, labels)
+    turned = evaluate_encoder(_Rotated(bert, q), bert, tok, sentences, labels)
     assert turned.cosine_mean < 0.5 and turned.probe_accuracy_model < same.probe_accuracy_reference - 0.1
     assert turned.probe_accuracy_model_refit == same.probe_accuracy_reference
     # cross-validated: the same, every sentence scored 20 times by probes that never saw it
@@ -650,8 +658,6 @@ def test_encoder_tasks_same_model_rotation_and_bad_input(monkeypatch):
     # the topic probe and the similarity task on small synthetic stand-ins for the gensim data: the
     # reference against itself differs by nothing; embeddings turned by an orthogonal matrix keep every
     # cosine (so the similarity correlations) and a refit probe's accuracy, but break the reference's probe
-    from types import SimpleNamespace
-
     import qruntime.data
     from qruntime.evaluate import evaluate_encoder_tasks
 
@@ -660,21 +666,12 @@ def test_encoder_tasks_same_model_rotation_and_bad_input(monkeypatch):
     tok = _word_tokenizer(words)
     bert = _bert()
     labels = torch.randint(0, 2, (40,), generator=g).tolist()
-    posts = [(" ".join(words[j + (20 if (k < 6) != bool(y) else 0)]
-                       for k, j in enumerate(torch.randint(0, 20, (8,), generator=g).tolist())), y) for y in labels]
+    posts = list(zip(_labelled_sentences(words, labels, g), labels))
     docs = [" ".join(words[j] for j in torch.randint(0, 40, (10,), generator=g).tolist()) for _ in range(12)]
     human = (torch.rand(12, 12, generator=g).triu(1) + torch.eye(12)).tolist()
     monkeypatch.setattr(qruntime.data, "newsgroup_posts", lambda: posts)
     monkeypatch.setattr(qruntime.data, "lee_similarities", lambda: (docs, human))
     q, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
-
-    class Rotated(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = bert
-
-        def forward(self, **kw):
-            return SimpleNamespace(last_hidden_state=self.inner(**kw).last_hidden_state @ q)
 
     same = evaluate_encoder_tasks(bert, bert, tok, max_length=32, cv_repeats=2)
     n, lee = same.newsgroups, same.lee
@@ -682,7 +679,7 @@ def test_encoder_tasks_same_model_rotation_and_bad_input(monkeypatch):
     assert n["model_se"] == n["refit_se"] == 0.0
     assert (lee["documents"], lee["pairs"]) == (12, 66) and lee["model_pearson"] == lee["reference_pearson"]
     assert same.max_length == 32 and set(same.to_dict()) == {"newsgroups", "lee", "max_length", "seconds"}
-    turned = evaluate_encoder_tasks(Rotated(), bert, tok, max_length=32, cv_repeats=2)
+    turned = evaluate_encoder_tasks(_Rotated(bert, q), bert, tok, max_length=32, cv_repeats=2)
     assert turned.newsgroups["model"] < n["reference"] - 0.1
     assert turned.newsgroups["model_refit"] == pytest.approx(n["reference"], abs=1 / 80)
     for key in ("model_pearson", "model_spearman"):
