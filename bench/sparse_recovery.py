@@ -50,7 +50,7 @@ def main() -> None:
     args = p.parse_args()
     if args.minutes <= 0 and args.skip_one_shot and not args.skip:
         p.error("--minutes 0 (no recovery) with --skip-one-shot leaves nothing to run")
-    skip_sets = [tuple(x.strip() for x in group.split(",") if x.strip()) for group in args.skip]
+    skip_sets = [_patterns(group) for group in args.skip]
     if any(not patterns for patterns in skip_sets):
         p.error("--skip: give at least one layer-name pattern")
 
@@ -102,6 +102,11 @@ def main() -> None:
                            "results": rows})
 
 
+def _patterns(text: str) -> tuple[str, ...]:
+    """Comma-separated layer-name patterns (``--skip``, ``--recovery-skip``) as SparsityConfig.skip."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def _linear_mib(model, report) -> float:
     """MiB of the blocks' linear weights as stored: the converted layers' packed tensors (the report's
     bytes: kept values, positions, scales) plus the float weight of each block layer left dense (the
@@ -130,7 +135,7 @@ def _recovered(args, model, tok, recipe: str, calib, eval_ids) -> tuple[dict, in
              torch.stack(text_batches(tok, train_text, n_train * args.batch, args.seq_len, source="train split"))
              .reshape(n_train, args.batch, args.seq_len)]
     cfg = resolve_config(recipe)
-    patterns = tuple(x.strip() for x in args.recovery_skip.split(",") if x.strip())
+    patterns = _patterns(args.recovery_skip)
     recover = DistillConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, alpha_ce=args.alpha_ce,
                             autocast=args.autocast, eval_every=args.eval_every, max_seconds=args.minutes * 60)
     cfg = replace(cfg, sparsity=replace(cfg.sparsity, recover=recover, skip=patterns))
