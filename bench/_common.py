@@ -62,17 +62,32 @@ def _points(diff: float, se: float) -> str:
     return f"{100 * diff:+.1f}+-{100 * se:.1f}p"
 
 
-TASK_HEADER = f"{'topic cv':>9} {'vs original':>12} {'refit vs':>12} {'Lee r':>7} {'vs original':>15}"
+TASK_HEADER = (f"{'sentiment':>9} {'vs original':>12} {'refit vs':>12} {'topic cv':>9} {'vs original':>12} "
+               f"{'refit vs':>12} {'Lee r':>7} {'vs original':>15}")
+
+
+def _probe_columns(p: dict) -> str:
+    return (f"{p['model']:>9.3f} {_points(p['model'] - p['reference'], p['model_se']):>12} "
+            f"{_points(p['model_refit'] - p['reference'], p['refit_se']):>12}")
 
 
 def task_columns(t: dict) -> str:
-    """An ``EncoderTasksEval.to_dict()`` as table columns: the topic probe (cross-validated, the
-    original's probes on the model's embeddings, and refit), its paired differences in points, and the
-    Lee similarity Pearson correlation with its difference to the original's (jackknife standard error)."""
-    n, lee = t["newsgroups"], t["lee"]
+    """An ``EncoderTasksEval.to_dict()`` as table columns: the sentiment probe (4,000 sentences) and the
+    topic probe (cross-validated, the original's probes on the model's embeddings, and refit), with their
+    paired differences in points, and the Lee similarity Pearson correlation with its difference to the
+    original's (jackknife standard error)."""
+    lee = t["lee"]
     lee_diff = f"{lee['model_pearson'] - lee['reference_pearson']:+.3f}+-{lee['pearson_se']:.3f}"
-    return (f"{n['model']:>9.3f} {_points(n['model'] - n['reference'], n['model_se']):>12} "
-            f"{_points(n['model_refit'] - n['reference'], n['refit_se']):>12} {lee['model_pearson']:>7.3f} {lee_diff:>15}")
+    return (f"{_probe_columns(t['sentiment'])} {_probe_columns(t['newsgroups'])} "
+            f"{lee['model_pearson']:>7.3f} {lee_diff:>15}")
+
+
+def teacher_tasks(t: dict) -> str:
+    """The original's own scores in an ``EncoderTasksEval.to_dict()``, as one line."""
+    lee = t["lee"]
+    return (f"sentiment probe on {t['sentiment']['sentences']} sentences (cross-validated) "
+            f"{t['sentiment']['reference']:.3f}, topic probe {t['newsgroups']['reference']:.3f}, Lee similarity "
+            f"Pearson {lee['reference_pearson']:.3f} (Spearman {lee['reference_spearman']:.3f})")
 
 
 def cv_probe_difference(e: dict) -> str:

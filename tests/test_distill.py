@@ -542,6 +542,27 @@ def test_encoder_probe_refit_is_blind_to_a_rotation_of_the_embeddings():
     assert "20 x 10-fold over all 60" in turned.protocol
 
 
+def test_sentence_embeddings_batched_by_length_in_input_order():
+    # sentences of 1 to 12 words, batched longest first: each row is the sentence's own embedding, in the
+    # order given, the same as embedding it alone (padding is masked)
+    from qruntime.evaluate import sentence_embeddings
+
+    g = torch.Generator().manual_seed(3)
+    words = [f"w{i}" for i in range(40)]
+    tok = _word_tokenizer(words)
+    bert = _bert()
+    sentences = [" ".join(words[j] for j in torch.randint(0, 40, (n,), generator=g).tolist())
+                 for n in torch.randint(1, 13, (11,), generator=g).tolist()]
+    with torch.no_grad():
+        batched = sentence_embeddings(bert, tok, sentences, batch_size=4)
+        alone = torch.cat([sentence_embeddings(bert, tok, [s], batch_size=1) for s in sentences])
+    assert batched.shape == (11, 48) and len({round(float(r[0]), 6) for r in batched}) == 11
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched.norm(dim=-1), torch.ones(11))
+    with pytest.raises(ValueError, match="sentences: empty"):
+        sentence_embeddings(bert, tok, [])
+
+
 @pytest.mark.parametrize(
     "sentences, labels, match",
     [
@@ -669,19 +690,26 @@ def test_encoder_tasks_same_model_rotation_and_bad_input(monkeypatch):
     posts = list(zip(_labelled_sentences(words, labels, g), labels))
     docs = [" ".join(words[j] for j in torch.randint(0, 40, (10,), generator=g).tolist()) for _ in range(12)]
     human = (torch.rand(12, 12, generator=g).triu(1) + torch.eye(12)).tolist()
+    moods = torch.randint(0, 2, (80,), generator=g).tolist()
+    sentences = list(zip(_labelled_sentences(words, moods, g), moods))
+    monkeypatch.setattr(qruntime.data, "sentence_polarity", lambda: sentences)
     monkeypatch.setattr(qruntime.data, "newsgroup_posts", lambda: posts)
     monkeypatch.setattr(qruntime.data, "lee_similarities", lambda: (docs, human))
     q, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
 
     same = evaluate_encoder_tasks(bert, bert, tok, max_length=32, cv_repeats=2)
-    n, lee = same.newsgroups, same.lee
-    assert n["posts"] == 40 and n["reference"] == n["model"] == n["model_refit"] > 0.6
-    assert n["model_se"] == n["refit_se"] == 0.0
+    n, sent, lee = same.newsgroups, same.sentiment, same.lee
+    assert n["posts"] == 40 and sent["sentences"] == 80
+    for probe in (n, sent):
+        assert probe["reference"] == probe["model"] == probe["model_refit"] > 0.6
+        assert probe["model_se"] == probe["refit_se"] == 0.0
     assert (lee["documents"], lee["pairs"]) == (12, 66) and lee["model_pearson"] == lee["reference_pearson"]
-    assert same.max_length == 32 and set(same.to_dict()) == {"newsgroups", "lee", "max_length", "seconds"}
+    assert same.max_length == 32
+    assert set(same.to_dict()) == {"sentiment", "newsgroups", "lee", "max_length", "seconds"}
     turned = evaluate_encoder_tasks(_Rotated(bert, q), bert, tok, max_length=32, cv_repeats=2)
-    assert turned.newsgroups["model"] < n["reference"] - 0.1
-    assert turned.newsgroups["model_refit"] == pytest.approx(n["reference"], abs=1 / 80)
+    for task, probe in (("newsgroups", n), ("sentiment", sent)):
+        assert getattr(turned, task)["model"] < probe["reference"] - 0.1
+        assert getattr(turned, task)["model_refit"] == pytest.approx(probe["reference"], abs=1 / 80)
     for key in ("model_pearson", "model_spearman"):
         assert turned.lee[key] == pytest.approx(lee[key], abs=1e-6)
     with pytest.raises(ValueError, match="max_length=1: must be >= 2"):
