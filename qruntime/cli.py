@@ -2,7 +2,7 @@
 
     qruntime demo                                   compress the default model, print what was gained and lost
     qruntime compress MODEL --recipe R --out DIR    compress and save a checkpoint
-    qruntime eval DIR|MODEL [--ppl] [--acc]         perplexity / accuracy (vs the base model when known)
+    qruntime eval DIR|MODEL [--ppl] [--acc] [--tasks]  perplexity / accuracy (vs the base model when known)
     qruntime bench DIR|MODEL [--reference MODEL]    prefill and decode tokens/s, side by side
     qruntime info DIR [--verify]                    what a checkpoint holds
     qruntime export DIR --out OUT                   write a compressed-tensors checkpoint (transformers, vLLM)
@@ -230,6 +230,8 @@ def cmd_eval(args) -> dict:
     if tokenizer is None:
         raise ValueError(f"{args.target}: no tokenizer saved with it and no --reference to take one from")
     out: dict = {"target": args.target, "kind": kind, "reference": ref_name, "versions": _versions()}
+    if args.tasks and kind == "causal-lm":
+        raise ValueError(f"--tasks: scores sentence embeddings; {args.target} is a causal LM, not an encoder")
     if kind == "causal-lm":
         ids = tokenize_text(tokenizer, split_text("eval"), max_tokens=args.eval_tokens)
         res = evaluate_causal_lm(model, ids, reference=reference, window=args.window, progress=not args.quiet)
@@ -259,15 +261,43 @@ def cmd_eval(args) -> dict:
             lines += [f"reference probe accuracy {100 * res.probe_accuracy_reference:.2f} % ({ref_name})",
                       f"embedding cosine to the reference: mean {res.cosine_mean:.5f}, min {res.cosine_min:.5f}"]
             if res.probe_cv_reference is not None:
-                lines.append(
-                    f"cross-validated probe accuracy: {100 * res.probe_cv_model:.2f} % (the reference's probes; "
-                    f"{100 * (res.probe_cv_model - res.probe_cv_reference):+.2f} +- {100 * res.probe_cv_model_se:.2f} points), "
-                    f"{100 * res.probe_cv_model_refit:.2f} % refit ({100 * (res.probe_cv_model_refit - res.probe_cv_reference):+.2f} "
-                    f"+- {100 * res.probe_cv_refit_se:.2f}); reference {100 * res.probe_cv_reference:.2f} %")
+                lines.append("cross-validated probe accuracy: " + _probe_comparison(
+                    res.probe_cv_reference, res.probe_cv_model, res.probe_cv_model_se, res.probe_cv_model_refit,
+                    res.probe_cv_refit_se))
         elif res.probe_cv_reference is not None:
             lines.append(f"cross-validated probe accuracy {100 * res.probe_cv_reference:.2f} %")
+        if args.tasks:
+            from .evaluate import evaluate_encoder_tasks
+
+            tasks = evaluate_encoder_tasks(model, reference if reference is not None else model, tokenizer)
+            out["encoder_tasks"] = tasks.to_dict()
+            lines += _task_lines(tasks.to_dict(), reference is not None)
     _say(args, *lines)
     return out
+
+
+def _probe_comparison(reference: float, model: float, model_se: float, refit: float, refit_se: float) -> str:
+    return (f"{100 * model:.2f} % (the reference's probes; {100 * (model - reference):+.2f} +- {100 * model_se:.2f} points), "
+            f"{100 * refit:.2f} % refit ({100 * (refit - reference):+.2f} +- {100 * refit_se:.2f}); "
+            f"reference {100 * reference:.2f} %")
+
+
+def _task_lines(t: dict, against_reference: bool) -> list[str]:
+    """``EncoderTasksEval.to_dict()`` as lines: the two cross-validated probes and the Lee correlation."""
+    lines = []
+    for key, what in (("sentiment", f"{t['sentiment']['sentences']} movie-review sentences (sentiment)"),
+                      ("newsgroups", f"{t['newsgroups']['posts']} Usenet posts (topic)")):
+        p = t[key]
+        lines.append(f"cross-validated probe accuracy on {what}: " + (
+            _probe_comparison(p["reference"], p["model"], p["model_se"], p["model_refit"], p["refit_se"])
+            if against_reference else f"{100 * p['reference']:.2f} %"))
+    lee = t["lee"]
+    line = (f"Lee news similarity ({lee['pairs']} rated pairs): Pearson {lee['model_pearson']:.3f}, "
+            f"Spearman {lee['model_spearman']:.3f}")
+    if against_reference:
+        line += (f"; reference {lee['reference_pearson']:.3f} / {lee['reference_spearman']:.3f} "
+                 f"(Pearson {lee['model_pearson'] - lee['reference_pearson']:+.3f} +- {lee['pearson_se']:.3f})")
+    return lines + [line]
 
 
 def cmd_bench(args) -> dict:
@@ -415,6 +445,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--acc", action="store_true",
                    help="next-token accuracy and agreement with the reference (causal LMs); linear-probe "
                         "accuracy on the movie-review sentences and embedding cosine (encoders)")
+    p.add_argument("--tasks", action="store_true",
+                   help="encoders: also a sentiment probe on 4,000 movie-review sentences, a topic probe on 200 "
+                        "Usenet posts and the correlation with human similarity ratings of Lee news "
+                        "(qruntime.evaluate.evaluate_encoder_tasks; about a minute for MiniLM)")
     p.add_argument("--reference", default=None, help="model to compare with; default: a checkpoint's base model; 'none' for no comparison")
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--window", type=int, default=512)

@@ -400,14 +400,18 @@ def evaluate_encoder_tasks(
     posts) and document similarity (Lee news with human ratings), the last two from gensim's test data
     (:mod:`qruntime.data`); the texts are truncated to ``max_length`` tokens (the sentences are at most
     98 tokens with MiniLM's tokenizer, the news documents 53-154; 127 of the 200 posts are longer than
-    256 and are cut there, as a user's encoder would cut them). Same protocol for both models:
-    mean-pooled, normalized embeddings (:func:`sentence_embeddings`)."""
+    256 and are cut there, as a user's encoder would cut them), or to the models' position count
+    (``config.max_position_embeddings``) where that is smaller; ``max_length`` in the result is the
+    one used. Same protocol for both models: mean-pooled, normalized embeddings
+    (:func:`sentence_embeddings`)."""
     import time
 
     from .data import lee_similarities, newsgroup_posts, sentence_polarity
 
     if max_length < 2:
         raise ValueError(f"max_length={max_length}: must be >= 2")
+    for m in (model, reference):  # never past the positions a model has (a small BERT may have 64 or 128)
+        max_length = min(max_length, getattr(getattr(m, "config", None), "max_position_embeddings", None) or max_length)
     start = time.perf_counter()
     probes = {}
     for name, count, rows in (("sentiment", "sentences", sentence_polarity()), ("newsgroups", "posts", newsgroup_posts())):

@@ -104,12 +104,23 @@ def test_eval_of_encoder_rejects_ppl_and_scores_embeddings(tiny_folder, tmp_path
     tok.save_pretrained(tmp_path / "bert")
     rc, out, err = _run(capsys, "eval", tmp_path / "bert", "--ppl")
     assert rc == 2 and "perplexity needs a causal LM" in err
+    rc, out, err = _run(capsys, "eval", tiny_folder, "--tasks")
+    assert rc == 2 and "--tasks: scores sentence embeddings; " in err and "is a causal LM, not an encoder" in err
     # without --ppl: movie-review probe and, against a reference (itself here), cosine and the refit probe
     rc, out, err = _run(capsys, "eval", tmp_path / "bert", "--reference", tmp_path / "bert")
     assert rc == 0, err
     assert "(the reference's probe)" in out and "refit on its own embeddings" in out
     assert "embedding cosine to the reference: mean 1.00000" in out
     assert "cross-validated probe accuracy:" in out and "(the reference's probes; +0.00 +- 0.00 points)" in out
+    # --tasks: the three further uses of the embeddings, on the real data, in the text and the JSON
+    rc, out, err = _run(capsys, "eval", tmp_path / "bert", "--reference", tmp_path / "bert", "--tasks", "--json")
+    assert rc == 0, err
+    tasks = json.loads(out)["encoder_tasks"]
+    assert tasks["sentiment"]["sentences"] == 4000 and tasks["newsgroups"]["posts"] == 200
+    assert tasks["sentiment"]["model"] == tasks["sentiment"]["reference"] and tasks["lee"]["pairs"] == 1225
+    assert tasks["max_length"] == 64  # the tiny BERT's positions, not the default 256
+    assert "cross-validated probe accuracy on 4000 movie-review sentences (sentiment):" in err
+    assert "Lee news similarity (1225 rated pairs): Pearson" in err and "(Pearson +0.000 +- 0.000)" in err
 
 
 def test_demo_takes_json_and_quiet_like_every_command(tiny_folder, tmp_path, capsys):
