@@ -152,9 +152,10 @@ def cmd_compress(args) -> dict:
     import torch
 
     from . import compress
-    from .calibrate import calibration_batches, text_batches
+    from .calibrate import calibration_batches, sentence_batches, text_batches
     from .checkpoint import save
     from .config import resolve_config
+    from .data import split_text
     from .models import load_model
 
     cfg = resolve_config(args.recipe)  # a bad recipe fails before the model is loaded
@@ -176,18 +177,35 @@ def cmd_compress(args) -> dict:
     train = held_out = None
     recover = cfg.sparsity.recover if cfg.sparsity is not None else None
     if cfg.distill is not None or recover is not None:
-        # the depth stage and the 2:4 recovery distill on the Wikipedia training split
+        # the depth stage and the 2:4 recovery distill on --train-text (default: the Wikipedia training split)
         if tokenizer is None:
             raise ValueError(f"{args.model}: no tokenizer to tokenize the training text with")
-        windows = calibration_batches(tokenizer, num_samples=args.train_samples, seq_len=args.train_seq_len, split="train")
-        train = [torch.cat(windows[i : i + 4]) for i in range(0, len(windows) - 3, 4)]  # batches of 4 windows
+        text = None
+        if args.train_text != "wiki":
+            with open(args.train_text, encoding="utf-8") as f:
+                text = f.read()
         budget = dict(steps=args.distill_steps, max_seconds=args.distill_minutes * 60 if args.distill_minutes else None)
+        if args.distill_lr is not None:
+            budget["lr"] = args.distill_lr
+        if kind == "encoder":
+            # its sentences, 32 a batch, batched by length (little padding) and so shuffled (docs/distillation.md
+            # section 4); the report's held-out metrics on 4 batches of calibration-split sentences in text order
+            train = sentence_batches(tokenizer, split_text("train") if text is None else text, 32, 128)
+            held_out = sentence_batches(tokenizer, split_text("calibration"), 32, 128, sort_by_length=False, limit=4)
+            budget["shuffle"] = True
+        else:
+            if text is None:
+                windows = calibration_batches(tokenizer, num_samples=args.train_samples, seq_len=args.train_seq_len,
+                                              split="train")
+            else:
+                windows = text_batches(tokenizer, text, args.train_samples, args.train_seq_len, source=args.train_text)
+            train = [torch.cat(windows[i : i + 4]) for i in range(0, len(windows) - 3, 4)]  # batches of 4 windows
+            # the report then gives teacher and student metrics on 4 held-out windows
+            held_out = calibration_batches(tokenizer, num_samples=4, seq_len=args.train_seq_len)
         if cfg.distill is not None:
             cfg = replace(cfg, distill=replace(cfg.distill, **budget))
         if recover is not None:
             cfg = replace(cfg, sparsity=replace(cfg.sparsity, recover=replace(recover, **budget)))
-        # the report then gives teacher and student metrics on 4 held-out windows
-        held_out = calibration_batches(tokenizer, num_samples=4, seq_len=args.train_seq_len)
     model, report = compress(model, cfg, calib, train_data=train, eval_data=held_out, progress=not args.quiet,
                              device=args.device, calib_precision=args.calib_precision)
     t1 = time.perf_counter()
@@ -433,11 +451,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-precision", default="auto", choices=["auto", "model", "bfloat16"],  # CALIB_PRECISIONS
                    help="matmul precision of the calibration forwards of a float32 model: auto = bfloat16 where the "
                         "hardware multiplies it natively (AVX512_BF16/AMX CPUs, CUDA), model = float32")
+    p.add_argument("--train-text", default="wiki",
+                   help="depth stage (d<N>+...) and 2:4 recovery (2:4-kd...): 'wiki' (the Wikipedia training split) or a "
+                        "UTF-8 text file, best one like the text the model will see; a causal LM trains on "
+                        "--train-samples windows of it, an encoder on its sentences (32 a batch, batched by length, shuffled)")
     p.add_argument("--train-samples", type=int, default=256,
-                   help="depth stage (d<N>+...) and 2:4 recovery (2:4-kd...): training windows from the Wikipedia training split, 4 per batch")
-    p.add_argument("--train-seq-len", type=int, default=256, help="depth stage / 2:4 recovery: tokens per training window")
+                   help="depth stage / 2:4 recovery, causal LMs: training windows of --train-text, 4 per batch")
+    p.add_argument("--train-seq-len", type=int, default=256, help="depth stage / 2:4 recovery, causal LMs: tokens per training window")
     p.add_argument("--distill-steps", type=int, default=100, help="depth stage / 2:4 recovery: optimizer steps")
     p.add_argument("--distill-minutes", type=float, default=None, help="depth stage / 2:4 recovery: cap on the training time")
+    p.add_argument("--distill-lr", type=float, default=None,
+                   help="depth stage / 2:4 recovery: peak learning rate (default: the recipe's, 1e-4; "
+                        "docs/distillation.md: 3e-4 for SmolLM2, 5e-4 for MiniLM)")
 
     p = add("eval", "perplexity (causal LMs) and accuracy of a checkpoint or model")
     p.add_argument("target", help="checkpoint folder, alias, local folder or HF name")
@@ -486,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             print(f"qruntime: error: --{name.replace('_', '-')}={value}: must be >= 1", file=sys.stderr)
             return 2
+    if getattr(args, "distill_lr", None) is not None and not args.distill_lr > 0:
+        print(f"qruntime: error: --distill-lr={args.distill_lr}: must be > 0", file=sys.stderr)
+        return 2
     if getattr(args, "speed_rounds", 0) < 0:
         print(f"qruntime: error: --speed-rounds={args.speed_rounds}: must be >= 0 (0: no timing)", file=sys.stderr)
         return 2

@@ -196,6 +196,41 @@ def test_compress_with_depth_stage(tiny_folder, tmp_path, capsys):
     assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
 
 
+def test_compress_encoder_with_depth_stage_trains_on_sentences_of_train_text(tiny_folder, tmp_path, capsys):
+    """d1+w8a16 on a BERT: the student trains on the sentences of --train-text, shuffled, at --distill-lr."""
+    import qruntime
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    from qruntime.data import split_text
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=256, max_position_embeddings=128)).save_pretrained(tmp_path / "bert")
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_folder)
+    tok.pad_token = tok.unk_token
+    tok.save_pretrained(tmp_path / "bert")
+    pieces = split_text("train")[:20000].split(". ")
+    sentences = [s for s in pieces if len(s.split()) >= 4 and not any(c in s for c in ".!?\n")][:40]
+    assert len(sentences) == 40
+    (tmp_path / "mine.txt").write_text("\n".join(sentences), encoding="utf-8")  # one sentence a line
+    out_dir = tmp_path / "ckpt"
+    code, out, err = _run(capsys, "compress", tmp_path / "bert", "--recipe", "d1+w8a16", "--train-text",
+                          tmp_path / "mine.txt", "--distill-steps", "3", "--distill-lr", "5e-4", "--out", out_dir,
+                          "--quiet", "--json")
+    assert code == 0, err
+    report = json.loads(out)["report"]
+    dist = report["distillation"]
+    assert report["config"] == "d1+w8a16" and dist["student_layers"] == 1 and dist["steps"] == 3
+    # 32 a batch: 2 batches, the 32 shortest sentences and the 8 longest; 3 steps see one of them twice
+    lengths = sorted(len(tok(s, truncation=True, max_length=128)["input_ids"]) for s in sentences)
+    assert dist["tokens"] in (2 * sum(lengths[:32]) + sum(lengths[32:]), sum(lengths[:32]) + 2 * sum(lengths[32:]))
+    assert dist["config"]["lr"] == 5e-4 and dist["config"]["shuffle"] is True
+    assert qruntime.load(out_dir).config.num_hidden_layers == 1
+    code, out, err = _run(capsys, "compress", tmp_path / "bert", "--recipe", "d1+w8a16", "--distill-lr", "0",
+                          "--out", out_dir)
+    assert code == 2 and "--distill-lr=0.0: must be > 0" in err
+
+
 def test_compress_2_4_with_recovery(tiny_folder, tmp_path, capsys):
     """2:4-kd+w8a16: SparseGPT masks, a masked KD fine-tune on the training split, INT8 kept values,
     saved and reloaded with the same outputs; `info` lists the 2:4 format."""
