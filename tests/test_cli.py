@@ -226,6 +226,13 @@ def test_compress_encoder_with_depth_stage_trains_on_sentences_of_train_text(tin
     assert dist["tokens"] in (2 * sum(lengths[:32]) + sum(lengths[32:]), sum(lengths[:32]) + 2 * sum(lengths[32:]))
     assert dist["config"]["lr"] == 5e-4 and dist["config"]["shuffle"] is True
     assert qruntime.load(out_dir).config.num_hidden_layers == 1
+    # the 2:4 recovery of an encoder trains on the same sentence batches
+    code, out, err = _run(capsys, "compress", tmp_path / "bert", "--recipe", "2:4-kd+w8a16", "--calib-samples", "2",
+                          "--seq-len", "32", "--train-text", tmp_path / "mine.txt", "--distill-steps", "3",
+                          "--out", tmp_path / "ckpt24", "--quiet", "--json")
+    assert code == 0, err
+    recovery = json.loads(out)["report"]["recovery"]
+    assert recovery["steps"] == 3 and recovery["config"]["shuffle"] is True and recovery["tokens"] == dist["tokens"]
     code, out, err = _run(capsys, "compress", tmp_path / "bert", "--recipe", "d1+w8a16", "--distill-lr", "0",
                           "--out", out_dir)
     assert code == 2 and "--distill-lr=0.0: must be > 0" in err
