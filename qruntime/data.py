@@ -696,7 +696,7 @@ def _read_polarity_archive(
     """The ``(text, label)`` rows of the polarity CSV ``member`` inside ``path`` (label "1" -> 1, "-1" -> 0)."""
     if sha256 is not None and _sha256(path) != sha256:
         raise ValueError(f"{path}: SHA-256 {_sha256(path)}, expected {sha256}; "
-                         "remove it and run qruntime.data.fetch_sentence_polarity()")
+                         "qruntime.data.fetch_sentence_polarity() replaces it")
     with tarfile.open(path, "r:gz") as archive:
         try:
             raw = archive.extractfile(member)

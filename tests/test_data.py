@@ -331,7 +331,7 @@ def _polarity_archive(path: pathlib.Path, csv_text: str, member: str = data._POL
 def test_polarity_archive_parsing_and_bad_archives(tmp_path: pathlib.Path) -> None:
     good = _polarity_archive(tmp_path / "good.tar.gz", '"1","a fine , warm film . \n"\n"-1","dull, ""flat"" .\n"\n')
     assert data._read_polarity_archive(good, sha256=None) == (("a fine , warm film .", 1), ('dull, "flat" .', 0))
-    with pytest.raises(ValueError, match=r"SHA-256 [0-9a-f]{64}, expected 0{64}; remove it and run"):
+    with pytest.raises(ValueError, match=r"SHA-256 [0-9a-f]{64}, expected 0{64}; qruntime.data.fetch_sentence_polarity\(\) replaces it"):
         data._read_polarity_archive(good, sha256="0" * 64)
     bad = _polarity_archive(tmp_path / "label.tar.gz", '"1","fine"\n"0","neutral?"\n')
     with pytest.raises(ValueError, match=r"row 2: expected a label in \('1', '-1'\) and a text, got \['0', 'neutral\?'\]"):
