@@ -66,10 +66,10 @@ def main() -> None:
     sentences, labels = [s for s, _ in reviews], [y for _, y in reviews]
     text = split_text("train")
     if args.reviews:
-        documents = movie_review_documents()
-        # the first reviews of each label (the file is 750 positive, then 750 negative)
-        picked = documents[: (args.reviews + 1) // 2] + documents[750 : 750 + args.reviews // 2]
-        text += "\n" + "\n".join(r for r, _ in picked)
+        by_label = [[r for r, y in movie_review_documents() if y == label] for label in (1, 0)]
+        # the first reviews of each label, in file order (half positive, half negative)
+        picked = by_label[0][: (args.reviews + 1) // 2] + by_label[1][: args.reviews // 2]
+        text += "\n" + "\n".join(picked)
     train = sentence_batches(tok, text, args.batch, args.max_length, sort_by_length=not args.no_sort)
     # selection and the held-out monitor: sentences in text order, as a user's batches would come
     calib = sentence_batches(tok, split_text("calibration"), args.batch, args.max_length,

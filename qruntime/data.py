@@ -82,6 +82,7 @@ import bz2
 import copyreg
 import csv
 import functools
+import hashlib
 import html
 import importlib.util
 import io
@@ -654,8 +655,6 @@ def lee_similarities() -> tuple[list[str], list[list[float]]]:
 
 
 def _sha256(path: pathlib.Path) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -694,8 +693,9 @@ def _read_polarity_archive(
     path: pathlib.Path, member: str = _POLARITY_MEMBER, sha256: str | None = _POLARITY_SHA256
 ) -> tuple[tuple[str, int], ...]:
     """The ``(text, label)`` rows of the polarity CSV ``member`` inside ``path`` (label "1" -> 1, "-1" -> 0)."""
-    if sha256 is not None and _sha256(path) != sha256:
-        raise ValueError(f"{path}: SHA-256 {_sha256(path)}, expected {sha256}; "
+    digest = _sha256(path) if sha256 is not None else None
+    if digest != sha256:
+        raise ValueError(f"{path}: SHA-256 {digest}, expected {sha256}; "
                          "qruntime.data.fetch_sentence_polarity() replaces it")
     with tarfile.open(path, "r:gz") as archive:
         try:
