@@ -72,9 +72,9 @@ def one(rng: random.Random, backends: list[str]) -> tuple[str, str, float]:
     if backend == "op":
         y = getattr(ops, f"{op}_linear")(*full)
     elif backend == "triton":
-        from qruntime import kernels
+        from qruntime import triton_backend
 
-        y = getattr(kernels.load(op), f"{op}_linear")(*full)
+        y = getattr(triton_backend.load(op), f"{op}_linear")(*full)
     else:
         with ops.use_cpu_isa(backend):
             y = getattr(ops, CPU_FN[op])(*full)

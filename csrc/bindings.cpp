@@ -242,6 +242,12 @@ PYBIND11_MODULE(_C, m) {
         "per-token INT8: x f32 [M, K] -> xq int8 [M, K], scales f32 [M]");
   m.def("isa", [] { return std::string(qc::isa_name(qc::current_isa())); }, "the ISA level the kernels run");
   m.def("best_isa", [] { return std::string(qc::isa_name(qc::best_isa())); });
+  m.def("compiled_isas", [] {
+    std::vector<std::string> out;
+    for (int i = 0; i < qc::kNumIsa; ++i)
+      if (qc::isa_compiled(static_cast<qc::Isa>(i))) out.emplace_back(qc::isa_name(static_cast<qc::Isa>(i)));
+    return out;
+  }, "the ISA levels built into this extension (whether or not this CPU runs them)");
   m.def("supported_isas", [] {
     std::vector<std::string> out;
     for (int i = 0; i < qc::kNumIsa; ++i)

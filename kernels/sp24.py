@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from qruntime import ops
-from qruntime.ops import _check_sp24, sp24_kind
+from qruntime.ops import check_sp24, sp24_kind
 
 from . import dispatch
 from ._common import (
@@ -330,8 +330,8 @@ def semi_structured(values: torch.Tensor, meta: torch.Tensor, scales: torch.Tens
     Built once per weight and dtype from :func:`dequantize`, and cached beside ``values`` (as the CPU
     layouts of :mod:`qruntime.ops`: rebuilt when a tensor is replaced or changed in place, dropped with
     ``values``). The copy costs about 0.56 x the bytes of the dense fp16 weight (kept values + metadata)."""
-    versions = (ops._version(values), ops._version(meta), ops._version(scales), ops._version(zeros), group_size)
-    return ops._packed(values, ("sp24_semi_structured", dtype, in_features), versions,
+    versions = (ops.layout_version(values), ops.layout_version(meta), ops.layout_version(scales), ops.layout_version(zeros), group_size)
+    return ops.cached_layout(values, ("sp24_semi_structured", dtype, in_features), versions,
                        lambda: _build_semi(values, meta, scales, zeros, group_size, in_features, dtype))
 
 
@@ -406,7 +406,7 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, scale
     Returns:
         [M, N] in x's dtype.
     """
-    _check_sp24(x, values, meta, scales, zeros, group_size, bias)
+    check_sp24(x, values, meta, scales, zeros, group_size, bias)
     dispatch.check_devices("sp24_linear", x, values=values, meta=meta, scales=scales, zeros=zeros, bias=bias)
     n = meta.shape[0]
     if x.shape[0] == 0:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qruntime.ops import _check_w4a16
+from qruntime.ops import check_w4a16
 
 from . import dispatch
 from ._common import (
@@ -191,7 +191,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     Returns:
         [M, N] in x's dtype.
     """
-    _check_w4a16(x, qweight, scales, zeros, group_size, bias)
+    check_w4a16(x, qweight, scales, zeros, group_size, bias)
     dispatch.check_devices("w4a16_linear", x, qweight=qweight, scales=scales, zeros=zeros, bias=bias)
     if x.shape[0] == 0:
         return x.new_empty((0, qweight.shape[0]))

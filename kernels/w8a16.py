@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qruntime.ops import _check_int8
+from qruntime.ops import check_int8
 
 from . import dispatch
 from ._common import (
@@ -149,7 +149,7 @@ def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, b
     Returns:
         [M, N] in x's dtype.
     """
-    _check_int8(x, qweight, scales, bias)
+    check_int8(x, qweight, scales, bias)
     dispatch.check_devices("w8a16_linear", x, qweight=qweight, scales=scales, bias=bias)
     if x.shape[0] == 0:
         return x.new_empty((0, qweight.shape[0]))

@@ -14,7 +14,7 @@ from .export import export_compressed_tensors
 from .nn import QuantEmbedding, QuantLinear, SparseLinear
 from .prune import prune_model
 from .ops import cpu_backend
-from . import kernels  # noqa: F401  registers the Triton kernels as the ops' CUDA implementations (imports no Triton)
+from . import triton_backend  # noqa: F401  registers the Triton kernels as the ops' CUDA implementations (imports no Triton)
 from .report import CompressReport
 
 __version__ = "0.1.0"

@@ -36,6 +36,7 @@ __all__ = [
     "cpu_backend",
     "cpu_isa",
     "supported_cpu_isas",
+    "compiled_cpu_isas",
     "set_cpu_isa",
     "use_cpu_isa",
     "eager_cpu",
@@ -44,6 +45,12 @@ __all__ = [
     "cpu_w4a16",
     "cpu_sp24",
     "run_sp24_module",
+    "check_int8",
+    "check_w4a16",
+    "check_sp24",
+    "sp24_kind",
+    "layout_version",
+    "cached_layout",
 ]
 
 
@@ -56,7 +63,7 @@ def _check_common(x: torch.Tensor, bias: torch.Tensor | None, n: int) -> None:
         raise ValueError(f"bias: shape {tuple(bias.shape)}, expected ({n},)")
 
 
-def _check_int8(x, qweight, scales, bias) -> None:
+def check_int8(x, qweight, scales, bias) -> None:
     if qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise TypeError(f"qweight: dtype {qweight.dtype}, shape {tuple(qweight.shape)}; expected int8 [N, K]")
     n, k = qweight.shape
@@ -67,7 +74,7 @@ def _check_int8(x, qweight, scales, bias) -> None:
         raise ValueError(f"scales: shape {tuple(scales.shape)}, expected ({n},)")
 
 
-def _check_w4a16(x, qweight, scales, zeros, group_size, bias) -> None:
+def check_w4a16(x, qweight, scales, zeros, group_size, bias) -> None:
     if qweight.dtype != torch.uint8 or qweight.dim() != 2:
         raise TypeError(f"qweight: dtype {qweight.dtype}, shape {tuple(qweight.shape)}; expected uint8 [N, Kp/2]")
     n, kp = qweight.shape[0], qweight.shape[1] * 2
@@ -88,7 +95,7 @@ def sp24_kind(values: torch.Tensor) -> str:
     return "int8" if values.dtype == torch.int8 else ("int4" if values.dtype == torch.uint8 else "float")
 
 
-def _check_sp24(x, values, meta, scales, zeros, group_size, bias) -> None:
+def check_sp24(x, values, meta, scales, zeros, group_size, bias) -> None:
     if meta.dtype != torch.uint8 or meta.dim() != 2:
         raise TypeError(f"meta: dtype {meta.dtype}, shape {tuple(meta.shape)}; expected uint8 [N, Kp/8]")
     n, kp = meta.shape[0], meta.shape[1] * 8
@@ -123,7 +130,7 @@ def w8a16_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] @ (qweight int8 [N, K] * scales f32 [N]).T + bias; output dtype = x.dtype."""
-    _check_int8(x, qweight, scales, bias)
+    check_int8(x, qweight, scales, bias)
     return reference.w8a16_linear(x, qweight, scales, bias)
 
 
@@ -137,7 +144,7 @@ def w4a16_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] @ dequant_int4(qweight u8 [N, Kp/2], scales [G, N], zeros [G, N] | None).T + bias."""
-    _check_w4a16(x, qweight, scales, zeros, group_size, bias)
+    check_w4a16(x, qweight, scales, zeros, group_size, bias)
     return reference.w4a16_linear(x, qweight, scales, zeros, group_size, bias)
 
 
@@ -146,7 +153,7 @@ def w8a8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Dynamic per-token INT8 activations x INT8 per-channel weights (reference.w8a8_linear)."""
-    _check_int8(x, qweight, scales, bias)
+    check_int8(x, qweight, scales, bias)
     return reference.w8a8_linear(x, qweight, scales, bias)
 
 
@@ -162,7 +169,7 @@ def sp24_linear(
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] @ expand(values, meta).T + bias for a 2:4-sparse weight whose kept values are
     float, INT8 or INT4 (reference.sp24_linear, docs/formats.md)."""
-    _check_sp24(x, values, meta, scales, zeros, group_size, bias)
+    check_sp24(x, values, meta, scales, zeros, group_size, bias)
     return reference.sp24_linear(x, values, meta, scales, zeros, group_size, bias)
 
 
@@ -237,7 +244,7 @@ _cache: dict[int, tuple[weakref.ref, dict]] = {}
 _cache_lock = threading.Lock()
 
 
-def _version(t: torch.Tensor | None) -> tuple:
+def layout_version(t: torch.Tensor | None) -> tuple:
     if t is None:
         return (None,)
     try:
@@ -246,7 +253,7 @@ def _version(t: torch.Tensor | None) -> tuple:
         return (t.data_ptr(), -1)
 
 
-def _packed(t: torch.Tensor, kind: object, versions: tuple, build: Callable[[], object]) -> object:
+def cached_layout(t: torch.Tensor, kind: object, versions: tuple, build: Callable[[], object]) -> object:
     """The CPU layout ``kind`` of tensor ``t``, built once and rebuilt when ``versions`` change.
 
     Entries live as long as ``t`` (a weak reference drops them with it)."""
@@ -271,7 +278,7 @@ def _bias_array(bias: torch.Tensor | None):
     """float32 bias padded to the 32-channel blocks, as a numpy array (cached per bias tensor)."""
     if bias is None:
         return None
-    return _packed(bias, "bias", (_version(bias), bias.dtype), lambda: pad_channels(bias).numpy())
+    return cached_layout(bias, "bias", (layout_version(bias), bias.dtype), lambda: pad_channels(bias).numpy())
 
 
 def _np(layout) -> dict:
@@ -283,13 +290,13 @@ def _kernel_call(kind: str, qweight, scales, zeros, group_size, bias) -> tuple[s
     """(extension function, its arguments between x and n) for ``kind`` in w8a16 / w8a8 / w4a16.
 
     The CPU layout comes from the per-weight cache, so the op and the module paths share one copy."""
-    versions = (_version(qweight), _version(scales), _version(zeros))
+    versions = (layout_version(qweight), layout_version(scales), layout_version(zeros))
     b = _bias_array(bias)
     if kind == "w4a16":
-        p = _packed(qweight, kind, versions, lambda: _np(cpu_int4(qweight.contiguous(), scales, zeros)))
+        p = cached_layout(qweight, kind, versions, lambda: _np(cpu_int4(qweight.contiguous(), scales, zeros)))
         return "w4a16_gemm", (p["panels"], p["s"], p["zs"], group_size, b)
     act_bits = 8 if kind == "w8a8" else 16
-    p = _packed(qweight, kind, versions, lambda: _np(cpu_int8(qweight.contiguous(), scales, act_bits)))
+    p = cached_layout(qweight, kind, versions, lambda: _np(cpu_int8(qweight.contiguous(), scales, act_bits)))
     if kind == "w8a8":
         return "w8a8_gemm", (p["vnni"], p["wsum"], p["scales"], b)
     return "w8a16_gemm", (p["panels"], p["scales"], b)
@@ -306,19 +313,19 @@ def _launch(call: tuple[str, tuple], x: torch.Tensor, n: int) -> torch.Tensor:
 
 def cpu_w8a16(x, qweight, scales, bias):
     """The ``cpu`` kernel of :func:`w8a16_linear` (C++)."""
-    _check_int8(x, qweight, scales, bias)
+    check_int8(x, qweight, scales, bias)
     return _launch(_kernel_call("w8a16", qweight, scales, None, 0, bias), x, qweight.shape[0])
 
 
 def cpu_w8a8(x, qweight, scales, bias):
     """The ``cpu`` kernel of :func:`w8a8_linear` (C++)."""
-    _check_int8(x, qweight, scales, bias)
+    check_int8(x, qweight, scales, bias)
     return _launch(_kernel_call("w8a8", qweight, scales, None, 0, bias), x, qweight.shape[0])
 
 
 def cpu_w4a16(x, qweight, scales, zeros, group_size, bias):
     """The ``cpu`` kernel of :func:`w4a16_linear` (C++)."""
-    _check_w4a16(x, qweight, scales, zeros, group_size, bias)
+    check_w4a16(x, qweight, scales, zeros, group_size, bias)
     return _launch(_kernel_call("w4a16", qweight, scales, zeros, group_size, bias), x, qweight.shape[0])
 
 
@@ -339,15 +346,15 @@ def _sp24_call(values, meta, scales, zeros, group_size, bias) -> tuple[str, tupl
     the quantizers; the kernel reads whole groups of 4). The reference runs those."""
     if values.dtype == torch.uint8 and group_size % 4:
         return None
-    versions = (_version(values), _version(meta), _version(scales), _version(zeros), group_size)
-    p = _packed(values, "sp24", versions,
+    versions = (layout_version(values), layout_version(meta), layout_version(scales), layout_version(zeros), group_size)
+    p = cached_layout(values, "sp24", versions,
                 lambda: _sp24_arrays(sp24_layout(values, meta, scales, zeros, group_size)))
     return "sp24_gemm", (p["values"], p["meta"], p["s"], p["zs"], group_size, _bias_array(bias))
 
 
 def cpu_sp24(x, values, meta, scales, zeros, group_size, bias):
     """The ``cpu`` kernel of :func:`sp24_linear` (C++ over the CPU layout ``cpu_layout.CpuSp24``)."""
-    _check_sp24(x, values, meta, scales, zeros, group_size, bias)
+    check_sp24(x, values, meta, scales, zeros, group_size, bias)
     # float64 activations get float64 math (the kernel computes in float32)
     call = None if x.dtype == torch.float64 else _sp24_call(values, meta, scales, zeros, group_size, bias)
     if call is None:
@@ -441,6 +448,12 @@ def supported_cpu_isas() -> list[str]:
     """ISA levels this CPU can run (empty without the extension)."""
     ext = extension()
     return [] if ext is None else list(ext.supported_isas())
+
+
+def compiled_cpu_isas() -> list[str]:
+    """ISA levels built into the C++ extension, whether or not this CPU runs them (empty without it)."""
+    ext = extension()
+    return [] if ext is None else list(ext.compiled_isas())
 
 
 def set_cpu_isa(name: str) -> None:

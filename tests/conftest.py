@@ -11,6 +11,51 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# ---- nothing skipped silently --------------------------------------------------------------------------
+
+SKIP_MISSING_ENV = "QRUNTIME_TEST_SKIP_MISSING"
+
+
+def require(available: bool, what: str, *, allowed: str | None = None) -> None:
+    """Stops a test (or, at module level, a test module) that needs an installed piece: the C++ extension,
+    a test extra, an offline model package. scripts/install.sh installs every one of them, so a missing
+    piece is a broken install and fails the run, never a skip that hides lost coverage.
+    ``allowed``: a reason the piece may legitimately be absent here (then the test is skipped, saying so);
+    QRUNTIME_TEST_SKIP_MISSING=1 turns every such failure into a skip, for a partial install."""
+    if available:
+        return
+    if allowed is not None:
+        pytest.skip(f"{what}: {allowed}", allow_module_level=True)
+    if os.environ.get(SKIP_MISSING_ENV, "") not in ("", "0"):
+        pytest.skip(f"{what} ({SKIP_MISSING_ENV} is set)", allow_module_level=True)
+    pytest.fail(f"{what}: scripts/install.sh installs it (set {SKIP_MISSING_ENV}=1 to skip such tests)",
+                pytrace=False)
+
+
+def require_module(name: str, what: str, *, allowed: str | None = None):
+    """The module ``name``, imported; missing: as :func:`require`."""
+    import importlib
+    import importlib.util
+
+    require(importlib.util.find_spec(name) is not None, what, allowed=allowed)
+    return importlib.import_module(name)
+
+
+GPU_REASON = "needs an NVIDIA GPU"  # how every test that needs CUDA says why it is skipped without one
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs an NVIDIA GPU (skipped without one, with the reason GPU_REASON) carries the
+    ``gpu`` mark: scripts/gpu_check.sh runs ``pytest -m gpu`` and must reach all of them."""
+    unmarked = [
+        item.nodeid for item in items
+        if item.get_closest_marker("gpu") is None
+        and any(str(m.kwargs.get("reason", "")).startswith(GPU_REASON) for m in item.iter_markers("skipif"))
+    ]
+    if unmarked:
+        raise pytest.UsageError("tests that need a GPU without the gpu mark: " + ", ".join(unmarked))
+
+
 # Relative error bounds ||y - y_ref|| / ||y_ref|| against the float64 reference, per activation dtype.
 # fp32: accumulation-order noise; fp16/bf16: the dequantized weight and the output are rounded to the
 # dtype (2^-11, 2^-8 relative), plus accumulation.

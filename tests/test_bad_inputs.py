@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import require_module
+
 import qruntime
 from qruntime import CheckpointError, QuantConfig, QuantLinear, compress, ops
 from qruntime.formats import quantize_int4, quantize_int8_per_channel
@@ -80,10 +82,10 @@ def _flip(path):
 
 
 def _device_mix(tmp_path):
-    pytest.importorskip("triton", reason="the device check lives in the Triton launchers")
-    from qruntime import kernels
+    require_module("triton", "Triton (the test extra) is not installed")
+    from qruntime import triton_backend
 
-    kernels.load("w8a16").w8a16_linear(X, *Q8, torch.empty(8, device="meta"))
+    triton_backend.load("w8a16").w8a16_linear(X, *Q8, torch.empty(8, device="meta"))
 
 
 def _cli(*argv):

@@ -92,20 +92,29 @@ def test_hidden_states_keep_the_model_dtype_and_tuning_runs_under_the_autocast(t
 @pytest.mark.parametrize("recipe", ["w4a16-g32-gptq", "w4a16-g32-gptq-tune4-round", "2:4-sparsegpt"])
 def test_compress_in_bf16_matches_float32_calibration(tiny_llama, recipe):
     """Same recipe, calibration forwards in float32 and in bf16: the report says which ran, and the
-    compressed models are about equally far from the original on held-out text."""
-    torch.manual_seed(1)
-    calib = [torch.randint(0, 128, (1, 32)) for _ in range(8)]
-    held_out = torch.randint(0, 128, (4, 32))
-    with torch.no_grad():
-        ref = tiny_llama(held_out).logits
-    errors = {}
-    for precision in ("model", "bfloat16"):
-        model, report = compress(tiny_llama, recipe, calib, inplace=False, progress=False, calib_precision=precision)
-        assert report.calibration["precision"] == {"model": "model", "bfloat16": "bfloat16 matmuls (autocast)"}[precision]
-        assert ("forwards in bfloat16 matmuls (autocast)" in report.table()) == (precision == "bfloat16")
+    compressed models are about equally far from the original on held-out text.
+
+    One calibration set decides little: the two precisions round a few weights differently, and the
+    ratio of the two errors moves by +-10% from set to set (0.93-1.13 over 12 sets, mean 1.03, for
+    w4a16-g32-gptq). Over 8 sets the mean ratio moves by about +-0.02, so 1.1 is a margin of 3-4 of
+    those, and still fails if bf16 calibration made the models systematically 10% worse."""
+    errors = {"model": [], "bfloat16": []}
+    for seed in range(8):
+        torch.manual_seed(seed)
+        calib = [torch.randint(0, 128, (1, 32)) for _ in range(8)]
+        held_out = torch.randint(0, 128, (4, 32))
         with torch.no_grad():
-            errors[precision] = _rel(model(held_out).logits, ref)
-    assert errors["bfloat16"] < 1.1 * errors["model"] + 1e-3, errors
+            ref = tiny_llama(held_out).logits
+        for precision in errors:
+            model, report = compress(tiny_llama, recipe, calib, inplace=False, progress=False,
+                                     calib_precision=precision)
+            expected = {"model": "model", "bfloat16": "bfloat16 matmuls (autocast)"}[precision]
+            assert report.calibration["precision"] == expected
+            assert ("forwards in bfloat16 matmuls (autocast)" in report.table()) == (precision == "bfloat16")
+            with torch.no_grad():
+                errors[precision].append(_rel(model(held_out).logits, ref))
+    ratios = [b / m for b, m in zip(errors["bfloat16"], errors["model"])]
+    assert sum(ratios) / len(ratios) < 1.1, ratios
 
 
 def test_round_to_nearest_records_no_precision(tiny_llama):

@@ -39,16 +39,22 @@ def _err(w, d, imp):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_int4_search_never_worse_than_rtn_and_better_with_outliers(group_size, symmetric, weighted):
-    w = _weight()
-    imp = torch.rand(w.shape[1]) * 3 + 0.01 if weighted else torch.ones(w.shape[1])
-    s0, z0, gs0 = int4_params(w, group_size, symmetric)
-    s1, z1, gs1 = search_int4_params(w, group_size, symmetric, imp if weighted else None)
-    assert gs1 == gs0 and s1.shape == s0.shape and s1.dtype == torch.float32
-    assert (z1 is None) == symmetric and (z1 is None or (z1.dtype == torch.uint8 and int(z1.max()) <= 15))
-    e_rtn, e_search = _err(w, _deq4(w, s0, z0, gs0), imp), _err(w, _deq4(w, s1, z1, gs1), imp)
-    assert e_search <= e_rtn * (1 + 1e-6)
-    assert e_search < 0.95 * e_rtn, (e_rtn, e_search)  # outliers stretch RTN's grid: shrinking pays
-    assert (s1 <= s0 * (1 + 1e-6)).all()  # ranges only shrink
+    """On every weight the search is never worse than round to nearest; over 8 weights it is clearly
+    better (outliers stretch RTN's grid: shrinking pays). The gain on one weight varies: asymmetric g32,
+    the smallest, is 3.6-7.3% over 40 random weights, so the bound is on the sum over 8 (a 3% gain)."""
+    totals = [0.0, 0.0]
+    for _ in range(8):
+        w = _weight()
+        imp = torch.rand(w.shape[1]) * 3 + 0.01 if weighted else torch.ones(w.shape[1])
+        s0, z0, gs0 = int4_params(w, group_size, symmetric)
+        s1, z1, gs1 = search_int4_params(w, group_size, symmetric, imp if weighted else None)
+        assert gs1 == gs0 and s1.shape == s0.shape and s1.dtype == torch.float32
+        assert (z1 is None) == symmetric and (z1 is None or (z1.dtype == torch.uint8 and int(z1.max()) <= 15))
+        e_rtn, e_search = _err(w, _deq4(w, s0, z0, gs0), imp), _err(w, _deq4(w, s1, z1, gs1), imp)
+        assert e_search <= e_rtn * (1 + 1e-6)
+        assert (s1 <= s0 * (1 + 1e-6)).all()  # ranges only shrink
+        totals[0], totals[1] = totals[0] + e_rtn, totals[1] + e_search
+    assert totals[1] < 0.97 * totals[0], totals
 
 
 def test_int4_search_with_only_p1_is_rtn_exactly():

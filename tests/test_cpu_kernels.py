@@ -1,12 +1,13 @@
 """The C++ CPU kernels on every ISA level this CPU can run, against float64 oracles; the CPU layouts'
 round trips; the extension's argument checks (Python exceptions with the values, never a crash)."""
 import gc
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REL_TOL, rel_error
+from conftest import REL_TOL, rel_error, require
 from qruntime import ops, reference
 from qruntime._ext import extension
 from qruntime.cpu_layout import (
@@ -22,7 +23,8 @@ from qruntime.cpu_layout import (
 )
 from qruntime.formats import quantize_int4, quantize_int8_per_channel, unpack_int4
 
-pytestmark = pytest.mark.skipif(extension() is None, reason="C++ extension not built")
+require(extension() is not None, "the C++ extension qruntime._C is not built",
+        allowed="disabled by QRUNTIME_DISABLE_EXTENSION" if os.environ.get("QRUNTIME_DISABLE_EXTENSION", "") not in ("", "0") else None)
 ISAS = ops.supported_cpu_isas() or ["none"]
 MS = [1, 2, 3, 15, 16, 17, 128, 129]
 KN = [(100, 77), (200, 33), (61, 130)]  # K, N: not multiples of 16 / 32 / 64

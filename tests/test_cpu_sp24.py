@@ -1,17 +1,20 @@
 """The C++ 2:4-sparse CPU kernel (``sp24_gemm``) on every ISA level this CPU can run, against the float64
 reference; the sp24 CPU layout's round trip; the module fast path and its cache; the extension's argument
 checks (Python exceptions with the values, never a crash)."""
+import os
+
 import numpy as np
 import pytest
 import torch
-from conftest import REL_TOL, rel_error
+from conftest import REL_TOL, rel_error, require
 
 from qruntime import ops, reference
 from qruntime._ext import extension
 from qruntime.cpu_layout import cpu_sp24, unpack_cpu_sp24
 from qruntime.formats import nm_mask, pack_int4, pack_sp24, sp24_padded_k, sp24_positions
 
-pytestmark = pytest.mark.skipif(not ops.SP24_CPU_KERNELS, reason="C++ extension without the 2:4 kernel")
+require(ops.SP24_CPU_KERNELS, "the C++ extension with its 2:4 kernel is not built",
+        allowed="disabled by QRUNTIME_DISABLE_EXTENSION" if os.environ.get("QRUNTIME_DISABLE_EXTENSION", "") not in ("", "0") else None)
 ISAS = ops.supported_cpu_isas() or ["none"]
 MS = [1, 2, 3, 15, 16, 17, 128, 129]
 KN = [(100, 77), (200, 33), (61, 130)]  # K, N: K padded (not a multiple of 8 / 32), N not a multiple of 32

@@ -772,6 +772,7 @@ def test_masks_stay_zero():
 
 
 def test_cached_teacher_top_k():
+    torch.manual_seed(0)
     teacher = _llama()
     train, held_out = _ids(12, seed=1), _ids(3, seed=2)
     cache = teacher_topk(teacher, train[:2], 8, progress=False)
@@ -780,12 +781,19 @@ def test_cached_teacher_top_k():
         torch.testing.assert_close(cache[0][0], teacher(train[0]).logits.topk(8, dim=-1).values)
     cfg = DistillConfig(selection="uniform", steps=30, lr=3e-3, top_k=32, trainable="all", autocast="off")
     cached, rc = qruntime.distill(teacher, 3, train, replace(cfg, cache_teacher=True), eval_data=held_out, progress=False)
-    assert rc.after["kl"] < 0.9 * rc.before["kl"], (rc.before, rc.after)
     # the cache holds exactly what the teacher gives on the fly: the same training, step for step
     live, rl = qruntime.distill(teacher, 3, train, cfg, eval_data=held_out, progress=False)
     assert rc.losses == rl.losses
     for (name, a), b in zip(cached.state_dict().items(), live.state_dict().values()):
         assert torch.equal(a, b), name
+    # training on the cache lowers the held-out KL; how much depends on the random teacher (after / before
+    # 0.72-0.91 over 8 of them), so the bound is on the median of three
+    ratios = [rc.after["kl"] / rc.before["kl"]]
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        _, other = qruntime.distill(_llama(), 3, train, replace(cfg, cache_teacher=True), eval_data=held_out, progress=False)
+        ratios.append(other.after["kl"] / other.before["kl"])
+    assert sorted(ratios)[1] < 0.9, ratios
 
 
 def test_max_seconds_stops_early():

@@ -3,16 +3,20 @@ loading the export with transformers; the decompressed weights must equal ours e
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import require_module
+
 import qruntime
 from qruntime.export import _pack_int32, export_compressed_tensors
 from qruntime.nn import QuantLinear
 
-ct = pytest.importorskip("compressed_tensors", reason="pip install compressed-tensors (in the test extras)")
+ct = require_module("compressed_tensors", "compressed-tensors (the test extra) is not installed",
+                    allowed="it needs Python >= 3.11" if sys.version_info < (3, 11) else None)
 
 
 def _ct_decompressed(folder) -> dict[str, torch.Tensor]:

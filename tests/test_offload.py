@@ -12,7 +12,6 @@ from qruntime import compress
 from qruntime.nn import QuantLinear
 from qruntime.offload import Onloader, current_onloader, execution_device, home_device, onloaded
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
 
 def _calib(vocab, n=8, seq=16):
@@ -102,7 +101,8 @@ def test_compress_with_a_device_gives_the_same_model(model_name, preset, request
     assert current_onloader(model) is None and all(not m._forward_pre_hooks for m in model.modules())
 
 
-@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_a_model_in_cpu_ram_is_calibrated_on_the_gpu_one_block_at_a_time():
     """32 blocks (4 MB each) in CPU RAM; GPTQ + tuning with learned rounding on the GPU: the GPU's peak
     memory stays below half the model's size (what one block needs: its weights, GPTQ's float64 work, the

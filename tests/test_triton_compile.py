@@ -15,7 +15,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[test]' installs it)")
+from conftest import require_module
+
+require_module("triton", "Triton (the test extra) is not installed")
 
 
 def _aot(tmp_path, *args):

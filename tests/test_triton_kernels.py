@@ -17,11 +17,11 @@ import torch
 from qruntime import ops, reference
 from qruntime.formats import quantize_int4, quantize_int8_per_channel
 
-from conftest import REL_TOL, rel_error
+from conftest import REL_TOL, rel_error, require_module
 
-triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[test]' installs it)")
+triton = require_module("triton", "Triton (the test extra) is not installed")
 
-from qruntime import kernels  # noqa: E402
+from qruntime import triton_backend  # noqa: E402
 from qruntime.kernels import _common, dispatch  # noqa: E402
 from qruntime.kernels import w4a16 as k4  # noqa: E402
 from qruntime.kernels import w8a8 as k8a8  # noqa: E402
@@ -263,10 +263,10 @@ def test_cuda_registrations_call_the_launchers(device):
     q4, s4, z4, gs = quantize_int4(w, 32, False)
     x, bias = _x(5, 96, torch.float16, device), torch.randn(48, device=device)
     qweight, scales, q4, s4, z4 = (t.to(device) for t in (qweight, scales, q4, s4, z4))
-    assert rel_error(kernels._cuda_w8a16(x, qweight, scales, bias), _w8_ref(x, qweight, scales, bias)) < 2e-3
-    assert rel_error(kernels._cuda_w4a16(x, q4, s4, z4, gs, bias), _w4_ref(x, q4, s4, z4, gs, bias)) < 2e-3
+    assert rel_error(triton_backend.cuda_w8a16(x, qweight, scales, bias), _w8_ref(x, qweight, scales, bias)) < 2e-3
+    assert rel_error(triton_backend.cuda_w4a16(x, q4, s4, z4, gs, bias), _w4_ref(x, q4, s4, z4, gs, bias)) < 2e-3
     ref = _w8a8_ref(x.cpu(), qweight.cpu(), scales.cpu(), bias.cpu())
-    assert rel_error(kernels._cuda_w8a8(x, qweight, scales, bias), ref) < 2e-3
+    assert rel_error(triton_backend.cuda_w8a8(x, qweight, scales, bias), ref) < 2e-3
 
 
 @pytest.mark.gpu

@@ -24,11 +24,11 @@ from qruntime.formats import (
     dequantize_sp24, int4_codes, int4_params, nm_mask, pack_sp24, quantize_int8_per_channel, sp24_padded_k,
 )
 
-from conftest import REL_TOL, rel_error
+from conftest import REL_TOL, rel_error, require_module
 
-triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[test]' installs it)")
+triton = require_module("triton", "Triton (the test extra) is not installed")
 
-from qruntime import kernels  # noqa: E402
+from qruntime import triton_backend  # noqa: E402
 from qruntime.kernels import _common, dispatch  # noqa: E402
 from qruntime.kernels import sp24 as ks24  # noqa: E402
 from qruntime.kernels import w8a16 as k8  # noqa: E402
@@ -267,11 +267,11 @@ def test_sp24_configs_keep_one_for_every_group():
 
 
 def test_sp24_registered_as_the_cuda_kernel(device):
-    assert "sp24" in kernels.FAMILIES and kernels.load("sp24") is ks24
+    assert "sp24" in triton_backend.FAMILIES and triton_backend.load("sp24") is ks24
     assert torch._C._dispatch_has_kernel_for_dispatch_key(ops.sp24_linear._qualname, "CUDA")
     values, meta, scales, zeros, gs = _to(device, *_pack(_sparse_weight(48, 96), "int4", group=32))
     x, bias = _x(5, 96, torch.float16, device), torch.randn(48, device=device)
-    y = kernels._cuda_sp24(x, values, meta, scales, zeros, gs, bias)
+    y = triton_backend.cuda_sp24(x, values, meta, scales, zeros, gs, bias)
     assert rel_error(y, _ref(x, values, meta, scales, zeros, gs, bias)) < _tol(torch.float16)
 
 

@@ -62,6 +62,26 @@ bool isa_verified(Isa isa) {
   return isa != Isa::kAmxInt8;
 }
 
+bool isa_compiled(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return true;
+    case Isa::kAvx2:
+    case Isa::kAvx512Vnni:
+#if defined(__x86_64__) || defined(__i386__)
+      return true;
+#else
+      return false;
+#endif
+    case Isa::kAmxInt8:
+#if defined(QR_HAVE_AMX)
+      return true;
+#else
+      return false;
+#endif
+  }
+  return false;
+}
+
 bool isa_supported(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
   // __builtin_cpu_supports also checks that the OS saves the register state (XCR0).
