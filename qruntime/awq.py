@@ -25,7 +25,7 @@ import torch
 
 from .clip import quant_grid
 from .formats import dequantize_int4, dequantize_int8, int4_codes, int8_codes
-from .smooth import _MAX_SCALE, _MIN_SCALE, SmoothGroup, plan_groups
+from .smooth import MAX_SCALE, MIN_SCALE, SmoothGroup, plan_groups
 
 __all__ = ["ALPHA_GRID", "awq_scales", "fake_quantize", "scaled_error", "plan_awq"]
 
@@ -41,7 +41,7 @@ def awq_scales(act_rms: torch.Tensor, alpha: float) -> torch.Tensor:
         return torch.ones_like(a)
     s = torch.where(live, a.clamp_min(1e-12).pow(alpha), torch.ones_like(a))
     s = s / (s[live].max() * s[live].min()).sqrt()
-    return torch.where(live, s, torch.ones_like(s)).clamp(_MIN_SCALE, _MAX_SCALE)
+    return torch.where(live, s, torch.ones_like(s)).clamp(MIN_SCALE, MAX_SCALE)
 
 
 def fake_quantize(weight: torch.Tensor, quant) -> torch.Tensor:

@@ -11,14 +11,25 @@ the float model computes the same function and the runtime pays nothing.
 
 A fold is valid only where the producer's output reaches nothing but the group: pre-norm blocks (Llama
 family: input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, up_proj -> down_proj; GPT-2:
-ln_1 -> c_attn, ln_2 -> c_fc). Post-norm models (BERT) use the norm's output as the residual stream too,
-so their layers are left unsmoothed, and every layer without a valid producer is listed with the reason.
+ln_1 -> c_attn, ln_2 -> c_fc; Gemma 2/3's "sandwich" blocks: input_layernorm -> q/k/v,
+pre_feedforward_layernorm -> gate/up, their post_attention_layernorm and post_feedforward_layernorm
+normalize the sublayers' outputs on the way into the residual stream and feed no Linear). Post-norm
+models (BERT) use the norm's output as the residual stream too, so their layers are left unsmoothed, and
+every layer without a valid producer is listed with the reason.
+
+A norm folds exactly when its output is normalize(x) * (offset + weight) (+ bias): the folded weight is
+(offset + weight) / s - offset. Llama's RMSNorm and LayerNorm have offset 0; Gemma's RMSNorm multiplies
+by (1 + weight), offset 1, so dividing its weight by s would not divide its output by s. The offset is
+read off the norm's own forward on a probe input (:func:`norm_offset`); a norm of any other form, or
+whose folded weight its dtype cannot hold accurately (:func:`fold_error`), is not folded and its group is
+listed with the reason.
 
 alpha is one number for the model (0.5 by default), or searched per group ("auto"): the value of
 :data:`ALPHA_GRID` with the smallest W8A8 output error on sample rows of the group's calibration inputs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,9 +37,27 @@ from torch import nn
 
 from .nn import is_conv1d, linear_weight
 
-__all__ = ["SmoothGroup", "find_groups", "smoothing_scales", "search_alpha", "fold", "plan_smoothing", "plan_groups", "apply"]
+__all__ = [
+    "SmoothGroup", "find_groups", "smoothing_scales", "search_alpha", "fold", "plan_smoothing", "plan_groups",
+    "apply", "norm_offset", "producer_offset", "block_candidates", "folded_norm_weight", "fold_error",
+    "fold_tolerance", "NORM_OFFSETS", "FOLD_RTOL", "MIN_SCALE", "MAX_SCALE",
+]
 
-_MIN_SCALE, _MAX_SCALE = 1e-5, 1e5
+MIN_SCALE, MAX_SCALE = 1e-5, 1e5
+
+
+# Offsets of the norms whose fold is exact: output = normalize(x) * (offset + weight) (+ bias). 0: LayerNorm,
+# Llama / T5 RMSNorm; 1: Gemma's zero-centred RMSNorm (also Qwen3-Next's).
+NORM_OFFSETS = (0.0, 1.0)
+# Largest relative error of a folded norm's per-channel multiplier, offset + weight', once weight' is
+# stored in the norm's dtype. An offset-0 fold errs by one rounding of the dtype at most; an offset fold
+# loses bits when (offset + weight) / s is small against the offset. Beyond max(FOLD_RTOL, 2 eps) the
+# group is not folded.
+FOLD_RTOL = 1e-4
+_PROBE_RTOL = 1e-5  # a probed norm matches a form when its output is this close (float32, eps negligible)
+
+ATTN_INPUTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+MLP_INPUTS = ("mlp.gate_proj", "mlp.up_proj")
 
 
 @dataclass
@@ -36,6 +65,7 @@ class SmoothGroup:
     producer: str  # module whose output is the consumers' input: a norm or a Linear
     consumers: list[str]  # Linear / Conv1D layers reading exactly that output
     scales: torch.Tensor | None = field(default=None, repr=False)  # float32 [K], once computed
+    offset: float | None = None  # producer's output is normalize(x) * (offset + weight); None: probe it
 
 
 def _get(model: nn.Module, name: str) -> nn.Module | None:
@@ -45,36 +75,109 @@ def _get(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _is_norm(module: nn.Module | None) -> bool:
-    return module is not None and isinstance(getattr(module, "weight", None), torch.Tensor) and (
-        isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
-    )
+def _probe_output(module: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    device = module.weight.device
+    with torch.no_grad():
+        y = torch.func.functional_call(module, {k: v.to(device) for k, v in params.items()}, (x.to(device),))
+    return y.to(device="cpu", dtype=torch.float32)
+
+
+def norm_offset(module: nn.Module) -> float | str:
+    """The offset c (one of :data:`NORM_OFFSETS`) of a norm computing x / rms(x) * (c + weight) (+ bias),
+    established by running its own forward (parameters swapped for float32 probes, the module untouched)
+    on a probe input [4, K] with two probe weights; or the reason it cannot be folded exactly.
+    ``nn.LayerNorm`` is known: offset 0 (its normalize subtracts the mean first)."""
+    kind = type(module).__name__
+    if isinstance(module, nn.LayerNorm):
+        return 0.0 if module.weight is not None else "LayerNorm without a weight: nothing to fold into"
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return f"{kind} has no 1-D weight to fold into"
+    if weight.device.type == "meta":
+        return f"{kind}'s weight is on the meta device: its form cannot be probed"
+    gen, k = torch.Generator().manual_seed(0), weight.numel()
+    x = torch.randn(4, k, generator=gen, dtype=torch.float64) * 32  # large: any eps is negligible
+    normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))).float()
+    probes = [{"weight": torch.rand(k, generator=gen) + 0.5}, {"weight": torch.zeros(k)}]
+    if isinstance(getattr(module, "bias", None), torch.Tensor):
+        probes[0]["bias"], probes[1]["bias"] = torch.randn(k, generator=gen), torch.zeros(k)
+    try:
+        outputs = [_probe_output(module, x.float(), p) for p in probes]
+    except (RuntimeError, TypeError, ValueError) as err:
+        return f"{kind}'s forward could not be probed ({type(err).__name__}: {err})"
+    for c in NORM_OFFSETS:
+        expected = [normed * (c + p["weight"]) + p.get("bias", 0.0) for p in probes]
+        if all(y.shape == e.shape and float((y - e).norm() / normed.norm()) < _PROBE_RTOL
+               for y, e in zip(outputs, expected)):
+            return c
+    return (f"{kind}'s output is not x / rms(x) * (offset + weight) (+ bias) for an offset in {NORM_OFFSETS} "
+            "(probed on its forward): a fold would change the model")
+
+
+def _readers_beyond(module: nn.Module | None, expected: set[str]) -> list[str]:
+    """Children of ``module`` outside ``expected`` holding a weight matrix: they may read the same input."""
+    if module is None:
+        return []
+    return [n for n, m in module.named_children()
+            if n not in expected and any(p.dim() >= 2 for p in m.parameters())]
+
+
+def block_candidates(block: nn.Module) -> list[tuple[str, tuple[str, ...], str | None]]:
+    """The (producer, consumers, refusal reason or None) candidates of a transformer block, by the norms
+    it holds. Which norm feeds which Linears is not in the module tree: each layout below was read from
+    the forward of the families named, and a block holding other weight-bearing modules is refused."""
+    if hasattr(block, "ln_1") and hasattr(block, "ln_2") and hasattr(block, "attn"):  # GPT-2
+        return [("ln_1", ("attn.c_attn",), None), ("ln_2", ("mlp.c_fc",), None)]
+    if not (hasattr(block, "input_layernorm") and hasattr(block, "post_attention_layernorm")):
+        return []
+    if hasattr(block, "pre_feedforward_layernorm"):  # sandwich norms (Gemma 2/3): see the module docstring
+        mlp_norm = "pre_feedforward_layernorm"
+    elif hasattr(block, "post_feedforward_layernorm"):  # post_attention_layernorm follows attention (Olmo 2)
+        mlp_norm = None
+    else:  # Llama family: post_attention_layernorm is the MLP's pre-norm
+        mlp_norm = "post_attention_layernorm"
+    norms = {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+             "post_feedforward_layernorm"}
+    strays = {
+        "": _readers_beyond(block, norms | {"self_attn", "mlp"}),
+        "self_attn": _readers_beyond(_get(block, "self_attn"), {"q_proj", "k_proj", "v_proj", "o_proj"}),
+        "mlp": _readers_beyond(_get(block, "mlp"), {"gate_proj", "up_proj", "down_proj"}),
+    }
+
+    def refusal(part: str) -> str | None:
+        found = [f"{p}.{n}" if p else n for p in ("", part) for n in strays[p]]
+        if not found:
+            return None
+        return f"the block holds modules outside the known layout that may read this input: {found}"
+
+    candidates = [("input_layernorm", ATTN_INPUTS, refusal("self_attn"))]
+    if mlp_norm is not None:
+        candidates.append((mlp_norm, MLP_INPUTS, refusal("mlp")))
+    return candidates + [("mlp.up_proj", ("mlp.down_proj",), refusal("mlp"))]
+
+
+def producer_offset(module: nn.Module) -> float | str:
+    """0 for a Linear producer (its rows are divided), a norm's :func:`norm_offset`, or why neither."""
+    return 0.0 if isinstance(module, nn.Linear) else norm_offset(module)
 
 
 def find_groups(model: nn.Module, targets: set[str]) -> tuple[list[SmoothGroup], dict[str, str]]:
-    """The foldable groups whose consumers are all in ``targets``, and for every other target the
-    reason it is not smoothed."""
+    """The foldable groups whose consumers are all in ``targets`` (with their producer's offset), and for
+    every other target the reason it is not smoothed."""
     groups: list[SmoothGroup] = []
+    reasons: dict[str, str] = {}
     for name, block in model.named_modules():
         prefix = f"{name}." if name else ""
-        if hasattr(block, "input_layernorm") and hasattr(block, "post_attention_layernorm"):  # Llama family
-            candidates = [
-                ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-                ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
-                ("mlp.up_proj", ["mlp.down_proj"]),
-            ]
-        elif hasattr(block, "ln_1") and hasattr(block, "ln_2") and hasattr(block, "attn"):  # GPT-2
-            candidates = [("ln_1", ["attn.c_attn"]), ("ln_2", ["mlp.c_fc"])]
-        else:
-            continue
-        for producer, consumers in candidates:
+        for producer, consumers, refusal in block_candidates(block):
             p = _get(block, producer)
-            present = [c for c in consumers if _get(block, c) is not None]
-            if not present or not (_is_norm(p) or isinstance(p, nn.Linear)):
+            names = [prefix + c for c in consumers if _get(block, c) is not None]
+            if p is None or not names or not all(n in targets for n in names):
                 continue
-            names = [prefix + c for c in present]
-            if all(n in targets for n in names):
-                groups.append(SmoothGroup(prefix + producer, names))
+            offset = refusal or producer_offset(p)
+            if isinstance(offset, str):
+                reasons.update({n: f"producer {prefix + producer} not folded: {offset}" for n in names})
+            else:
+                groups.append(SmoothGroup(prefix + producer, names, offset=offset))
     smoothed = {c for g in groups for c in g.consumers}
     post_norm = any(type(m).__name__.startswith(("Bert", "Roberta", "Electra")) for m in model.modules())
     reason = (
@@ -82,7 +185,7 @@ def find_groups(model: nn.Module, targets: set[str]) -> tuple[list[SmoothGroup],
         if post_norm
         else "no foldable producer (its input comes from attention, an activation function or is shared)"
     )
-    return groups, {t: reason for t in sorted(targets) if t not in smoothed}
+    return groups, {t: reasons.get(t, reason) for t in sorted(targets) if t not in smoothed}
 
 
 def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -91,7 +194,7 @@ def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alph
     a = act_absmax.to(torch.float32)
     s = a.pow(alpha) / w_absmax.clamp_min(1e-12).pow(1 - alpha)
     s = torch.where((a > 0) & (w_absmax > 0), s, torch.ones_like(s))
-    return s.clamp(_MIN_SCALE, _MAX_SCALE)
+    return s.clamp(MIN_SCALE, MAX_SCALE)
 
 
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -126,6 +229,49 @@ def search_alpha(act_absmax: torch.Tensor, x: torch.Tensor, weights: list[torch.
     return best, smoothing_scales(act_absmax, weights, best), errors
 
 
+def folded_norm_weight(weight: torch.Tensor, offset: float, scales: torch.Tensor) -> torch.Tensor:
+    """w' = (offset + weight) / s - offset [K], computed in float64 and stored in ``weight``'s dtype: the
+    norm's output x_normed * (offset + w') is its old output divided by s."""
+    s = scales.to(device=weight.device, dtype=torch.float64)
+    return ((offset + weight.detach().to(torch.float64)) / s - offset).to(weight.dtype)
+
+
+def fold_error(weight: torch.Tensor, offset: float, scales: torch.Tensor) -> float:
+    """Worst relative error, over the K channels, of a folded norm's multiplier offset + w' (w' as
+    :func:`folded_norm_weight` stores it) against the exact (offset + weight) / s; inf on overflow."""
+    s = scales.to(device=weight.device, dtype=torch.float64)
+    exact = (offset + weight.detach().to(torch.float64)) / s
+    diff = (offset + folded_norm_weight(weight, offset, scales).to(torch.float64) - exact).abs()
+    err = torch.where(exact == 0, diff, diff / exact.abs())
+    return float(err.nan_to_num(nan=math.inf).max())
+
+
+def fold_tolerance(dtype: torch.dtype) -> float:
+    """The :func:`fold_error` a norm of ``dtype`` may have: max(FOLD_RTOL, 2 eps of the dtype)."""
+    return max(FOLD_RTOL, 2 * torch.finfo(dtype).eps)
+
+
+def _offset_of(group: SmoothGroup, module: nn.Module) -> float:
+    offset = group.offset if group.offset is not None else producer_offset(module)
+    if isinstance(offset, str):
+        raise ValueError(f"fold: producer {group.producer} cannot be folded exactly: {offset}")
+    return offset
+
+
+def _fold_refusal(model: nn.Module, group: SmoothGroup) -> str | None:
+    """Why the group's producer norm cannot hold its folded weight accurately in its dtype, or None."""
+    module = model.get_submodule(group.producer)
+    if isinstance(module, nn.Linear):
+        return None
+    weight, offset = module.weight, _offset_of(group, module)
+    err, tol = fold_error(weight, offset, group.scales), fold_tolerance(weight.dtype)
+    if err <= tol:
+        return None
+    return (f"producer {group.producer} not folded: its folded weight (offset {offset:g}) would be off by "
+            f"{err:.3g} relative in {weight.dtype}, over the {tol:.3g} allowed "
+            f"(scale_max {float(group.scales.max()):.3g})")
+
+
 def fold(model: nn.Module, groups: list[SmoothGroup]) -> dict[str, dict[str, torch.Tensor]]:
     """The smoothed tensors, without touching ``model``: ``{module name: {"weight": ..., "bias": ...}}``
     for every producer and consumer, weights in their module's own layout (Conv1D: [K, N]). A Linear
@@ -152,8 +298,8 @@ def fold(model: nn.Module, groups: list[SmoothGroup]) -> dict[str, dict[str, tor
         inv = (1.0 / s).to(device=entry["weight"].device, dtype=torch.float32)
         if isinstance(module, nn.Linear):  # output channel j (row j of [N, K]) divided by s_j
             entry["weight"] = (entry["weight"].float() * inv[:, None]).to(entry["weight"].dtype)
-        else:  # norm: elementwise weight (and bias)
-            entry["weight"] = (entry["weight"].float() * inv).to(entry["weight"].dtype)
+        else:  # norm: x_normed * (offset + w) / s = x_normed * (offset + w'), and its bias / s
+            entry["weight"] = folded_norm_weight(entry["weight"], _offset_of(group, module), s)
         if "bias" in entry:
             entry["bias"] = (entry["bias"].float() * inv).to(entry["bias"].dtype)
     return new
@@ -199,6 +345,8 @@ def plan_groups(model, targets: dict[str, nn.Module], hessians, choose, header: 
     entries = []
     for group in groups:
         entry = choose(group, [linear_weight(targets[c]) for c in group.consumers])
+        if not isinstance(entry, str):
+            entry = _fold_refusal(model, group) or entry
         if isinstance(entry, str):
             group.scales = None
             for c in group.consumers:
