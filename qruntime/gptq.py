@@ -34,6 +34,28 @@ def column_quantizer(
     return asym
 
 
+def _inverse_cholesky(h: torch.Tensor, damp: float, what: str) -> torch.Tensor:
+    """The upper Cholesky factor of the inverse of ``h`` + damping (float64 [K, K]), damping ``damp`` times
+    the mean diagonal, raised tenfold up to three times while ``h`` is not positive definite. At most
+    three [K, K] matrices are alive at once (``h`` included): each step replaces the one before it.
+
+    Raises:
+        ValueError: not positive definite even with 1000 x ``damp`` (``what`` names the layer's shape).
+    """
+    mean_diag = torch.mean(torch.diag(h)).item()
+    for attempt in range(4):
+        factor = h.clone()
+        factor.diagonal().add_((damp * 10**attempt) * mean_diag)
+        try:
+            factor = torch.linalg.cholesky(factor)
+            factor = torch.cholesky_inverse(factor)
+            return torch.linalg.cholesky(factor, upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise ValueError(f"GPTQ: the Hessian of a {what} layer is not positive definite even with "
+                     f"{damp * 1000:g} x its mean diagonal added (1000 x damp={damp:g})")
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -65,18 +87,10 @@ def gptq_quantize(
     h[dead, dead] = 1
     w[:, dead] = 0
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=h.device)
-    w, h = w[:, perm], h[perm][:, perm]
+    w, h = w[:, perm], h[perm[:, None], perm]  # one gather: no [K, K] intermediate
     order = perm.tolist()
-    mean_diag = torch.mean(torch.diag(h)).item()
-    for attempt in range(4):
-        try:
-            hd = h + (damp * 10**attempt) * mean_diag * torch.eye(k, dtype=h.dtype, device=h.device)
-            h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
-            break
-        except torch.linalg.LinAlgError:
-            continue
-    else:
-        raise ValueError(f"GPTQ: the Hessian of a [{n}, {k}] layer is not positive definite even with damping")
+    h_inv = _inverse_cholesky(h, damp, f"[{n}, {k}]")
+    del h
 
     q = torch.zeros_like(w)
     unrounded = torch.zeros_like(w) if return_unrounded else None

@@ -3,16 +3,16 @@
 SparseGPT and GPTQ papers' sequential mode.
 
 A recording forward per batch records every block's call (its non-hidden arguments, e.g. attention mask
-and rotary embeddings) and the hidden states entering the first block; it stops after the last block (no
-output head). Only the first batch runs the blocks: after it, a pass-through returning the block's input
-stands in for each block whose output is just its new hidden states (no cache, attention weights or
-position bias the model passes on to the next block), so recording costs about one batch. Then, block
-by block: run the block on the current hidden states with hooks collecting ``X^T X`` of its target
-layers, compress those layers in place, and run the block again to get the hidden states for the next
-block. Targets outside the blocks get the Hessians of the recording pass (which then runs every block on
-every batch). With block tuning, the float model's hidden states are carried along too (one more
-forward pass of each block), so each block's tuning targets are the float model's own outputs of that
-block.
+and rotary embeddings, one copy of each distinct value: :class:`_SharedArguments`) and the hidden states
+entering the first block; it stops after the last block (no output head). Only the first batch runs the
+blocks: after it, a pass-through returning the block's input stands in for each block whose output is
+just its new hidden states (no cache, attention weights or position bias the model passes on to the next
+block), so recording costs about one batch. Then, block by block: run the block on the current hidden
+states with hooks collecting ``X^T X`` of its target layers, compress those layers in place, and run the
+block again to get the hidden states for the next block (each window's replacing its old ones as it is
+made). Targets outside the blocks get the Hessians of the recording pass (which then runs every block on
+every batch). With block tuning, the float model's hidden states are carried along too (one more forward
+pass of each block), so each block's tuning targets are the float model's own outputs of that block.
 
 The forwards may run their matmuls in bfloat16 (``precision``, :func:`qruntime.calibrate.forward_dtype`);
 the hidden states carried from block to block keep the model's dtype.
@@ -98,6 +98,30 @@ def blockwise_calibrate(
     ``precision``: the dtype of the forwards' matmuls, X^T X and ``tune_block`` included
     (``torch.autocast``, see :func:`qruntime.calibrate.forward_dtype`; None: the model's own).
 
+    Memory beyond the model (on the execution device when onloading, the Hessians on ``home``), for
+    ``n`` windows of ``B x T`` tokens and width ``d``: the peak is at most the sum of
+
+    - the hidden states at one block boundary, ``A = n * B * T * d`` x the model dtype's bytes: one copy
+      (each window's states are replaced as the block's output on it is made); with ``tune_block`` two
+      (the tuning targets);
+    - the block arguments, one copy per distinct value (:class:`_SharedArguments`): for windows of one
+      length, one window's (mask, position embeddings); each other length or padding adds its own;
+    - one window's forward through one block (attention scores, MLP intermediate, autocast copies);
+    - the Hessians returned, float64, ``8 * sum K^2`` over the targets of the blocks done so far;
+    - what ``compress_block`` holds: GPTQ (:func:`qruntime.gptq.gptq_quantize`) three float64 ``K x K``
+      of one layer at a time; ``compress`` each compressed layer's packed codes and dequantized weight
+      (the float weights come back at the end): about one more copy of the targets' weights.
+
+    Measured as the peak resident memory over ``compress(model, "w4a16-g128")`` (2 blocks, float32,
+    glibc mapping large blocks (``MALLOC_MMAP_THRESHOLD_``) so the resident size follows the live
+    tensors): d = 256, 64 windows of 256 tokens (A = 16 MiB): Llama 72.8 MiB, Falcon 66.8 MiB, Falcon
+    with ALiBi 67.5 MiB, 1.04-1.05x the sum of A, the returned Hessians (22 / 19 MiB), the GPTQ workspace
+    (24 MiB) and the weights (the other terms are small there); tests/test_calibration_memory.py checks
+    the sum on six architectures. Before (arguments kept per window, next hidden states made beside the
+    old): 95.2, 92.1 and 152.4 MiB. Falcon materializes its mask, ``[B, heads, T, T]`` float with ALiBi
+    (``heads * T / d`` times a window's hidden states), ``[B, 1, T, T]`` bool without: at d = 64, 32
+    windows of 1024 tokens (A = 8 MiB), Falcon with ALiBi took 545 MiB before, 45 MiB now.
+
     Raises:
         ValueError: no block list (see :func:`qruntime.distill.find_blocks`), no batch, non-finite
             activations, an unknown ``tune_targets``.
@@ -122,12 +146,15 @@ def blockwise_calibrate(
     tokens = 0
     current: list = []
 
+    shared = _SharedArguments()
+
     def record(module, args, kwargs):
         state = args[0] if args else kwargs["hidden_states"]
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        index = len(current)  # of the block in this forward
+        rest = {k: shared(v, (index, k)) for k, v in kwargs.items() if k != "hidden_states"}
         if not current:
             hidden.append(state.detach())
-        current.append((tuple(args[1:]), rest))
+        current.append((shared(tuple(args[1:]), (index, "*args")), rest))
 
     # After the first batch the blocks' compute is skipped where a pass-through can stand in for it (see
     # _pass_through): only their arguments are recorded here, and block 0's input comes before any block.
@@ -151,6 +178,7 @@ def blockwise_calibrate(
                         stack.enter_context(onloader.left_home(blocks))
                     skipping = True
                 current = []
+                shared.new_forward()
                 try:
                     inputs = _inputs(batch, device)
                 except TypeError as exc:
@@ -168,6 +196,7 @@ def blockwise_calibrate(
     finally:
         for h in handles:
             h.remove()
+        shared.new_forward()
     if not calls:
         raise ValueError("calib_data yielded no batches")
     if fingerprint is not None:
@@ -185,6 +214,54 @@ def blockwise_calibrate(
                                            home, compress_block, tune_block, chain,
                                            lambda: _autocast(device, precision))
     return result
+
+
+class _SharedArguments:
+    """Keeps one copy of each block argument that repeats from batch to batch in the recording pass.
+
+    A model builds its attention mask, position embeddings and position ids afresh for every forward,
+    equal from window to window of one length; kept per batch, they would cost more than the hidden
+    states themselves: Falcon with ALiBi bakes the bias into a float mask [B, heads, T, T] (heads * T / d
+    times a batch's hidden states, 32x for Falcon-RW-1B at T = 2048), Bloom a float [B, 1, T, T] mask,
+    Llama's cos and sin are 2 * head_dim / d of them.
+
+    ``shared(value, path)`` returns a recorded argument (a tensor, or a tuple, list or dict of them) with
+    each tensor equal in shape, dtype and values to the one kept for the same ``path`` (block index,
+    argument name, position inside it) in the previous forward replaced by that one, so the recording
+    holds one copy per distinct argument. A tensor object met again in the same forward (every block gets
+    the same mask) is looked up, not compared again. Call :meth:`new_forward` before each forward."""
+
+    def __init__(self):
+        self.last: dict[tuple, torch.Tensor] = {}  # path -> the tensor kept for it in the last forward
+        # id -> (the tensor, what it became) in this forward; the tensor is held so its id is not reused
+        self.seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def new_forward(self) -> None:
+        self.seen.clear()
+
+    def __call__(self, value, path: tuple):
+        if isinstance(value, torch.Tensor):
+            return self._tensor(value, path)
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+            return type(value)(*(self(v, path + (j,)) for j, v in enumerate(value)))
+        if isinstance(value, (tuple, list)):
+            return type(value)(self(v, path + (j,)) for j, v in enumerate(value))
+        if isinstance(value, dict):
+            return {k: self(v, path + (k,)) for k, v in value.items()}
+        return value
+
+    def _tensor(self, t: torch.Tensor, path: tuple) -> torch.Tensor:
+        hit = self.seen.get(id(t))
+        if hit is not None and hit[0] is t:
+            kept = hit[1]
+        else:
+            last = self.last.get(path)
+            same = (last is not None and t.layout == torch.strided and not t.is_meta and last.shape == t.shape
+                    and last.dtype == t.dtype and last.device == t.device and torch.equal(last, t))
+            kept = last if same else t
+            self.seen[id(t)] = (t, kept)
+        self.last[path] = kept
+        return kept
 
 
 def _output_form(state, output):
@@ -235,6 +312,8 @@ def _one_block(i, block, group, hidden, reference, block_calls, result, home, co
     """Step 2 of :func:`blockwise_calibrate` for block ``i`` (its targets ``group``; ``block_calls``: its
     ``(args, kwargs)`` per window): collects their Hessians (into ``result``, on ``home``), compresses and
     tunes them, and returns the next hidden states and the float model's (``reference``, with ``chain``).
+    ``hidden`` and ``reference`` are updated in place, window by window, so a window's old states are
+    freed as its new ones are made (one copy of the hidden states, not two).
     ``precision()``: the context the block's forwards and its tuning run in."""
     if group:
         b_sums: dict[str, torch.Tensor] = {}
@@ -251,18 +330,27 @@ def _one_block(i, block, group, hidden, reference, block_calls, result, home, co
             for hd in handles:
                 hd.remove()
     if chain:
-        with precision():
-            reference = [_first(block(r, *args, **kwargs)).detach().to(r.dtype)
-                         for r, (args, kwargs) in zip(reference, block_calls)]
-        float_out = reference
+        _advance(block, reference, block_calls, precision)
+        float_out = list(reference)  # a copy of the list: the next block replaces reference's entries
     if group:
-        hessians = {n: (b_sums[n].to(torch.float64) / b_rows[n], b_rows[n]) for n in b_sums}
+        # float32 sums -> float64 Hessians, each sum dropped as its Hessian is made
+        hessians = {n: (b_sums.pop(n).to(torch.float64) / b_rows[n], b_rows[n]) for n in list(b_sums)}
         result.update({n: (h.to(home), r) for n, (h, r) in hessians.items()})
         compress_block(hessians)
+        del hessians
         if tune_block is not None:
             with precision():  # tuning's forwards and backwards too; its parameters and loss stay float32
                 tune_block(i, block, [(h, args, kwargs) for h, (args, kwargs) in zip(hidden, block_calls)], float_out)
-    with precision():
-        # .to: the hidden states keep the model's dtype (a block under autocast may return the lower one)
-        hidden = [_first(block(h, *args, **kwargs)).detach().to(h.dtype) for h, (args, kwargs) in zip(hidden, block_calls)]
+        float_out = None
+    _advance(block, hidden, block_calls, precision)
     return hidden, reference
+
+
+def _advance(block, states: list, block_calls, precision) -> None:
+    """Replaces each window's hidden states in ``states`` by ``block``'s output on them (detached, in
+    their own dtype: a block under autocast may return the lower one), one window at a time."""
+    with precision():
+        for j, (args, kwargs) in enumerate(block_calls):
+            h = states[j]
+            states[j] = _first(block(h, *args, **kwargs)).detach().to(h.dtype)
+            del h
