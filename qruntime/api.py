@@ -37,25 +37,96 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
+_LINEAR_KINDS = ("Linear", "Conv1D", "QuantLinear", "SparseLinear")  # the layers select_targets decides on
+
+
 def select_targets(
     model: nn.Module, config: CompressConfig
 ) -> tuple[list[tuple[str, nn.Module]], list[SkippedLayer]]:
-    """Every Linear/Conv1D of ``model`` either becomes a target or is listed as skipped with its reason."""
+    """Every weight matrix of ``model`` either becomes a target or is listed as skipped with its reason
+    and bytes: each Linear/Conv1D by ``config.include`` / ``exclude``; every other parameter with at
+    least two dimensions > 1 (fused 3-D MoE experts, bare router weights, convolutions) is skipped, since
+    only Linear/Conv1D layers are converted. Norms, biases and [1, 1, d] tokens are not weight matrices;
+    embedding tables (nn.Embedding) are left to ``config.embeddings`` (see :func:`compress`) and not
+    listed here. A tensor shared by several entries is counted once (by the first)."""
     targets: list[tuple[str, nn.Module]] = []
     skipped: list[SkippedLayer] = []
+    first_owner: dict[int, str] = {}  # id(parameter) -> the entry that counted its bytes
     for name, module in model.named_modules():
         kind = _kind(module)
         if kind is None:
+            skipped += [_count_once(entry, tensor, first_owner) for entry, tensor in _unconverted_parameters(name, module)]
             continue
         if kind in ("QuantLinear", "SparseLinear"):
-            skipped.append(SkippedLayer(name, kind, "already quantized" if kind == "QuantLinear" else "already 2:4 sparse"))
+            reason = "already quantized" if kind == "QuantLinear" else "already 2:4 sparse"
         elif not any(fnmatch.fnmatchcase(name, p) for p in config.include):
-            skipped.append(SkippedLayer(name, kind, f"not matched by include={list(config.include)}"))
+            reason = f"not matched by include={list(config.include)}"
         elif hit := next((p for p in config.exclude if fnmatch.fnmatchcase(name, p)), None):
-            skipped.append(SkippedLayer(name, kind, f"matches exclude pattern {hit!r}"))
+            reason = f"matches exclude pattern {hit!r}"
         else:
             targets.append((name, module))
+            continue
+        entry = _skipped_layer(name, module, reason)
+        skipped.append(_count_once(entry, module.weight, first_owner) if kind in ("Linear", "Conv1D") else entry)
     return targets, skipped
+
+
+def _skipped_layer(name: str, module: nn.Module, reason: str) -> SkippedLayer:
+    """The report entry of a Linear / Conv1D (its float weight as stored) or an already packed layer
+    (its packed bytes, ``dtype`` its format) that is left as it is."""
+    kind = _kind(module)
+    if kind in ("QuantLinear", "SparseLinear"):
+        return SkippedLayer(name, kind, reason, module.packed_bytes(), [module.out_features, module.in_features],
+                            module.format)
+    return SkippedLayer.of_tensor(name, kind, reason, module.weight)
+
+
+def _count_once(entry: SkippedLayer, tensor: torch.Tensor, first_owner: dict[int, str]) -> SkippedLayer:
+    """``entry`` with no bytes of its own if ``tensor`` was counted by an earlier entry (tied weights)."""
+    first = first_owner.setdefault(id(tensor), entry.name)
+    if first == entry.name:
+        return entry
+    return replace(entry, nbytes=0, reason=f"{entry.reason} (the tensor of {first}, counted there)")
+
+
+def _unconverted_parameters(prefix: str, module: nn.Module) -> list[tuple[SkippedLayer, torch.Tensor]]:
+    """The weight matrices among ``module``'s own parameters (see :func:`select_targets`), as skipped
+    entries with their tensors; none for an embedding table."""
+    if isinstance(module, (nn.Embedding, QuantEmbedding)):
+        return []
+    found = []
+    for pname, p in module.named_parameters(recurse=False):
+        if sum(size > 1 for size in p.shape) >= 2:
+            name = f"{prefix}.{pname}" if prefix else pname
+            found.append((SkippedLayer.of_tensor(name, type(module).__name__, _parameter_reason(module, p), p), p))
+    return found
+
+
+def _parameter_reason(module: nn.Module, p: torch.Tensor) -> str:
+    """Why a non-Linear weight stays as it is, saying what it is: MoE modules of ``transformers`` keep
+    ``num_experts`` and stack the experts' matrices along dim 0; their router is [num_experts, hidden]."""
+    experts = getattr(module, "num_experts", None)
+    dtype = str(p.dtype).removeprefix("torch.")
+    if p.dim() == 3 and p.shape[0] == experts:
+        what = f"fused 3-D expert weights ({experts} experts of {p.shape[1]} x {p.shape[2]})"
+    elif p.dim() == 2 and p.shape[0] == experts:
+        what = f"MoE router weight ({experts} experts; a bare parameter, not an nn.Linear)"
+    else:
+        what = f"{p.dim()}-D parameter of {type(module).__name__}"
+    return f"{what}, not quantized: kept in {dtype}, as compress() converts nn.Linear / Conv1D layers only"
+
+
+def _raise_no_targets(model: nn.Module, cfg: CompressConfig, skipped: list[SkippedLayer]) -> None:
+    linear = [s for s in skipped if s.kind in _LINEAR_KINDS]
+    detail = "; ".join(f"{s.name}: {s.reason}" for s in linear[:5])
+    others = len(skipped) - len(linear)
+    raise ValueError(
+        f"no convertible layer in {type(model).__name__}: found {len(linear)} Linear/Conv1D layers"
+        + (f", all skipped ({detail}{'; ...' if len(linear) > 5 else ''})" if linear else "")
+        + f"; include={list(cfg.include)}, exclude={list(cfg.exclude)}"
+        + (f"; and {others} other weight tensors (e.g. {skipped[-1].name}), which compress() does not convert"
+           if others else "")
+    )
 
 
 def _validate_target(name: str, module: nn.Module) -> None:
@@ -195,8 +266,10 @@ def compress(
             report's calibration says which ran (:func:`qruntime.calibrate.forward_dtype`).
 
     Returns:
-        ``(model, report)``. On any error the caller's model is left exactly as it was: every layer is
-        checked and quantized before the first one is swapped in.
+        ``(model, report)``. ``report.skipped`` lists every weight left as it was with its reason and
+        bytes, non-Linear ones included (fused 3-D MoE experts, bare router weights: not quantized), and
+        ``report.total_weight_bytes_before/after`` count them. On any error the caller's model is left
+        exactly as it was: every layer is checked and quantized before the first one is swapped in.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -225,13 +298,7 @@ def compress(
         inplace = True  # the student is already a new model
     targets, skipped = select_targets(model, cfg)
     if not targets:
-        found = len(skipped)
-        detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5])
-        raise ValueError(
-            f"no convertible layer in {type(model).__name__}: found {found} Linear/Conv1D layers"
-            + (f", all skipped ({detail}{'; ...' if found > 5 else ''})" if found else "")
-            + f"; include={list(cfg.include)}, exclude={list(cfg.exclude)}"
-        )
+        _raise_no_targets(model, cfg, skipped)
     for name, module in targets:
         _validate_target(name, module)
     sp = cfg.sparsity
@@ -250,7 +317,7 @@ def compress(
             if hit is None:
                 sparse.add(name)
             elif cfg.quant is None:
-                skipped.append(SkippedLayer(name, _kind(module), f"matches sparsity skip pattern {hit!r} (kept dense)"))
+                skipped.append(_skipped_layer(name, module, f"matches sparsity skip pattern {hit!r} (kept dense)"))
                 continue
             else:
                 dense_note[name] = f" (dense: matches sparsity skip pattern {hit!r})"
@@ -437,7 +504,7 @@ def _apply_budget(model, cfg, targets, replacements, layers, skipped, smoothed, 
         reason = (f"accuracy budget: rank {rank[layer.name] + 1}, estimated loss increase "
                   f"{loss_increase[layer.name]:.3g} nats/token if quantized")
         if fallback is None:
-            skipped.append(SkippedLayer(layer.name, layer.kind, f"kept in float by the {reason}"))
+            skipped.append(_skipped_layer(layer.name, modules[layer.name], f"kept in float by the {reason}"))
             continue
         q = high[layer.name]
         weight = originals.get(layer.name)

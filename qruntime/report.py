@@ -1,4 +1,5 @@
-"""What `compress()` did, as data: per-layer format, bytes and error, skipped layers with reasons."""
+"""What `compress()` did, as data: per-layer format, bytes and error; every weight left as it was (skipped
+Linear layers, fused MoE experts, routers) with its reason and bytes; totals with and without them."""
 from __future__ import annotations
 
 import json
@@ -28,9 +29,30 @@ class LayerReport:
 
 @dataclass
 class SkippedLayer:
+    """A weight that ``compress()`` left as it was, and why. ``name`` is the module's name for a Linear /
+    Conv1D layer, the parameter's full name for any other weight tensor (a fused 3-D MoE expert tensor
+    ``...mlp.experts.gate_up_proj``, a bare router weight ``...mlp.gate.weight``, a convolution)."""
+
     name: str
-    kind: str
+    kind: str  # "Linear", "Conv1D", "QuantLinear", ..., or the owning module's class ("MixtralExperts")
     reason: str
+    # bytes of the weight as it stays (float, or packed if it was already); 0 for a tensor shared with an
+    # entry listed before it (counted once)
+    nbytes: int = 0
+    shape: list[int] = field(default_factory=list)  # as stored; [] when unknown
+    dtype: str = ""  # "float32", ..., or the packed format of an already quantized layer
+
+    @classmethod
+    def of_tensor(cls, name: str, kind: str, reason: str, tensor) -> "SkippedLayer":
+        """An entry for ``tensor`` (any torch tensor, meta included) kept as it is."""
+        return cls(name, kind, reason, tensor.numel() * tensor.element_size(), list(tensor.shape),
+                   str(tensor.dtype).removeprefix("torch."))
+
+    def describe(self) -> str:
+        """``4x256x64 float32, 256.0 KiB`` (shape, dtype, bytes), or ``""`` when the entry has no tensor."""
+        if not self.shape:
+            return ""
+        return f"{'x'.join(map(str, self.shape))} {self.dtype}, {format_bytes(self.nbytes)}"
 
 
 @dataclass
@@ -68,7 +90,8 @@ class CompressReport:
         kw = {k: v for k, v in d.items() if k in names}
         layer_names = {f.name for f in fields(LayerReport)}
         kw["layers"] = [LayerReport(**{k: v for k, v in l.items() if k in layer_names}) for l in d.get("layers", [])]
-        kw["skipped"] = [SkippedLayer(**s) for s in d.get("skipped", [])]
+        skipped_names = {f.name for f in fields(SkippedLayer)}
+        kw["skipped"] = [SkippedLayer(**{k: v for k, v in s.items() if k in skipped_names}) for s in d.get("skipped", [])]
         return cls(**kw)
 
     @property
@@ -81,8 +104,28 @@ class CompressReport:
 
     @property
     def weight_compression(self) -> float:
-        """How many times smaller the converted layers' weights became."""
+        """How many times smaller the converted layers' weights became (see :attr:`total_compression`
+        for all weight matrices, those left in float included)."""
         return self.weight_bytes_before / max(1, self.weight_bytes_after)
+
+    @property
+    def skipped_bytes(self) -> int:
+        """Bytes of the weights left as they were (``skipped``), each shared tensor counted once."""
+        return sum(s.nbytes for s in self.skipped)
+
+    @property
+    def total_weight_bytes_before(self) -> int:
+        """Every weight matrix of the model (converted or skipped; embedding tables only when converted)."""
+        return self.weight_bytes_before + self.skipped_bytes
+
+    @property
+    def total_weight_bytes_after(self) -> int:
+        return self.weight_bytes_after + self.skipped_bytes
+
+    @property
+    def total_compression(self) -> float:
+        """How many times smaller all weight matrices became: 1.0 when most of them stayed in float."""
+        return self.total_weight_bytes_before / max(1, self.total_weight_bytes_after)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -90,6 +133,10 @@ class CompressReport:
             weight_bytes_before=self.weight_bytes_before,
             weight_bytes_after=self.weight_bytes_after,
             weight_compression=self.weight_compression,
+            skipped_bytes=self.skipped_bytes,
+            total_weight_bytes_before=self.total_weight_bytes_before,
+            total_weight_bytes_after=self.total_weight_bytes_after,
+            total_compression=self.total_compression,
         )
         return d
 
@@ -118,8 +165,7 @@ class CompressReport:
         fallbacks = [l.name for l in self.layers if "never reached" in l.method]
         if fallbacks:
             lines.append(f"round-to-nearest fallback (no calibration data reached them): {', '.join(fallbacks)}")
-        for s in self.skipped:
-            lines.append(f"skipped {s.name} ({s.kind}): {s.reason}")
+        lines += self._skipped_lines(max_layers)
         if self.stages:
             lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items()))
         if self.smoothing:
@@ -161,13 +207,44 @@ class CompressReport:
                                  f"{c.get('mode')})")
         lines.append(
             f"converted weights: {self.weight_bytes_before / 2**20:.2f} MiB -> {self.weight_bytes_after / 2**20:.2f} MiB "
-            f"({self.weight_compression:.2f}x); whole model: {self.model_bytes_before / 2**20:.2f} MiB -> "
+            f"({self.weight_compression:.2f}x); all weight matrices (skipped ones as they are): "
+            f"{self.total_weight_bytes_before / 2**20:.2f} MiB -> {self.total_weight_bytes_after / 2**20:.2f} MiB "
+            f"({self.total_compression:.2f}x); whole model: {self.model_bytes_before / 2**20:.2f} MiB -> "
             f"{self.model_bytes_after / 2**20:.2f} MiB"
         )
         return "\n".join(lines)
 
+    def _skipped_lines(self, max_lines: int | None) -> list[str]:
+        """One line per skipped weight (the first ``max_lines``), then their bytes by kind."""
+        shown = self.skipped if max_lines is None else self.skipped[:max_lines]
+        lines = [f"skipped {s.name} ({s.kind}{', ' + s.describe() if s.shape else ''}): {s.reason}" for s in shown]
+        if len(shown) < len(self.skipped):
+            lines.append(f"... {len(self.skipped) - len(shown)} more skipped (report.to_json() lists all)")
+        if self.skipped_bytes:
+            by_kind: dict[str, list[int]] = {}
+            for s in self.skipped:
+                count_bytes = by_kind.setdefault(s.kind, [0, 0])
+                count_bytes[0] += 1
+                count_bytes[1] += s.nbytes
+            share = self.skipped_bytes / max(1, self.total_weight_bytes_before)
+            lines.append(
+                f"not converted (left as they are): {format_bytes(self.skipped_bytes)} in {len(self.skipped)} weights, "
+                f"{share:.0%} of the weight bytes"
+                + (" (most of the model's weights are NOT compressed)" if share > 0.5 else "") + ": "
+                + ", ".join(f"{kind} {format_bytes(b)} ({n})" for kind, (n, b) in by_kind.items()))
+        return lines
+
     def __str__(self) -> str:
         return self.table()
+
+
+def format_bytes(nbytes: int) -> str:
+    """``512 B``, ``12.5 KiB``, ``3.25 MiB`` or ``1.50 GiB``."""
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    if nbytes < 2**20:
+        return f"{nbytes / 1024:.1f} KiB"
+    return f"{nbytes / 2**20:.2f} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:.2f} GiB"
 
 
 def _distill_line(label: str, d: dict) -> str:
