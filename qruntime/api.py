@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .awq import plan_awq
 from .calibrate import collect_stats, forward_dtype
-from .config import CompressConfig, QuantConfig, data_free_variant, resolve_config
+from .config import OUTPUT_HEAD, CompressConfig, QuantConfig, data_free_variant, resolve_config
 from .distill import distill as run_distill
 from .nn import QuantEmbedding, QuantLinear, SparseLinear, is_conv1d, linear_weight
 from .offload import check_device, home_device, onloaded
@@ -24,7 +24,7 @@ from .report import CompressReport, LayerReport, SkippedLayer
 from .smooth import apply as apply_smoothing
 from .smooth import as_linear, plan_smoothing, smoothed_weight
 
-__all__ = ["compress", "select_targets", "model_bytes"]
+__all__ = ["compress", "select_targets", "model_bytes", "exclude_match", "output_head", "fold_check"]
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -52,6 +52,7 @@ def select_targets(
     targets: list[tuple[str, nn.Module]] = []
     skipped: list[SkippedLayer] = []
     first_owner: dict[int, str] = {}  # id(parameter) -> the entry that counted its bytes
+    head = output_head(model)
     for name, module in model.named_modules():
         kind = _kind(module)
         if kind is None:
@@ -61,7 +62,7 @@ def select_targets(
             reason = "already quantized" if kind == "QuantLinear" else "already 2:4 sparse"
         elif not any(fnmatch.fnmatchcase(name, p) for p in config.include):
             reason = f"not matched by include={list(config.include)}"
-        elif hit := next((p for p in config.exclude if fnmatch.fnmatchcase(name, p)), None):
+        elif hit := exclude_match(name, module, config.exclude, head):
             reason = f"matches exclude pattern {hit!r}"
         else:
             targets.append((name, module))
@@ -69,6 +70,21 @@ def select_targets(
         entry = _skipped_layer(name, module, reason)
         skipped.append(_count_once(entry, module.weight, first_owner) if kind in ("Linear", "Conv1D") else entry)
     return targets, skipped
+
+
+def exclude_match(name: str, module: nn.Module, patterns, head: nn.Module | None) -> str | None:
+    """The first of ``patterns`` that excludes the layer: an fnmatch pattern on its name, or OUTPUT_HEAD
+    when ``module`` is the model's output head ``head``."""
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p) or (p == OUTPUT_HEAD and module is head)), None)
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """``model.get_output_embeddings()``, or None where the model has none."""
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        return getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 def _skipped_layer(name: str, module: nn.Module, reason: str) -> SkippedLayer:
@@ -331,6 +347,7 @@ def compress(
     # quantized blocks before it (QuantConfig.sequential; 2:4 recipes have their own block-wise pass)
     sequential = quant_hessians and cfg.quant.sequential and sp is None
     prebuilt: dict[str, nn.Module] = {}  # layers quantized during the block-by-block pass
+    output_errors: dict[str, float] = {}  # their output errors, measured there (the Hessians are not kept)
     if cfg.needs_calibration:
         if calib_data is None:
             free = data_free_variant(cfg)
@@ -343,9 +360,10 @@ def compress(
     pruned: dict[str, torch.Tensor] = {}  # 2:4 target -> its pruned weight [N, K] (float64)
     originals: dict[str, torch.Tensor] = {}  # with a recovery stage: the original weights, for the report
     with onloaded(model, device if cfg.needs_calibration else None):
-        # hessians: layer -> (X^T X / rows, rows); smoothed: module name -> its smoothed tensors
+        # hessians: layer -> (X^T X / rows, rows), block by block its diagonal; smoothed: module -> smoothed tensors
         hessians, smoothed, smoothing = _calibrate(model, cfg, targets, sparse, calib_data, sequential, quant_hessians,
-                                                   pruned, prebuilt, calibration, stages, progress, precision)
+                                                   pruned, (prebuilt, output_errors), calibration, stages, progress,
+                                                   precision)
     if cfg.needs_calibration:
         calibration["precision"] = f"{precision} matmuls (autocast)".replace("torch.", "") if precision else "model"
         if device is not None:
@@ -402,7 +420,9 @@ def compress(
                 source = module if name not in smoothed else as_linear(weight, smoothed[name].get("bias"))
                 q = QuantLinear.from_linear(source, _layer_quant(cfg.quant, hessian), hessian=hessian)
             rel, sqnr = _weight_error(weight, q)
-            out_err = _output_error(weight, q, hessian) if hessian is not None else None
+            out_err = output_errors.get(name)
+            if out_err is None and hessian is not None:
+                out_err = _output_error(weight, q, hessian)
         replacements.append((name, q))
         layers.append(
             LayerReport(
@@ -591,14 +611,15 @@ def _prune_blockwise(
 
 
 def _blockwise_or_one_pass(model, modules, calib_data, compress_block, results: dict, fingerprint, progress,
-                           tune_block=None, precision=None):
+                           tune_block=None, precision=None, keep_hessians=True):
     """:func:`qruntime.sequential.blockwise_calibrate`; for a model without one list of blocks, one pass
     of :func:`collect_stats` instead (``results`` of the blocks cleared, the fingerprint says why)."""
     from .sequential import blockwise_calibrate
 
     try:
         return blockwise_calibrate(model, modules, calib_data, compress_block, progress=progress,
-                                   fingerprint=fingerprint, tune_block=tune_block, precision=precision)
+                                   fingerprint=fingerprint, tune_block=tune_block, precision=precision,
+                                   keep_hessians=keep_hessians)
     except ValueError as exc:
         if "nn.ModuleList" not in str(exc):
             raise
@@ -612,8 +633,8 @@ def _calibrate(model, cfg, targets, sparse, calib_data, sequential, quant_hessia
                stages, progress, precision=None):
     """The calibration passes of :func:`compress` (inside :func:`qruntime.offload.onloaded`): 2:4 pruning
     block by block, or one pass of statistics (with the AWQ / SmoothQuant scale plans), then GPTQ block by
-    block. Fills ``pruned``, ``prebuilt``, ``calibration`` and ``stages``; returns (Hessians, smoothed
-    tensors, smoothing report)."""
+    block. Fills ``pruned``, ``prebuilt`` (the layers quantized block by block, and their output errors),
+    ``calibration`` and ``stages``; returns (Hessians, smoothed tensors, smoothing report)."""
     sp = cfg.sparsity
     hessians: dict[str, tuple[torch.Tensor, int]] = {}
     smoothed: dict[str, dict[str, torch.Tensor]] = {}
@@ -631,18 +652,61 @@ def _calibrate(model, cfg, targets, sparse, calib_data, sequential, quant_hessia
                                          samples=1024 if cfg.smoothquant == "auto" else 0,
                                          progress=progress, fingerprint=calibration, precision=precision)
         stages["calibration"] = time.perf_counter() - t0
+        check = fold_check(model, next(iter(calib_data)))
         if cfg.smoothquant is not None:
-            smoothed, smoothing = plan_smoothing(model, dict(targets), absmax, cfg.smoothquant, hessians)
+            smoothed, smoothing = plan_smoothing(model, dict(targets), absmax, cfg.smoothquant, hessians, check)
         elif cfg.awq:
             t0 = time.perf_counter()
-            smoothed, smoothing = plan_awq(model, dict(targets), hessians, cfg.quant)
+            smoothed, smoothing = plan_awq(model, dict(targets), hessians, cfg.quant, check=check)
             stages["awq scale search"] = time.perf_counter() - t0
     if sequential and calib_data is not None:
         t0 = time.perf_counter()
         hessians = _quantize_blockwise(model, targets, calib_data, cfg.quant, smoothed, prebuilt, calibration,
                                        progress, precision)
-        stages["calibration + quantization (block by block)" if prebuilt else "calibration"] = time.perf_counter() - t0
+        stages["calibration + quantization (block by block)" if prebuilt[0] else "calibration"] = time.perf_counter() - t0
     return hessians, smoothed, smoothing
+
+
+# the largest relative change of the model's output a fold may make on a calibration batch: rounding only
+# (float32: ~1e-6 measured; 16-bit: the folded weights rounded to 8-11 bits); a fold read off a wrong
+# block layout changes it by O(1)
+FOLD_CHECK_RTOL = {torch.float32: 1e-3, torch.float64: 1e-3}
+FOLD_CHECK_RTOL_HALF = 0.1
+
+
+def _output_tensor(out) -> torch.Tensor:
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def fold_check(model: nn.Module, batch):
+    """The ``check`` of :func:`qruntime.smooth.plan_groups`: the model's output on one calibration batch
+    with the folded tensors swapped in, against its own (rel. error within :data:`FOLD_CHECK_RTOL`)."""
+    from .distill import calibration_inputs
+    from .mixed import swapped
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return _output_tensor(model(**calibration_inputs(model, batch))).to(torch.float64)
+
+    def check(tensors: dict) -> tuple[dict, str | None]:
+        reference = run()
+        with swapped(model, {}, tensors):
+            folded = run()
+        dtype = next(model.parameters()).dtype
+        tol = FOLD_CHECK_RTOL.get(dtype, FOLD_CHECK_RTOL_HALF)
+        err = float((folded - reference).norm() / reference.norm().clamp_min(1e-30))
+        entry = {"rel_error": err, "tolerance": tol}
+        if err <= tol:
+            return entry, None
+        return entry, (f"the folds changed the float model's output by {err:.3g} relative on a calibration batch "
+                       f"(over {tol:g}): a block layout of {type(model).__name__} is not what qruntime.layouts "
+                       "assumes, so nothing was folded")
+
+    return check
 
 
 def _send_home(store: dict, names: list[str], home: torch.device) -> None:
@@ -693,15 +757,17 @@ def _quantize_blockwise(
     calib_data: list,
     quant: QuantConfig,
     smoothed: dict[str, dict[str, torch.Tensor]],
-    prebuilt: dict[str, nn.Module],
+    built: tuple[dict[str, nn.Module], dict[str, float]],
     fingerprint: dict,
     progress: bool,
     precision: torch.dtype | None = None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """GPTQ (and activation-aware clipping) block by block (:mod:`qruntime.sequential`): each block's
     targets are quantized with Hessians of the inputs they see once the blocks before them are quantized
-    (and smoothed, when SmoothQuant/AWQ scales were planned). Fills ``prebuilt`` with the quantized
-    layers; returns every target's Hessian. The model is restored before returning, on every path. A
+    (and smoothed, when SmoothQuant/AWQ scales were planned). Fills ``built`` with the quantized layers
+    and their output errors (measured on their Hessians once their block is done: tuned, when tuning);
+    returns every target's Hessian diagonal (one pass: the full Hessians), so that the full Hessians held
+    are those of one block. The model is restored before returning, on every path. A
     model without one list of blocks is calibrated in one pass instead (the report's calibration says so)."""
     from .mixed import swapped
 
@@ -712,9 +778,20 @@ def _quantize_blockwise(
     unrounded: dict[str, torch.Tensor] | None = {} if quant.tune_rounding else None  # the current block's
     home = home_device(model)  # onloading (compress(device=...)): the quantized layers go back there
 
+    prebuilt, output_errors = built
+    pending: dict[str, tuple[torch.Tensor, int]] = {}  # the last block's Hessians, until it is done
+
+    def measure_pending() -> None:
+        for name, (hessian, _) in pending.items():
+            original = replaced[name].t() if is_conv1d(modules[name]) else replaced[name]
+            output_errors[name] = _output_error(original, prebuilt[name], hessian)
+        pending.clear()
+
     def compress_block(hessians: dict) -> None:
+        measure_pending()
         _send_home(prebuilt, current, home)
         current[:] = list(hessians)
+        pending.update(hessians)
         if unrounded is not None:
             unrounded.clear()
         for name, (hessian, _) in hessians.items():
@@ -735,8 +812,11 @@ def _quantize_blockwise(
 
     with torch.no_grad(), swapped(model, {}, smoothed):
         try:
-            return _blockwise_or_one_pass(model, modules, calib_data, compress_block, prebuilt, fingerprint, progress,
-                                          tune_block if quant.tune_steps else None, precision)
+            result = _blockwise_or_one_pass(model, modules, calib_data, compress_block, prebuilt, fingerprint,
+                                            progress, tune_block if quant.tune_steps else None, precision,
+                                            keep_hessians=False)
+            measure_pending()
+            return result
         finally:
             _send_home(prebuilt, current, home)
             for name, weight in replaced.items():

@@ -67,11 +67,11 @@ def scaled_error(weights: list[torch.Tensor], hessian: torch.Tensor, s: torch.Te
     return err / ref if ref > 0 else 0.0
 
 
-def plan_awq(model, targets: dict, hessians: dict, quant, grid: tuple[float, ...] = ALPHA_GRID):
+def plan_awq(model, targets: dict, hessians: dict, quant, grid: tuple[float, ...] = ALPHA_GRID, check=None):
     """What compress() needs from AWQ (as :func:`qruntime.smooth.plan_smoothing` for SmoothQuant): the
     scales of every foldable group of ``targets`` with alpha searched per group on the calibration
     Hessians, the folded tensors (the model is not touched), the report entry; the Hessians of scaled
-    layers are rescaled in place."""
+    layers are rescaled in place; ``check``: see :func:`qruntime.smooth.plan_groups`."""
 
     def choose(group: SmoothGroup, weights: list[torch.Tensor]) -> dict | str:
         h = next((hessians[c][0] for c in group.consumers if c in hessians), None)
@@ -83,4 +83,4 @@ def plan_awq(model, targets: dict, hessians: dict, quant, grid: tuple[float, ...
         group.scales = awq_scales(rms, best)
         return {"alpha": best, "output_error": {f"{a:g}": e for a, e in errors.items()}}
 
-    return plan_groups(model, targets, hessians, choose, {"method": "awq", "alpha": "auto"})
+    return plan_groups(model, targets, hessians, choose, {"method": "awq", "alpha": "auto"}, check)

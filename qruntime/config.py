@@ -56,11 +56,15 @@ import re
 from dataclasses import dataclass, field, replace
 
 __all__ = ["CompressConfig", "QuantConfig", "DistillConfig", "SparsityConfig", "PRESETS", "SELECTION_METHODS", "resolve_config",
-           "data_free_variant", "DEFAULT_EXCLUDE"]
+           "data_free_variant", "DEFAULT_EXCLUDE", "OUTPUT_HEAD"]
 
 # Heads and embeddings are kept in full precision by default: they are few layers, they dominate the
 # accuracy loss when quantized, and lm_head is usually tied to the embedding matrix.
+# OUTPUT_HEAD in ``exclude`` matches the model's output head, whatever its name
+# (``model.get_output_embeddings()``: RoBERTa's ``lm_head.decoder``, DistilBERT's ``vocab_projector``).
+OUTPUT_HEAD = "<output head>"
 DEFAULT_EXCLUDE: tuple[str, ...] = (
+    OUTPUT_HEAD,
     "lm_head",
     "*.lm_head",
     "*embed*",
@@ -300,7 +304,8 @@ class CompressConfig:
         include: fnmatch patterns on module names (``model.layers.0.mlp.up_proj``); a layer is a target
             only if it matches one of them.
         exclude: patterns of layers to leave alone; checked after ``include``. Defaults to the output
-            head, embeddings and classifier heads (:data:`DEFAULT_EXCLUDE`).
+            head, embeddings and classifier heads (:data:`DEFAULT_EXCLUDE`); the pattern
+            :data:`OUTPUT_HEAD` matches ``model.get_output_embeddings()`` under any name.
         embeddings: when set, the input embedding (``model.get_input_embeddings()``) is stored in this
             format (round to nearest, rows = tokens), and an output head tied to it becomes a
             QuantLinear sharing the same packed tensors; None keeps them in float.

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .config import SELECTION_METHODS, DistillConfig, check_keep
 
 __all__ = [
+    "calibration_inputs",
     "Blocks",
     "find_blocks",
     "choose_layers",
@@ -191,6 +192,17 @@ def _token_mask(inputs: dict) -> torch.Tensor:
         return mask.to(torch.float32)
     ref = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"][..., 0]
     return torch.ones(ref.shape[:2], dtype=torch.float32, device=ref.device)
+
+
+def calibration_inputs(model: nn.Module, batch) -> dict:
+    """The keyword arguments of ``model``'s forward for one batch (input ids, or a dict of tensors), on its
+    execution device, the KV cache off."""
+    from .offload import execution_device
+
+    kwargs = _inputs(batch, execution_device(model))
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    return kwargs
 
 
 def _first(x):

@@ -162,7 +162,7 @@ def prune_model(
         ({parameter name: float mask of the parameter's shape (1 = kept)}, [(layer, reason) skipped]);
         the masks feed :func:`qruntime.distill`'s ``masks=`` for recovery.
     """
-    from .api import _kind, _validate_target
+    from .api import _kind, _validate_target, exclude_match, output_head
     from .calibrate import collect_stats
     from .config import DEFAULT_EXCLUDE
     from .nn import is_conv1d, linear_weight
@@ -170,6 +170,7 @@ def prune_model(
     exclude = tuple(DEFAULT_EXCLUDE if exclude is None else exclude)
     include = tuple(include)
     targets, skipped = {}, []
+    head = output_head(model)
     for name, module in model.named_modules():
         kind = _kind(module)
         if kind is None:
@@ -178,7 +179,7 @@ def prune_model(
             skipped.append((name, f"already a {kind}"))
         elif not any(fnmatch.fnmatchcase(name, p) for p in include):
             skipped.append((name, f"not matched by include={list(include)}"))
-        elif hit := next((p for p in exclude if fnmatch.fnmatchcase(name, p)), None):
+        elif hit := exclude_match(name, module, exclude, head):
             skipped.append((name, f"matches exclude pattern {hit!r}"))
         else:
             _validate_target(name, module)

@@ -79,6 +79,7 @@ def blockwise_calibrate(
     tune_block: Callable[[int, nn.Module, list, list], None] | None = None,
     tune_targets: str = "float",
     precision: torch.dtype | None = None,
+    keep_hessians: bool = True,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """Runs the block-by-block pass; returns ``{layer: (X^T X / rows float64, rows)}`` as
     :func:`qruntime.calibrate.collect_stats` does, each block's Hessians taken after the earlier blocks
@@ -95,6 +96,10 @@ def blockwise_calibrate(
     tuning also makes up for the error of the blocks before; ``"block"``: the uncompressed block's
     output for the calls it is given (the compressed model's hidden states).
 
+    ``keep_hessians=False``: the result keeps, for a layer inside a block, only its Hessian's diagonal
+    ``[K]`` once ``compress_block`` has had the full matrix, so that the Hessians held stay those of one
+    block (for callers that need the full matrices only inside ``compress_block``).
+
     ``precision``: the dtype of the forwards' matmuls, X^T X and ``tune_block`` included
     (``torch.autocast``, see :func:`qruntime.calibrate.forward_dtype`; None: the model's own).
 
@@ -107,7 +112,9 @@ def blockwise_calibrate(
     - the block arguments, one copy per distinct value (:class:`_SharedArguments`): for windows of one
       length, one window's (mask, position embeddings); each other length or padding adds its own;
     - one window's forward through one block (attention scores, MLP intermediate, autocast copies);
-    - the Hessians returned, float64, ``8 * sum K^2`` over the targets of the blocks done so far;
+    - the Hessians returned, float64, ``8 * sum K^2`` over the targets of the blocks done so far (with
+      ``keep_hessians=False``, as :func:`qruntime.compress` calls it: ``8 * sum K`` for their diagonals,
+      and ``8 * sum K^2`` over one block's targets while it is compressed);
     - what ``compress_block`` holds: GPTQ (:func:`qruntime.gptq.gptq_quantize`) three float64 ``K x K``
       of one layer at a time; ``compress`` each compressed layer's packed codes and dequantized weight
       (the float weights come back at the end): about one more copy of the targets' weights.
@@ -117,7 +124,8 @@ def blockwise_calibrate(
     tensors): d = 256, 64 windows of 256 tokens (A = 16 MiB): Llama 72.8 MiB, Falcon 66.8 MiB, Falcon
     with ALiBi 67.5 MiB, 1.04-1.05x the sum of A, the returned Hessians (22 / 19 MiB), the GPTQ workspace
     (24 MiB) and the weights (the other terms are small there); tests/test_calibration_memory.py checks
-    the sum on six architectures. Before (arguments kept per window, next hidden states made beside the
+    the sum, with ``compress``'s ``keep_hessians=False`` (one block's Hessians and every layer's
+    diagonal), on every decoder family of the support matrix. Before (arguments kept per window, next hidden states made beside the
     old): 95.2, 92.1 and 152.4 MiB. Falcon materializes its mask, ``[B, heads, T, T]`` float with ALiBi
     (``heads * T / d`` times a window's hidden states), ``[B, 1, T, T]`` bool without: at d = 64, 32
     windows of 1024 tokens (A = 8 MiB), Falcon with ALiBi took 545 MiB before, 45 MiB now.
@@ -212,7 +220,7 @@ def blockwise_calibrate(
         with onloader.hold(block) if onloader is not None else nullcontext():
             hidden, reference = _one_block(i, block, per_block[i], hidden, reference, [c[i] for c in calls], result,
                                            home, compress_block, tune_block, chain,
-                                           lambda: _autocast(device, precision))
+                                           lambda: _autocast(device, precision), keep_hessians)
     return result
 
 
@@ -308,7 +316,7 @@ def _pass_through(blocks, forms):
 
 @torch.no_grad()
 def _one_block(i, block, group, hidden, reference, block_calls, result, home, compress_block, tune_block, chain,
-               precision):
+               precision, keep_hessians=True):
     """Step 2 of :func:`blockwise_calibrate` for block ``i`` (its targets ``group``; ``block_calls``: its
     ``(args, kwargs)`` per window): collects their Hessians (into ``result``, on ``home``), compresses and
     tunes them, and returns the next hidden states and the float model's (``reference``, with ``chain``).
@@ -335,7 +343,8 @@ def _one_block(i, block, group, hidden, reference, block_calls, result, home, co
     if group:
         # float32 sums -> float64 Hessians, each sum dropped as its Hessian is made
         hessians = {n: (b_sums.pop(n).to(torch.float64) / b_rows[n], b_rows[n]) for n in list(b_sums)}
-        result.update({n: (h.to(home), r) for n, (h, r) in hessians.items()})
+        result.update({n: ((h if keep_hessians else h.diagonal().clone()).to(home), r)
+                       for n, (h, r) in hessians.items()})
         compress_block(hessians)
         del hessians
         if tune_block is not None:

@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .layouts import SECOND_HALF, BlockLayout, block_layout
 from .nn import is_conv1d, linear_weight
 
 __all__ = [
     "SmoothGroup", "find_groups", "smoothing_scales", "search_alpha", "fold", "plan_smoothing", "plan_groups",
-    "apply", "norm_offset", "producer_offset", "block_candidates", "folded_norm_weight", "fold_error",
+    "apply", "norm_offset", "producer_offset", "folded_norm_weight", "fold_error",
     "fold_tolerance", "NORM_OFFSETS", "FOLD_RTOL", "MIN_SCALE", "MAX_SCALE",
 ]
 
@@ -56,8 +57,6 @@ NORM_OFFSETS = (0.0, 1.0)
 FOLD_RTOL = 1e-4
 _PROBE_RTOL = 1e-5  # a probed norm matches a form when its output is this close (float32, eps negligible)
 
-ATTN_INPUTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-MLP_INPUTS = ("mlp.gate_proj", "mlp.up_proj")
 
 
 @dataclass
@@ -66,6 +65,7 @@ class SmoothGroup:
     consumers: list[str]  # Linear / Conv1D layers reading exactly that output
     scales: torch.Tensor | None = field(default=None, repr=False)  # float32 [K], once computed
     offset: float | None = None  # producer's output is normalize(x) * (offset + weight); None: probe it
+    rows: str | None = None  # a Linear producer: None, all its output rows are divided; SECOND_HALF: the last half
 
 
 def _get(model: nn.Module, name: str) -> nn.Module | None:
@@ -114,78 +114,51 @@ def norm_offset(module: nn.Module) -> float | str:
             "(probed on its forward): a fold would change the model")
 
 
-def _readers_beyond(module: nn.Module | None, expected: set[str]) -> list[str]:
-    """Children of ``module`` outside ``expected`` holding a weight matrix: they may read the same input."""
-    if module is None:
-        return []
-    return [n for n, m in module.named_children()
-            if n not in expected and any(p.dim() >= 2 for p in m.parameters())]
-
-
-def block_candidates(block: nn.Module) -> list[tuple[str, tuple[str, ...], str | None]]:
-    """The (producer, consumers, refusal reason or None) candidates of a transformer block, by the norms
-    it holds. Which norm feeds which Linears is not in the module tree: each layout below was read from
-    the forward of the families named, and a block holding other weight-bearing modules is refused."""
-    if hasattr(block, "ln_1") and hasattr(block, "ln_2") and hasattr(block, "attn"):  # GPT-2
-        return [("ln_1", ("attn.c_attn",), None), ("ln_2", ("mlp.c_fc",), None)]
-    if not (hasattr(block, "input_layernorm") and hasattr(block, "post_attention_layernorm")):
-        return []
-    if hasattr(block, "pre_feedforward_layernorm"):  # sandwich norms (Gemma 2/3): see the module docstring
-        mlp_norm = "pre_feedforward_layernorm"
-    elif hasattr(block, "post_feedforward_layernorm"):  # post_attention_layernorm follows attention (Olmo 2)
-        mlp_norm = None
-    else:  # Llama family: post_attention_layernorm is the MLP's pre-norm
-        mlp_norm = "post_attention_layernorm"
-    norms = {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-             "post_feedforward_layernorm"}
-    strays = {
-        "": _readers_beyond(block, norms | {"self_attn", "mlp"}),
-        "self_attn": _readers_beyond(_get(block, "self_attn"), {"q_proj", "k_proj", "v_proj", "o_proj"}),
-        "mlp": _readers_beyond(_get(block, "mlp"), {"gate_proj", "up_proj", "down_proj"}),
-    }
-
-    def refusal(part: str) -> str | None:
-        found = [f"{p}.{n}" if p else n for p in ("", part) for n in strays[p]]
-        if not found:
-            return None
-        return f"the block holds modules outside the known layout that may read this input: {found}"
-
-    candidates = [("input_layernorm", ATTN_INPUTS, refusal("self_attn"))]
-    if mlp_norm is not None:
-        candidates.append((mlp_norm, MLP_INPUTS, refusal("mlp")))
-    return candidates + [("mlp.up_proj", ("mlp.down_proj",), refusal("mlp"))]
-
-
 def producer_offset(module: nn.Module) -> float | str:
     """0 for a Linear producer (its rows are divided), a norm's :func:`norm_offset`, or why neither."""
     return 0.0 if isinstance(module, nn.Linear) else norm_offset(module)
 
 
+_NO_PRODUCER = "no foldable producer (its input comes from attention, an activation function or is shared)"
+
+
+def _block_groups(prefix: str, block: nn.Module, layout: BlockLayout, targets: set[str],
+                  groups: list[SmoothGroup], reasons: dict[str, str]) -> None:
+    """Appends the block's foldable groups (consumers all in ``targets``) and the reasons for the rest."""
+    if layout.refusal is not None:
+        reasons.update({t: layout.refusal for t in targets if t.startswith(prefix)})
+        return
+    for part, why in layout.unfolded:
+        reasons.update({t: why for t in targets if t.startswith(prefix + part)})
+    for f in layout.folds:
+        p = _get(block, f.producer)
+        names = [prefix + c for c in f.consumers if _get(block, c) is not None]
+        if p is None or not names or not all(n in targets for n in names):
+            continue
+        offset = producer_offset(p)
+        if f.rows is not None and not isinstance(p, nn.Linear):
+            offset = f"{type(p).__name__} is not a Linear: a slice of its outputs cannot be divided"
+        if isinstance(offset, str):
+            reasons.update({n: f"producer {prefix + f.producer} not folded: {offset}" for n in names})
+        else:
+            groups.append(SmoothGroup(prefix + f.producer, names, offset=offset, rows=f.rows))
+
+
 def find_groups(model: nn.Module, targets: set[str]) -> tuple[list[SmoothGroup], dict[str, str]]:
-    """The foldable groups whose consumers are all in ``targets`` (with their producer's offset), and for
-    every other target the reason it is not smoothed."""
+    """The foldable groups whose consumers are all in ``targets`` (with their producer's offset), by the
+    block layouts of :mod:`qruntime.layouts`, and for every other target the reason it is not smoothed."""
     groups: list[SmoothGroup] = []
     reasons: dict[str, str] = {}
+    config = getattr(model, "config", None)
+    default = _NO_PRODUCER
     for name, block in model.named_modules():
-        prefix = f"{name}." if name else ""
-        for producer, consumers, refusal in block_candidates(block):
-            p = _get(block, producer)
-            names = [prefix + c for c in consumers if _get(block, c) is not None]
-            if p is None or not names or not all(n in targets for n in names):
-                continue
-            offset = refusal or producer_offset(p)
-            if isinstance(offset, str):
-                reasons.update({n: f"producer {prefix + producer} not folded: {offset}" for n in names})
-            else:
-                groups.append(SmoothGroup(prefix + producer, names, offset=offset))
+        layout = block_layout(block, config)
+        if layout is not None:
+            _block_groups(f"{name}." if name else "", block, layout, targets, groups, reasons)
+            if layout.refusal and layout.refusal.startswith("post-norm"):  # so is the pooler's / head's input
+                default = layout.refusal
     smoothed = {c for g in groups for c in g.consumers}
-    post_norm = any(type(m).__name__.startswith(("Bert", "Roberta", "Electra")) for m in model.modules())
-    reason = (
-        "post-norm model: the norm's output is also the residual stream, folding would change the model"
-        if post_norm
-        else "no foldable producer (its input comes from attention, an activation function or is shared)"
-    )
-    return groups, {t: reasons.get(t, reason) for t in sorted(targets) if t not in smoothed}
+    return groups, {t: reasons.get(t, default) for t in sorted(targets) if t not in smoothed}
 
 
 def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -297,12 +270,23 @@ def fold(model: nn.Module, groups: list[SmoothGroup]) -> dict[str, dict[str, tor
         entry, module = current(group.producer), model.get_submodule(group.producer)
         inv = (1.0 / s).to(device=entry["weight"].device, dtype=torch.float32)
         if isinstance(module, nn.Linear):  # output channel j (row j of [N, K]) divided by s_j
+            inv = _row_divisors(inv, entry["weight"].shape[0], group.rows)
             entry["weight"] = (entry["weight"].float() * inv[:, None]).to(entry["weight"].dtype)
         else:  # norm: x_normed * (offset + w) / s = x_normed * (offset + w'), and its bias / s
             entry["weight"] = folded_norm_weight(entry["weight"], _offset_of(group, module), s)
         if "bias" in entry:
             entry["bias"] = (entry["bias"].float() * inv).to(entry["bias"].dtype)
     return new
+
+
+def _row_divisors(inv: torch.Tensor, rows: int, part: str | None) -> torch.Tensor:
+    """1 / s for the producer's output rows that feed the group, 1 for the others (a fused [gate; up]
+    Linear feeds its consumer through the up half only)."""
+    if part is None:
+        return inv
+    if part != SECOND_HALF or rows != 2 * inv.numel():
+        raise ValueError(f"fold: a {part} producer slice needs {2 * inv.numel()} output rows, it has {rows}")
+    return torch.cat([torch.ones_like(inv), inv])
 
 
 def as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -314,7 +298,8 @@ def as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return layer
 
 
-def plan_smoothing(model, targets: dict[str, nn.Module], absmax: dict[str, torch.Tensor], alpha: float, hessians):
+def plan_smoothing(model, targets: dict[str, nn.Module], absmax: dict[str, torch.Tensor], alpha: float, hessians,
+                   check=None):
     """What compress() needs from SmoothQuant: the scales of every foldable group of ``targets``
     (``alpha`` a number, or "auto" to search it per group on the ``"<name>#rows"`` samples of
     ``absmax``), the smoothed tensors (:func:`fold`; the model is not touched) and the report entry.
@@ -332,15 +317,19 @@ def plan_smoothing(model, targets: dict[str, nn.Module], absmax: dict[str, torch
         group.scales = smoothing_scales(peak, weights, 0.5 if alpha == "auto" else alpha)
         return {"alpha": 0.5 if alpha == "auto" else alpha}
 
-    return plan_groups(model, targets, hessians, choose, {"method": "smoothquant", "alpha": alpha})
+    return plan_groups(model, targets, hessians, choose, {"method": "smoothquant", "alpha": alpha}, check)
 
 
-def plan_groups(model, targets: dict[str, nn.Module], hessians, choose, header: dict):
+def plan_groups(model, targets: dict[str, nn.Module], hessians, choose, header: dict, check=None):
     """Shared by SmoothQuant and AWQ: for every foldable group of ``targets`` (:func:`find_groups`),
     ``choose(group, weights)`` sets ``group.scales`` and returns its report entry, or returns the reason
     it is left alone. Returns the folded tensors (:func:`fold`; the model is not touched) and the report
     (``header`` + groups, layers not scaled with reasons, and the consumers with their alpha). The
-    Hessians of scaled layers are rescaled in place to the scaled inputs: X' = X / s."""
+    Hessians of scaled layers are rescaled in place to the scaled inputs: X' = X / s.
+
+    ``check(tensors)``, when given, tests the folded tensors on the float model before they are kept:
+    it returns ``(report entry, None)`` when the model is unchanged, or ``(report entry, reason)``, and
+    then no group is folded (a block layout assumed wrongly) and every consumer gets the reason."""
     groups, not_smoothed = find_groups(model, set(targets))
     entries = []
     for group in groups:
@@ -355,14 +344,20 @@ def plan_groups(model, targets: dict[str, nn.Module], hessians, choose, header: 
         entries.append({"producer": group.producer, "consumers": group.consumers} | entry
                        | {"scale_min": float(group.scales.min()), "scale_max": float(group.scales.max())})
     groups = [g for g in groups if g.scales is not None]
+    with torch.no_grad():
+        tensors = fold(model, groups)
+    if check is not None and tensors:
+        header = dict(header)
+        header["float_check"], refusal = check(tensors)
+        if refusal is not None:
+            not_smoothed.update({c: refusal for g in groups for c in g.consumers})
+            groups, entries, tensors = [], [], {}
     for group in groups:  # X' = X / s: H' = diag(1/s) H diag(1/s)
         inv = (1.0 / group.scales).to(torch.float64)
         for c in group.consumers:
             if c in hessians:
                 h, rows = hessians[c]
                 hessians[c] = (h * inv.to(h.device)[:, None] * inv.to(h.device)[None, :], rows)
-    with torch.no_grad():
-        tensors = fold(model, groups)
     report = header | {"groups": entries,
                        "not_smoothed": [{"layer": k, "reason": v} for k, v in sorted(not_smoothed.items())],
                        "consumers": {c for g in groups for c in g.consumers},

@@ -18,6 +18,8 @@ import sys
 import pytest
 import torch
 
+import qruntime
+import support_matrix as sm
 from qruntime.sequential import _SharedArguments
 
 MiB = 2**20
@@ -30,14 +32,26 @@ ADDRESS_SLACK = 512 * MiB
 MAX_REL_ERROR, MAX_RATIO_TO_RTN = 0.5, 1.5
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
+# name -> (model_type, config overrides)
 MODELS = {
-    "falcon": SMALL,
-    "falcon-alibi": dict(SMALL, alibi=True),
-    "llama": dict(SMALL, intermediate_size=256, num_key_value_heads=4),
-    "gpt_neox": dict(SMALL, intermediate_size=256),
-    "bloom": dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB),
-    "opt": dict(SMALL, ffn_dim=256, word_embed_proj_dim=64),
+    "falcon": ("falcon", SMALL),
+    "falcon-alibi": ("falcon", dict(SMALL, alibi=True)),
+    "llama": ("llama", dict(SMALL, intermediate_size=256, num_key_value_heads=4)),
+    "gpt_neox": ("gpt_neox", dict(SMALL, intermediate_size=256)),
+    "bloom": ("bloom", dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB)),
+    "opt": ("opt", dict(SMALL, ffn_dim=256, word_embed_proj_dim=64)),
 }
+# and every other family of the support matrix, with its tiny config, at TOKENS positions
+ENCODERS = set()
+for _family, (_model_type, _overrides, _role) in sm.FAMILIES.items():
+    if _model_type not in {model_type for model_type, _ in MODELS.values()}:
+        # RoBERTa-style position ids start after the padding index: room for TOKENS of them
+        _config = sm.BASE | _overrides | {"max_position_embeddings": TOKENS + 8}
+        if _model_type == "gpt2":
+            _config["n_positions"] = TOKENS
+        MODELS[_model_type] = (_model_type, _config)
+        if _role == "encoder":
+            ENCODERS.add(_model_type)
 
 # Runs in a fresh interpreter: argv[1] is a JSON spec; prints one JSON line of measurements.
 CHILD = r"""
@@ -45,7 +59,7 @@ import json, resource, sys
 spec = json.loads(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (spec["start_limit"],) * 2)  # until the real limit is known
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 import qruntime
 from qruntime.distill import find_blocks
 
@@ -58,7 +72,7 @@ def rel(a, b):
 
 torch.manual_seed(0)
 config = AutoConfig.for_model(spec["model_type"], **spec["config"])
-model = AutoModelForCausalLM.from_config(config).eval()
+model = (AutoModelForMaskedLM if spec["encoder"] else AutoModelForCausalLM).from_config(config).eval()
 n, t, vocab = spec["windows"], spec["tokens"], spec["vocab"]
 calib = [torch.randint(0, vocab, (1, t)) for _ in range(n)]
 held_out = torch.randint(0, vocab, (2, t))
@@ -96,11 +110,18 @@ with torch.no_grad():
 del rtn
 
 # the bound of qruntime.sequential.blockwise_calibrate, from this model's sizes
-linears = [m for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+from qruntime.nn import is_conv1d
+
+def fan_ins(module):  # K of each Linear / GPT-2 Conv1D (weight [K, N]) under module
+    return [m.weight.shape[0] if is_conv1d(m) else m.in_features for m in module.modules()
+            if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
+
+fans = [k for b in blocks for k in fan_ins(b)]
 terms = {
     "hidden states": n * t * config.hidden_size * 4,
-    "returned hessians": sum(m.in_features ** 2 * 8 for m in linears),
-    "gptq workspace": 3 * max(m.in_features for m in linears) ** 2 * 8,
+    "one block's hessians": max(sum(k ** 2 * 8 for k in fan_ins(b)) for b in blocks),
+    "hessian diagonals": sum(k * 8 for k in fans),
+    "gptq workspace": 3 * max(fans) ** 2 * 8,
     "model weights": sum(p.numel() * p.element_size() for p in model.parameters()),
     "one window's block arguments": sum(a.numel() * a.element_size()
                                         for a in {id(a): a for a in arguments}.values()),
@@ -120,7 +141,7 @@ print(json.dumps(dict(peak=peak, bound=bound, terms=terms, error=error, rtn_erro
 
 
 def _run_child(model_type: str, config: dict) -> dict:
-    spec = dict(model_type=model_type, config=config, windows=WINDOWS, tokens=TOKENS, vocab=VOCAB,
+    spec = dict(model_type=model_type, config=config, encoder=model_type in ENCODERS, windows=WINDOWS, tokens=TOKENS, vocab=VOCAB,
                 address_slack=ADDRESS_SLACK, start_limit=16 * 2**30)
     # glibc: blocks over 64 KiB mapped and unmapped one by one, few arenas: the resident size follows the
     # live tensors
@@ -134,8 +155,7 @@ def _run_child(model_type: str, config: dict) -> dict:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads and resets /proc/self's peak (Linux)")
 @pytest.mark.parametrize("name", list(MODELS))
 def test_blockwise_gptq_memory_stays_within_the_documented_bound(name):
-    model_type = name.split("-")[0]
-    got = _run_child(model_type, MODELS[name])
+    got = _run_child(*MODELS[name])
     terms = ", ".join(f"{k} {v / MiB:.1f}" for k, v in got["terms"].items())
     assert got["mode"] == "block by block", got["mode"]
     assert got["peak"] <= got["bound"], (
@@ -171,3 +191,32 @@ def test_shared_arguments_keep_one_copy_of_equal_tensors_per_argument():
     assert first[1]["position_embeddings"][1] is first[0]["position_embeddings"][1]
     assert first[1]["position_ids"] is first[0]["position_ids"]
     assert first[2]["position_ids"] is not first[0]["position_ids"]
+
+
+def test_compress_holds_one_block_of_hessians_and_reports_the_same_errors(monkeypatch):
+    """compress() keeps only the Hessian diagonals of the blocks it is done with (the full K x K of one block
+    at a time), and measures each layer's output error on the full Hessian before dropping it: the report
+    equals the one made with every Hessian kept."""
+    import qruntime.sequential as sequential
+
+    model = sm.build("llama")
+    real = sequential.blockwise_calibrate
+    returned = []
+
+    def spy(*args, keep, **kwargs):
+        kwargs["keep_hessians"] = kwargs["keep_hessians"] if keep is None else keep
+        result = real(*args, **kwargs)
+        returned.append(result)
+        return result
+
+    reports = {}
+    for keep in (None, True):
+        monkeypatch.setattr(sequential, "blockwise_calibrate", lambda *a, keep=keep, **k: spy(*a, keep=keep, **k))
+        _, reports[keep] = qruntime.compress(model, "w4a16-g32-gptq-clip-tune", sm.calib(), inplace=False,
+                                            progress=False)
+    kept_diagonals, kept_full = returned
+    inside = [n for n in kept_full if ".layers." in n]
+    assert inside and all(kept_diagonals[n][0].dim() == 1 and kept_full[n][0].dim() == 2 for n in inside)
+    assert all(torch.equal(kept_diagonals[n][0], torch.diagonal(kept_full[n][0])) for n in inside)
+    errors = {keep: [(l.name, l.output_rel_error, l.method) for l in r.layers] for keep, r in reports.items()}
+    assert errors[None] == errors[True] and all(e is not None for _, e, _ in errors[None])

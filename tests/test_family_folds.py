@@ -189,3 +189,35 @@ def test_block_with_other_readers_is_refused():
     layer1 = ("input_layernorm", "pre_feedforward_layernorm", "mlp.up_proj")
     assert {g.producer for g in groups} == {f"model.layers.1.{p}" for p in layer1}
     assert "['laurel']" in reasons["model.layers.0.self_attn.q_proj"]
+
+
+def _leaky_norm_hook(block, args, kwargs, output):
+    """The block's output plus its input_layernorm's output: a residual path that layouts do not know."""
+    x = args[0] if args else kwargs["hidden_states"]
+    extra = block.input_layernorm(x)
+    return (output[0] + extra, *output[1:]) if isinstance(output, tuple) else output + extra
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a16-g32-rtn-awq"])
+def test_folds_are_checked_on_the_float_model_before_they_are_kept(recipe):
+    """A block laid out as Llama's whose input_layernorm also feeds the residual stream: a fold into it would
+    change the model. compress() runs the folded float model on a calibration batch first, folds nothing,
+    and every consumer says why."""
+    model = _build("llama")
+    _, report = compress(model, recipe, _calib(), inplace=False, progress=False)
+    check = report.smoothing["float_check"]
+    assert report.smoothing["groups"] and check["rel_error"] < 1e-5 <= check["tolerance"]
+    for layer in model.model.layers:
+        layer.register_forward_hook(_leaky_norm_hook, with_kwargs=True)
+    ids = _heldout()
+    ref = _logits(model, ids)
+    smooth, report = compress(model, recipe, _calib(), inplace=False, progress=False)
+    check = report.smoothing["float_check"]
+    assert report.smoothing["groups"] == [] and check["rel_error"] > check["tolerance"]
+    reasons = {e["reason"] for e in report.smoothing["not_smoothed"] if "changed the float model" in e["reason"]}
+    assert len(reasons) == 1 and "LlamaForCausalLM" in reasons.pop()
+    assert not any(e["method"] in layer.method for layer in report.layers for e in [report.smoothing])
+    plain, _ = compress(model, recipe.replace("w8a8", "w8a8-nosq").replace("-awq", ""), _calib(), inplace=False,
+                        progress=False)
+    assert torch.equal(_logits(smooth, ids), _logits(plain, ids))
+    assert rel_error(_logits(smooth, ids), ref) < 0.5
