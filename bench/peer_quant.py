@@ -5,7 +5,7 @@ Runs in the peer venv of bench/peer_sparsegpt.py (llm-compressor 0.14 pins trans
 torchao, optimum-quanto and HQQ:
 
     /tmp/peer/bin/pip install "torchao==0.18.*" "optimum-quanto==0.2.*" "hqq==0.2.*"
-    /tmp/peer/bin/python bench/peer_quant.py --json bench/results/smollm2-135m_cpu_peer_quant.json
+    /tmp/peer/bin/python bench/peer_quant.py --json bench/results/smollm2-135m_cpu_peer_quant_all_c128.json
     /tmp/peer/bin/python bench/peer_quant.py --smoke          # a random 2-layer Llama, seconds
 
 Rows (each one deep copy of the float model; a peer that refuses a setting is a row with its error):

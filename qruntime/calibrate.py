@@ -46,7 +46,7 @@ def forward_dtype(model: nn.Module, precision: str = "auto", device: torch.devic
 def calibration_batches(tokenizer, num_samples: int = 128, seq_len: int = 512, split: str = "calibration") -> list[torch.Tensor]:
     """``num_samples`` consecutive, non-overlapping windows of ``seq_len`` tokens from a text split of
     :mod:`qruntime.data` (default: the calibration split), each a LongTensor [1, seq_len]. The default,
-    128 x 512 tokens, is what the INT4 results in the README were measured with; 16 windows calibrate
+    128 x 512 tokens, is what the INT4 results in docs/results were measured with; 16 windows calibrate
     about 8 times faster, a little less accurately (docs/quantization.md)."""
     from .data import split_text
 

@@ -1,7 +1,7 @@
 """The real pretrained models (offline, from PyPI packages) and the demo command.
 
 These check the walking-skeleton guarantees on SmolLM2-135M with the demo's own protocol, so the
-numbers the README quotes are what CI asserts.
+numbers the README's demo summary shows are what CI asserts.
 """
 import importlib.util
 import json
