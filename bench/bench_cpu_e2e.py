@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from qruntime import compress
-    from qruntime.api import select_targets
+    from qruntime.targets import select_targets
     from qruntime.config import DEFAULT_EXCLUDE, resolve_config
     from qruntime.data import split_text
     from qruntime.evaluate import tokenize_text

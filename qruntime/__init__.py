@@ -6,7 +6,8 @@ Transformers, behind one call::
 
 Importing qruntime never touches CUDA and compiles nothing.
 """
-from .api import compress, select_targets
+from .pipeline import compress
+from .targets import select_targets
 from .checkpoint import CheckpointError, load, save
 from .config import CompressConfig, DistillConfig, QuantConfig, SparsityConfig, PRESETS
 from .distill import DistillReport, distill, make_student

@@ -162,7 +162,7 @@ def prune_model(
         ({parameter name: float mask of the parameter's shape (1 = kept)}, [(layer, reason) skipped]);
         the masks feed :func:`qruntime.distill`'s ``masks=`` for recovery.
     """
-    from .api import _kind, _validate_target, exclude_match, output_head
+    from .targets import exclude_match, layer_kind, output_head, validate_target
     from .calibrate import collect_stats
     from .config import DEFAULT_EXCLUDE
     from .nn import is_conv1d, linear_weight
@@ -172,7 +172,7 @@ def prune_model(
     targets, skipped = {}, []
     head = output_head(model)
     for name, module in model.named_modules():
-        kind = _kind(module)
+        kind = layer_kind(module)
         if kind is None:
             continue
         if kind in ("QuantLinear", "SparseLinear"):
@@ -182,7 +182,7 @@ def prune_model(
         elif hit := exclude_match(name, module, exclude, head):
             skipped.append((name, f"matches exclude pattern {hit!r}"))
         else:
-            _validate_target(name, module)
+            validate_target(name, module)
             targets[name] = module
     hessians = {}
     if method != "magnitude":

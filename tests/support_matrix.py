@@ -190,7 +190,7 @@ def weight_matrices(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
 
 def check_coverage(model: nn.Module, report) -> str:
     """Every weight matrix converted or listed in report.skipped with a reason; the note of the cell."""
-    from qruntime.api import output_head
+    from qruntime.targets import output_head
 
     head = output_head(model)
     converted = {layer.name for layer in report.layers}
@@ -215,7 +215,7 @@ def check_coverage(model: nn.Module, report) -> str:
 def check_fold(family: str, model: nn.Module, method: str) -> list[str]:
     """Folds SmoothQuant / AWQ scales (alpha 0.5, fixed so that the fold is exercised) into a copy; the float
     logits must not move. Returns the producers folded into, block index replaced by N."""
-    from qruntime.api import select_targets
+    from qruntime.targets import select_targets
     from qruntime.awq import awq_scales
     from qruntime.calibrate import collect_stats
     from qruntime.config import resolve_config

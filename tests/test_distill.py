@@ -890,7 +890,7 @@ def test_compress_with_depth_stage():
     assert len(report.layers) == 3 * 7 and all(l.format == "w8a16-gptq" for l in report.layers)
     assert report.distillation["student_layers"] == 3 and report.distillation["steps"] == 100
     assert "distillation" in report.stages and "distillation: 6 -> 3 blocks" in report.table()
-    assert report.model_bytes_before == qruntime.api.model_bytes(teacher)  # the teacher's size
+    assert report.model_bytes_before == qruntime.targets.model_bytes(teacher)  # the teacher's size
     assert "perplexity" in report.distillation["teacher"] and "held-out perplexity: teacher" in report.table()
     assert qruntime.CompressReport.from_dict(report.to_dict()).distillation == report.distillation
     with torch.no_grad():

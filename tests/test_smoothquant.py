@@ -83,12 +83,12 @@ def test_smoothquant_with_gptq_and_failure_safety(tiny_llama, monkeypatch):
     assert report.config == "w8a8-gptq-sq0.75" and report.smoothing["alpha"] == 0.75
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # inplace=False
 
-    import qruntime.api
+    import qruntime.pipeline
 
     def fail(*a, **k):
         raise RuntimeError("injected after smoothing was computed")
 
-    monkeypatch.setattr(qruntime.api.QuantLinear, "from_linear", classmethod(lambda cls, *a, **k: fail()))
+    monkeypatch.setattr(qruntime.pipeline.QuantLinear, "from_linear", classmethod(lambda cls, *a, **k: fail()))
     with pytest.raises(RuntimeError, match="injected"):
         compress(model, "w8a8-sq", _calib(), progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # norms untouched too
