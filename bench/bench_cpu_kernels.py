@@ -9,6 +9,7 @@ For every (K, N) layer shape, batch rows M and thread count, times (median of re
     int4pack    torch.ops.aten._weight_int4pack_mm_for_cpu (int4 weight-only, g128)
     w8a16 / w8a8 / w4a16-g128
                 qruntime QuantLinear modules (what compress() puts in a model; round-to-nearest codes)
+    w8a8 vnni   on a CPU with AMX-INT8 (dispatched by default), the w8a8 module forced to AVX-512 VNNI
 
 Every cell is measured in --rounds interleaved rounds (each round times every method once; medians over
 rounds), so a drift in the machine's speed hits all methods alike. Weights are "cold" by default: each call uses the next of several copies whose total size is well
@@ -103,7 +104,20 @@ def _methods(k: int, n: int) -> dict[str, tuple[int, callable]]:
     w8a8 = qlinear(QuantConfig(bits=8, act_bits=8))
     w4a16 = qlinear(QuantConfig(bits=4, group_size=128, symmetric=False))
 
+    def vnni(factory):  # the same module with the kernels forced to AVX-512 VNNI (next to AMX-INT8)
+        def build():
+            fn = factory()
+
+            def run(x):
+                with qruntime.ops.use_cpu_isa("avx512_vnni"):
+                    return fn(x)
+
+            return run
+
+        return build
+
     int4_bytes = q4.numel() + s4.numel() * 4 + (0 if z4 is None else z4.numel())
+    amx = "amx_int8" in qruntime.ops.supported_cpu_isas()
     return {
         "fp32": (n * k * 4, fp32),
         "bf16": (n * k * 2, bf16),
@@ -112,6 +126,7 @@ def _methods(k: int, n: int) -> dict[str, tuple[int, callable]]:
         "int4pack": (n * k // 2, int4pack),
         "w8a16": (n * k + n * 4, w8a16),
         "w8a8": (n * k + n * 4, w8a8),
+        **({"w8a8 vnni": (n * k + n * 4, vnni(w8a8))} if amx else {}),
         "w4a16-g128": (int4_bytes, w4a16),
     }
 

@@ -894,6 +894,20 @@ C_KERNELS = Section(
     "At M = 1 a call reads the weights once, so fewer bytes mean less time; at M = 128 the integer dot "
     "products of W8A8 keep their lead while the weight-only formats converge toward float32 speed.")
 
+AMX = "cpu_kernels_amx_vs_vnni.json"
+C_AMX = Section(
+    "W8A8 on AMX-INT8 against AVX-512 VNNI",
+    "On a CPU with AMX-INT8 the W8A8 kernel computes in AMX tiles, and qruntime picks that level by "
+    "default. The same `QuantLinear` modules, run once on the AMX level (`w8a8`) and once forced to "
+    "AVX-512 VNNI (`w8a8 vnni`), side by side in one run with torch's paths; 2 threads, cold weights, "
+    "3 interleaved rounds, medians, speedup over float32 `F.linear`. At M = 1 both read the same bytes "
+    "and take the same time; from M = 16 the tiles give about twice the VNNI speed.",
+    ((AMX, "`python bench/bench_cpu_kernels.py --threads 2 --shapes 4096 up_proj down_proj --m 1 16 128 "
+           "--json ...`"),),
+    (Table(LAYER_COLS + tuple(speedup_col(k) for k in ("bf16", "ao_int8", "w8a16", "w8a8 vnni", "w8a8",
+                                                         "w4a16-g128")),
+           (PickAll(AMX, {"threads": 2}),)),))
+
 E2E = "smollm2-135m_cpu_e2e.json"
 C_E2E = Section(
     "End to end: SmolLM2-135M prefill and decode",
@@ -931,9 +945,8 @@ C_SP24 = Section(
 CPU_SPEED = Page(
     "cpu-speed.md", "CPU speed",
     "the C++ kernels per layer, the 2:4 kernel, and SmolLM2-135M prefill and decode end to end.",
-    "All on the same 2-core CPU (see each file's line). No GPU figure exists yet: the GPU kernels have "
-    "not been run on a GPU.",
-    (C_KERNELS, C_E2E, C_SP24))
+    "Each file's line names its CPU. No GPU figure exists yet: the GPU kernels have not been run on a GPU.",
+    (C_KERNELS, C_AMX, C_E2E, C_SP24))
 
 
 # --- sparsity.md ------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 Environment:
     QRUNTIME_DISABLE_EXTENSION=1   never load it (CPU ops run the PyTorch reference).
     QRUNTIME_CPU_ISA=<level>       force the kernels' ISA level: ``scalar``, ``avx2``, ``avx512_vnni`` or
-                                   ``amx_int8`` (AMX is never chosen automatically until it has been
-                                   validated on AMX hardware). A level this CPU cannot run is refused
-                                   with a warning (the best supported level runs instead).
+                                   ``amx_int8``. Unset, the highest level this CPU and OS run is used
+                                   (``amx_int8`` where the OS grants AMX tiles). A level this CPU cannot
+                                   run is refused with a warning (the best supported level runs instead).
 """
 from __future__ import annotations
 

@@ -172,10 +172,12 @@ def test_isa_selection_errors_and_restore():
     assert ops.cpu_isa() == before
 
 
-def test_amx_is_opt_in_until_validated():
-    """AMX is dispatched only when named (QRUNTIME_CPU_ISA=amx_int8): it has not run on AMX hardware yet.
-    On an AMX machine every test above runs it too (ISAS lists it), which is how it gets validated."""
-    assert extension().best_isa() != "amx_int8"
+def test_the_highest_level_this_cpu_runs_is_chosen():
+    """Unforced, dispatch picks the last of ISAS (the levels this CPU runs, in order): AMX-INT8 where the
+    CPU has it and the OS grants tiles, else AVX-512 VNNI, AVX2, scalar."""
+    assert extension().best_isa() == ISAS[-1]
+    if not os.environ.get("QRUNTIME_CPU_ISA"):
+        assert ops.cpu_backend() == f"cpp:{ISAS[-1]}"
 
 
 def test_forced_isa_environment(tmp_path):

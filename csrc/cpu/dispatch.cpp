@@ -56,12 +56,6 @@ bool amx_available() {
 }  // namespace
 #endif
 
-bool isa_verified(Isa isa) {
-  // The AMX level is built and dispatchable but has not yet run on AMX hardware (none where it was
-  // written): until a test run there validates it, it is used only when asked for by name.
-  return isa != Isa::kAmxInt8;
-}
-
 bool isa_compiled(Isa isa) {
   switch (isa) {
     case Isa::kScalar: return true;
@@ -105,9 +99,10 @@ bool isa_supported(Isa isa) {
 #endif
 }
 
+// The highest level this CPU and OS run, AMX-INT8 included where the kernel grants tile permission.
 Isa best_isa() {
   for (int i = kNumIsa - 1; i > 0; --i) {
-    if (isa_verified(static_cast<Isa>(i)) && isa_supported(static_cast<Isa>(i))) return static_cast<Isa>(i);
+    if (isa_supported(static_cast<Isa>(i))) return static_cast<Isa>(i);
   }
   return Isa::kScalar;
 }

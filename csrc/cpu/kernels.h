@@ -55,7 +55,6 @@ const char* isa_name(Isa isa);
 bool isa_from_name(const char* name, Isa* out);
 bool isa_compiled(Isa isa);    // built into this extension (setup.py drops AMX where the compiler lacks it)
 bool isa_supported(Isa isa);   // can this CPU (and OS) run it?
-bool isa_verified(Isa isa);    // validated on real hardware: only those are chosen automatically
 Isa best_isa();
 Isa current_isa();
 void set_isa(Isa isa);          // caller checks isa_supported first
