@@ -18,7 +18,7 @@ from .ops import cpu_backend
 from . import triton_backend  # noqa: F401  registers the Triton kernels as the ops' CUDA implementations (imports no Triton)
 from .report import CompressReport
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "compress",

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .distill import _autocast, _autocast_dtype, _inputs, find_blocks
 from .offload import execution_device, home_device
+from .plumbing import autocast, autocast_dtype, find_blocks, model_inputs
 
 __all__ = ["calibration_batches", "text_batches", "collect_hessians", "collect_stats", "check_token_ids",
            "forward_dtype", "CALIB_PRECISIONS"]
@@ -40,7 +40,7 @@ def forward_dtype(model: nn.Module, precision: str = "auto", device: torch.devic
     if precision == "model" or param is None or param.dtype != torch.float32:
         return None
     device = torch.device(device) if device is not None else param.device
-    return _autocast_dtype("bf16" if precision == "bfloat16" else "auto", device)
+    return autocast_dtype("bf16" if precision == "bfloat16" else "auto", device)
 
 
 def calibration_batches(tokenizer, num_samples: int = 128, seq_len: int = 512, split: str = "calibration") -> list[torch.Tensor]:
@@ -147,13 +147,13 @@ def _run(model: nn.Module, batch, device: torch.device) -> None:
         model((batch if batch.dim() == 2 else batch.unsqueeze(0)).to(device))
         return
     try:
-        inputs = _inputs(batch, device)
+        inputs = model_inputs(batch, device)
     except TypeError as exc:
         raise TypeError(f"calibration {exc}") from None
     model(**inputs)
 
 
-def _digest(batch, h) -> int:
+def hash_batch(batch, h) -> int:
     """Feeds a calibration batch (keys, dtypes, shapes, bytes) into the hash ``h``; returns its token
     count: batch x sequence of ``input_ids``, else of its first tensor."""
     items = sorted(batch.items()) if isinstance(batch, Mapping) else [("input_ids", batch)]
@@ -173,19 +173,19 @@ def _digest(batch, h) -> int:
     return tokens or 0
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised after the last block of a calibration pass: the rest of the forward (final norm, output
     head) is not needed."""
 
 
-def _raise_stop(*hook_args) -> None:
-    """A forward hook (any signature) raising :class:`_Stop`."""
-    raise _Stop
+def raise_stop(*hook_args) -> None:
+    """A forward hook (any signature) raising :class:`StopForward`."""
+    raise StopForward
 
 
 def _stop_after_the_blocks(model: nn.Module, layers: Mapping[str, nn.Module]) -> list:
     """When every layer of ``layers`` is inside the model's list of blocks
-    (:func:`qruntime.distill.find_blocks`), a forward hook on the last block raising :class:`_Stop`, so a
+    (:func:`qruntime.plumbing.find_blocks`), a forward hook on the last block raising :class:`StopForward`, so a
     calibration pass skips the output head (for SmolLM2, a 576 x 49152 product per token); else no hook."""
     try:
         blocks = find_blocks(model).layers
@@ -194,7 +194,7 @@ def _stop_after_the_blocks(model: nn.Module, layers: Mapping[str, nn.Module]) ->
     inside = {id(m) for block in blocks for m in block.modules()}
     if not layers or any(id(m) not in inside for m in layers.values()):
         return []
-    return [blocks[-1].register_forward_hook(_raise_stop)]
+    return [blocks[-1].register_forward_hook(raise_stop)]
 
 
 def collect_hessians(
@@ -272,11 +272,11 @@ def collect_stats(
     try:
         for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
             try:
-                with _autocast(device, precision):
+                with autocast(device, precision):
                     _run(model, batch, device)
-            except _Stop:
+            except StopForward:
                 pass
-            tokens += _digest(batch, digest)
+            tokens += hash_batch(batch, digest)
             n_batches += 1
     finally:
         for h in handles:
@@ -289,3 +289,12 @@ def collect_stats(
     home = home_device(model)  # onloading (qruntime.offload): the statistics leave the execution device
     return ({name: ((sums[name].to(torch.float64) / rows[name]).to(home), rows[name]) for name in sums},
             {name: peak.to(home) for name, peak in peaks.items()})
+
+
+def calibration_inputs(model: nn.Module, batch) -> dict:
+    """The keyword arguments of ``model``'s forward for one batch (input ids, or a dict of tensors), on its
+    execution device, the KV cache off."""
+    kwargs = model_inputs(batch, execution_device(model))
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    return kwargs

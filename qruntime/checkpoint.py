@@ -145,7 +145,7 @@ def _cast_nonpersistent(model: nn.Module, dtypes: dict[str, str]) -> None:
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
+    from .version import __version__
 
     versions = {"qruntime": __version__, "torch": torch.__version__}
     try:

@@ -52,7 +52,7 @@ def _say(args, *lines: str) -> None:
 def _versions() -> dict:
     import torch
 
-    from . import __version__
+    from .version import __version__
 
     return {"qruntime": __version__, "torch": torch.__version__, "threads": torch.get_num_threads()}
 

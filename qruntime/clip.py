@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import INT8_MAX, _check_weight, _pad_k, _safe_scale, int4_padded_k
+from .formats import INT8_MAX, check_weight, pad_k, safe_scale, int4_padded_k
 
 __all__ = ["SHRINK_GRID", "search_int8_scales", "search_int4_params", "quant_grid"]
 
@@ -41,14 +41,14 @@ def search_int8_scales(weight: torch.Tensor, importance: torch.Tensor | None = N
                        grid: tuple[float, ...] = SHRINK_GRID) -> torch.Tensor:
     """Per-row symmetric INT8 scales float32 [N] (as :func:`qruntime.formats.int8_scales`), each row's
     range shrunk by the factor of ``grid`` with the smallest (importance-weighted) squared error."""
-    _check_weight(weight)
+    check_weight(weight)
     w = weight.detach().to(torch.float32)
     imp = _importance(importance, w.shape[1], w.shape[1], w.device)
     amax = w.abs().amax(dim=1)
     best_err = torch.full_like(amax, float("inf"))
-    best = _safe_scale(amax / INT8_MAX)
+    best = safe_scale(amax / INT8_MAX)
     for p in grid:
-        s = _safe_scale(amax * p / INT8_MAX)
+        s = safe_scale(amax * p / INT8_MAX)
         q = torch.round(w / s[:, None]).clamp_(-INT8_MAX, INT8_MAX) * s[:, None]
         err = ((w - q) ** 2 * imp).sum(dim=1)
         better = err < best_err
@@ -65,19 +65,19 @@ def search_int4_params(
     [G, N], zeros uint8 [G, N] or None, group size used), each group's range shrunk by the factor of
     ``grid`` with the smallest (importance-weighted) squared error. Asymmetric: min and max are both
     scaled by p and the integer zero point recomputed."""
-    _check_weight(weight)
+    check_weight(weight)
     n, k = weight.shape
     kp = int4_padded_k(k, group_size)
     gs = kp if group_size is None else group_size
     g = kp // gs
-    wg = _pad_k(weight, kp).reshape(n, g, gs)
+    wg = pad_k(weight, kp).reshape(n, g, gs)
     imp = _importance(importance, k, kp, wg.device).reshape(1, g, gs)
     best_err = torch.full((n, g), float("inf"), device=wg.device)
     if symmetric:
         amax = wg.abs().amax(dim=2)
-        best_s = _safe_scale(amax / 7)
+        best_s = safe_scale(amax / 7)
         for p in grid:
-            s = _safe_scale(amax * p / 7)[..., None]
+            s = safe_scale(amax * p / 7)[..., None]
             q = torch.round(wg / s).clamp_(-8, 7) * s
             err = ((wg - q) ** 2 * imp).sum(dim=2)
             better = err < best_err
@@ -86,10 +86,10 @@ def search_int4_params(
         return best_s.t().contiguous(), None, gs
     wmin = wg.amin(dim=2).clamp(max=0)
     wmax = wg.amax(dim=2).clamp(min=0)
-    best_s = _safe_scale((wmax - wmin) / 15)
+    best_s = safe_scale((wmax - wmin) / 15)
     best_z = torch.round(-wmin / best_s).clamp_(0, 15)
     for p in grid:
-        s = _safe_scale(p * (wmax - wmin) / 15)
+        s = safe_scale(p * (wmax - wmin) / 15)
         z = torch.round(-p * wmin / s).clamp_(0, 15)
         q = (torch.round(wg / s[..., None]).add_(z[..., None]).clamp_(0, 15) - z[..., None]) * s[..., None]
         err = ((wg - q) ** 2 * imp).sum(dim=2)

@@ -261,8 +261,6 @@ class SparsityConfig:
     tune_lr: float = 3e-3
 
     def __post_init__(self) -> None:
-        from .prune import PRUNE_METHODS
-
         if self.method not in PRUNE_METHODS:
             raise ValueError(f"method={self.method!r}: must be one of {sorted(PRUNE_METHODS)}")
         if not 0 <= self.damp < 1:
@@ -588,6 +586,14 @@ def resolve_config(config: CompressConfig | QuantConfig | str | None, **override
     elif not isinstance(config, CompressConfig):
         raise TypeError(f"config={config!r}: expected a preset name, QuantConfig or CompressConfig")
     return replace(config, **overrides) if overrides else config
+
+
+# 2:4 pruning methods (qruntime.prune) -> what each keeps
+PRUNE_METHODS: dict[str, str] = {
+    "magnitude": "keep the largest |W| of each group (no data)",
+    "wanda": "keep the largest |W| x ||X||_2 of each group (activation norms from calibration data)",
+    "sparsegpt": "Hessian-aware mask with an update of the kept weights (calibration data)",
+}
 
 
 SELECTION_METHODS: dict[str, str] = {

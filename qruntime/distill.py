@@ -6,7 +6,7 @@
 
 Three steps:
 
-1. **Where the blocks are** (:func:`find_blocks`): the model's list of repeated blocks (Llama-family
+1. **Where the blocks are** (:func:`qruntime.plumbing.find_blocks`): the model's list of repeated blocks (Llama-family
    ``model.layers``, GPT-2 ``transformer.h``, BERT ``encoder.layer``, ...), found as the one
    ``nn.ModuleList`` of identical modules whose length is ``config.num_hidden_layers``.
 2. **Which blocks to keep** (:func:`choose_layers`): measured on data (``greedy``, ``single``,
@@ -37,11 +37,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import SELECTION_METHODS, DistillConfig, check_keep
+from .plumbing import (Blocks, autocast, autocast_dtype, find_blocks, first, logits_of, model_forward, model_inputs,
+                       model_kind)
 
 __all__ = [
-    "calibration_inputs",
-    "Blocks",
-    "find_blocks",
     "choose_layers",
     "LayerChoice",
     "make_student",
@@ -53,72 +52,6 @@ __all__ = [
 ]
 
 MEASURED = ("greedy", "single", "influence", "angular")
-
-
-# --------------------------------------------------------------------------------------------------
-# The architecture adapter: where the blocks are
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Blocks:
-    """The repeated blocks of a model: ``parent.<attr>`` is the ``nn.ModuleList``, named ``path``."""
-
-    path: str
-    parent: nn.Module
-    attr: str
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return getattr(self.parent, self.attr)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-
-def find_blocks(model: nn.Module, path: str | None = None) -> Blocks:
-    """The list of repeated blocks of ``model``.
-
-    With ``path`` (e.g. ``"model.layers"``), that submodule, which must be an ``nn.ModuleList``. Else the
-    ``nn.ModuleList`` whose modules are all of one class and whose length is the config's
-    ``num_hidden_layers`` (without a config: the largest such list by parameter count).
-
-    Raises:
-        ValueError: no such list, or several (an encoder-decoder: pass ``path``).
-    """
-    if path is not None:
-        try:
-            target = model.get_submodule(path)
-        except AttributeError as e:
-            raise ValueError(f"blocks path {path!r}: not a submodule of {type(model).__name__}") from e
-        if not isinstance(target, nn.ModuleList) or len(target) == 0:
-            raise ValueError(f"blocks path {path!r}: is a {type(target).__name__}, expected a non-empty nn.ModuleList")
-        parent_name, _, attr = path.rpartition(".")
-        return Blocks(path, model.get_submodule(parent_name) if parent_name else model, attr)
-    candidates = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1 and name
-    ]
-    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if depth is not None:
-        matching = [(n, m) for n, m in candidates if len(m) == depth]
-        if not matching:
-            raise ValueError(
-                f"{type(model).__name__}: no nn.ModuleList of {depth} identical blocks (config.num_hidden_layers); "
-                f"lists found: {[(n, len(m)) for n, m in candidates][:8]}; pass the blocks path"
-            )
-        if len(matching) > 1:
-            raise ValueError(
-                f"{type(model).__name__}: several lists of {depth} blocks: {[n for n, _ in matching]}; "
-                "pass the path of the one to shorten"
-            )
-        name = matching[0][0]
-    elif candidates:
-        name = max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))[0]
-    else:
-        raise ValueError(f"{type(model).__name__}: no nn.ModuleList of identical blocks found")
-    return find_blocks(model, name)
 
 
 def _depth_config_updates(config, num_layers: int, keep: Sequence[int]) -> dict:
@@ -160,31 +93,6 @@ def _shortened(model: nn.Module, blocks: Blocks, keep: Sequence[int]):
 # --------------------------------------------------------------------------------------------------
 
 
-def _inputs(batch, device: torch.device) -> dict:
-    if isinstance(batch, torch.Tensor):
-        ids = batch if batch.dim() == 2 else batch.unsqueeze(0)
-        if ids.dtype != torch.long:
-            raise TypeError(f"batch of dtype {ids.dtype}: input ids must be int64 (torch.long)")
-        return {"input_ids": ids.to(device)}
-    if isinstance(batch, Mapping):
-        if "input_ids" not in batch and "inputs_embeds" not in batch:
-            raise ValueError(f"batch keys {sorted(batch)}: need 'input_ids'")
-        out = {}
-        for key, value in batch.items():
-            if isinstance(value, str):
-                raise TypeError(f"batch key {key!r} holds text: tokenize first (batches are token ids), or drop "
-                                "the text column of the dataset")
-            if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, list, tuple)) for v in value):
-                value = torch.tensor(value)  # a row of a `datasets` dataset: lists of ids
-                value = value.unsqueeze(0) if value.dim() == 1 else value
-            out[key] = value.to(device) if isinstance(value, torch.Tensor) else value
-        return out
-    raise TypeError(
-        f"batch of type {type(batch).__name__}: expected a LongTensor of input ids [batch, seq] or a dict "
-        "of model keyword arguments"
-    )
-
-
 def _token_mask(inputs: dict) -> torch.Tensor:
     """float [B, T]: 1 for real tokens, 0 for padding."""
     mask = inputs.get("attention_mask")
@@ -192,21 +100,6 @@ def _token_mask(inputs: dict) -> torch.Tensor:
         return mask.to(torch.float32)
     ref = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"][..., 0]
     return torch.ones(ref.shape[:2], dtype=torch.float32, device=ref.device)
-
-
-def calibration_inputs(model: nn.Module, batch) -> dict:
-    """The keyword arguments of ``model``'s forward for one batch (input ids, or a dict of tensors), on its
-    execution device, the KV cache off."""
-    from .offload import execution_device
-
-    kwargs = _inputs(batch, execution_device(model))
-    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
-        kwargs["use_cache"] = False
-    return kwargs
-
-
-def _first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
 
 
 @contextlib.contextmanager
@@ -217,7 +110,7 @@ def _capture(blocks: Blocks, inputs: bool = False):
     def hook(module, args, kwargs, output):
         if inputs:
             store["in"].append(args[0] if args else kwargs["hidden_states"])
-        store["out"].append(_first(output))
+        store["out"].append(first(output))
 
     handles = [b.register_forward_hook(hook, with_kwargs=True) for b in blocks.layers]
     try:
@@ -227,26 +120,10 @@ def _capture(blocks: Blocks, inputs: bool = False):
             h.remove()
 
 
-def _forward(model: nn.Module, inputs: dict, attentions: bool = False):
-    kwargs = dict(inputs)
-    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
-        kwargs["use_cache"] = False
-    if attentions:
-        kwargs["output_attentions"] = True
-    return model(**kwargs)
-
-
-def _logits(out) -> torch.Tensor | None:
-    logits = getattr(out, "logits", None)
-    return logits if isinstance(logits, torch.Tensor) else None
-
-
 def _is_causal(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if config is None:
         return False
-    from .models import model_kind
-
     return model_kind(config) == "causal-lm"
 
 
@@ -297,20 +174,20 @@ class _Divergence:
 
     def __init__(self, model: nn.Module, blocks: Blocks, batches: list, progress: bool):
         self.model, self.blocks, self.device = model, blocks, _device(model)
-        self.batches = [_inputs(b, self.device) for b in batches]
+        self.batches = [model_inputs(b, self.device) for b in batches]
         self.masks = [_token_mask(b) for b in self.batches]
         self.reference = []
         self.block_io: list[tuple[list, list]] = []  # per batch: inputs and outputs of every block
         with torch.no_grad():
             for inputs in tqdm(self.batches, desc="teacher outputs", disable=not progress):
                 with _capture(blocks, inputs=True) as cap:
-                    out = _forward(model, inputs)
+                    out = model_forward(model, inputs)
                 self.block_io.append(([h.float() for h in cap["in"]], [h.float() for h in cap["out"]]))
                 self.reference.append(self._summary(out, cap["out"]))
 
     @staticmethod
     def _summary(out, block_outputs) -> torch.Tensor:
-        logits = _logits(out)
+        logits = logits_of(out)
         if logits is not None:
             return F.log_softmax(logits.float(), dim=-1).to(torch.float16)
         hidden = getattr(out, "last_hidden_state", None)
@@ -330,7 +207,7 @@ class _Divergence:
                         functools.partial(_replace_hidden, start[b]), with_kwargs=True)
                 try:
                     with _capture(self.blocks) as cap:
-                        out = _forward(self.model, inputs)
+                        out = model_forward(self.model, inputs)
                 finally:
                     if handle is not None:
                         handle.remove()
@@ -353,7 +230,7 @@ class _Divergence:
         with _shortened(self.model, self.blocks, keep):
             for inputs in self.batches:
                 with _capture(self.blocks, inputs=True) as cap:
-                    _forward(self.model, inputs)
+                    model_forward(self.model, inputs)
                 states.append(cap["in"])
         scores = {}
         for p, block in enumerate(keep):
@@ -621,32 +498,6 @@ def _attention_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
     return _masked_mean(per_row, mask)
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def _autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    if setting == "off":
-        return None
-    if setting == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if device.type == "cpu" and _cpu_native_bf16() else None
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @dataclass(frozen=True)
 class _Weights:
     kd: float
@@ -755,7 +606,7 @@ def teacher_topk(teacher: nn.Module, batches: Iterable, top_k: int, progress: bo
     try:
         with torch.no_grad():
             for batch in tqdm(list(batches), desc="teacher top-k", disable=not progress):
-                logits = _logits(_forward(teacher, _inputs(batch, device)))
+                logits = logits_of(model_forward(teacher, model_inputs(batch, device)))
                 if logits is None:
                     raise ValueError("teacher returns no logits: the top-k cache is for models with logits")
                 v, i = logits.float().topk(min(top_k, logits.shape[-1]), dim=-1)
@@ -782,10 +633,10 @@ def evaluate_student(teacher: nn.Module, student: nn.Module, batches: Iterable, 
     student.eval()
     try:
         for batch in batches:
-            inputs = _inputs(batch, device)
+            inputs = model_inputs(batch, device)
             mask = _token_mask(inputs)
-            t_out, s_out = _forward(teacher, inputs), _forward(student, inputs)
-            t_logits, s_logits = _logits(t_out), _logits(s_out)
+            t_out, s_out = model_forward(teacher, inputs), model_forward(student, inputs)
+            t_logits, s_logits = logits_of(t_out), logits_of(s_out)
             tokens = mask.sum().item()
             n_tok += tokens
             if t_logits is not None and s_logits is not None:
@@ -964,12 +815,12 @@ def distill(
     device = _device(student)
     if _device(teacher) != device:
         raise ValueError(f"teacher on {_device(teacher)}, student on {device}: put both on one device")
-    amp = _autocast_dtype(cfg.autocast, device)
+    amp = autocast_dtype(cfg.autocast, device)
     torch.manual_seed(cfg.seed)
 
     # The loss terms that apply, from one teacher forward
     with torch.no_grad():
-        probe = _logits(_forward(teacher, _inputs(batches[0], device)))
+        probe = logits_of(model_forward(teacher, model_inputs(batches[0], device)))
     weights = _resolve_weights(cfg, probe is not None, _is_causal(student), layer_map is not None)
     cached = teacher_topk(teacher, batches, cfg.top_k, progress) if cfg.cache_teacher else None
     mask_params = _check_masks(student, masks)
@@ -1026,7 +877,7 @@ def distill(
                              else list(range(len(batches))))
                 idx = queue.pop(0)
                 seen += 1
-                inputs = _inputs(batches[idx], device)
+                inputs = model_inputs(batches[idx], device)
                 mask = _token_mask(inputs)
                 loss, _ = _step_loss(teacher, student, t_blocks, s_blocks, inputs, mask, weights, cfg, layer_map,
                                      cached[idx] if cached is not None else None, amp, device)
@@ -1119,17 +970,17 @@ def _step_loss(teacher, student, t_blocks, s_blocks, inputs, mask, w: _Weights, 
                amp, device) -> tuple[torch.Tensor, dict]:
     want_blocks = bool(w.hidden or w.cosine)
     parts: dict[str, torch.Tensor] = {}
-    with _autocast(device, amp):
+    with autocast(device, amp):
         t_out = None
         t_cap = {"out": []}
         if cached is None:
             with torch.no_grad(), _capture(t_blocks) if want_blocks else contextlib.nullcontext(t_cap) as t_cap:
-                t_out = _forward(teacher, inputs, attentions=bool(w.attention))
+                t_out = model_forward(teacher, inputs, attentions=bool(w.attention))
         with _capture(s_blocks) if want_blocks else contextlib.nullcontext({"out": []}) as s_cap:
-            s_out = _forward(student, inputs, attentions=bool(w.attention))
-    s_logits = _logits(s_out)
+            s_out = model_forward(student, inputs, attentions=bool(w.attention))
+    s_logits = logits_of(s_out)
     if w.kd:
-        teacher_side = tuple(t.to(device) for t in cached) if cached is not None else _logits(t_out)
+        teacher_side = tuple(t.to(device) for t in cached) if cached is not None else logits_of(t_out)
         parts["kd"] = kd_loss(s_logits, teacher_side, cfg.temperature, mask, cfg.top_k if cached is None else None)
     if w.ce:
         target = inputs["input_ids"][:, 1:]

@@ -41,7 +41,8 @@ INT8_MAX = 127
 INT4_SYM_ZERO = 8  # symmetric INT4 codes are q + 8 with q in [-8, 7]
 
 
-def _check_weight(weight: torch.Tensor) -> None:
+def check_weight(weight: torch.Tensor) -> None:
+    """Refuses a weight the quantizers cannot take: not a tensor, not 2-D, or not floating point."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
@@ -50,15 +51,16 @@ def _check_weight(weight: torch.Tensor) -> None:
         raise TypeError(f"weight: dtype {weight.dtype} is not a floating-point dtype")
 
 
-def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
-    # An all-zero row or group gets scale 1: its codes are 0 (or the zero point) and dequantize to 0.
+def safe_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` with zeros replaced by 1: an all-zero row or group gets codes 0 (or the zero point),
+    which dequantize to 0."""
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def int8_scales(weight: torch.Tensor) -> torch.Tensor:
     """Per-row symmetric INT8 scales: float32 [N] = absmax / 127 (1 for an all-zero row)."""
-    _check_weight(weight)
-    return _safe_scale(weight.detach().to(torch.float32).abs().amax(dim=1) / INT8_MAX).contiguous()
+    check_weight(weight)
+    return safe_scale(weight.detach().to(torch.float32).abs().amax(dim=1) / INT8_MAX).contiguous()
 
 
 def int8_codes(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -121,21 +123,22 @@ def int4_params(
         (scales float32 [G, N], zeros uint8 [G, N] or None, group size used), where the group size used
         is ``Kp`` for per-channel.
     """
-    _check_weight(weight)
+    check_weight(weight)
     n, k = weight.shape
     kp = int4_padded_k(k, group_size)
     gs = kp if group_size is None else group_size
-    wg = _pad_k(weight, kp).reshape(n, kp // gs, gs)
+    wg = pad_k(weight, kp).reshape(n, kp // gs, gs)
     if symmetric:
-        return _safe_scale(wg.abs().amax(dim=2) / 7).t().contiguous(), None, gs
+        return safe_scale(wg.abs().amax(dim=2) / 7).t().contiguous(), None, gs
     wmin = wg.amin(dim=2).clamp(max=0)
     wmax = wg.amax(dim=2).clamp(min=0)
-    scales = _safe_scale((wmax - wmin) / 15)
+    scales = safe_scale((wmax - wmin) / 15)
     zeros = torch.round(-wmin / scales).clamp_(0, 15)
     return scales.t().contiguous(), zeros.to(torch.uint8).t().contiguous(), gs
 
 
-def _pad_k(weight: torch.Tensor, kp: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def pad_k(weight: torch.Tensor, kp: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``weight`` [N, K] as ``dtype``, zero-padded along K to ``kp`` columns."""
     n, k = weight.shape
     w = torch.zeros(n, kp, dtype=dtype, device=weight.device)
     w[:, :k] = weight.detach().to(dtype)
@@ -149,7 +152,7 @@ def int4_codes(
     n = weight.shape[0]
     g = scales.shape[0]
     kp = g * group_size
-    wg = _pad_k(weight, kp).to(torch.float64).reshape(n, g, group_size)
+    wg = pad_k(weight, kp).to(torch.float64).reshape(n, g, group_size)
     s = scales.to(torch.float64).t()[..., None]
     if zeros is None:
         q = torch.round(wg / s).clamp_(-8, 7) + INT4_SYM_ZERO
@@ -263,7 +266,7 @@ def pack_sp24(weight: torch.Tensor, group_size: int | None = None) -> tuple[torc
     [N, Kp / 8])``. The kept positions of a group are its nonzeros, completed (when it has fewer than 2)
     by its lowest zero columns, so the result is canonical. Raises ValueError if some group of 4 has more
     than 2 nonzeros."""
-    _check_weight(weight)
+    check_weight(weight)
     check_nm(weight, 2, 4)
     n, k = weight.shape
     kp = sp24_padded_k(k, group_size)

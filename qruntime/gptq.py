@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["gptq_quantize", "column_quantizer"]
+__all__ = ["gptq_quantize", "column_quantizer", "masked_quantizer"]
 
 
 def column_quantizer(
@@ -116,3 +116,11 @@ def gptq_quantize(
     before = torch.empty_like(unrounded)
     before[:, perm] = unrounded
     return out, before
+
+
+def masked_quantizer(
+    quantize_column: Callable[[int, torch.Tensor], torch.Tensor], mask: torch.Tensor
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """A GPTQ column quantizer that rounds pruned weights to exactly 0 and kept ones to the grid."""
+    keep = mask.to(torch.float64)
+    return lambda k, w: quantize_column(k, w) * keep[:, k].to(w.device)

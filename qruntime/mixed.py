@@ -27,15 +27,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import check_token_ids
-from .distill import _forward, _inputs, _logits
 from .offload import execution_device
+from .plumbing import logits_of, model_forward, model_inputs
 
 __all__ = ["perplexity", "fisher_sensitivity", "budget_search", "swapped"]
 
 
 def _token_logits(model: nn.Module, inputs: dict) -> torch.Tensor:
     """The model's logits [batch, seq, vocab] for ``inputs``, or a ValueError saying what came back."""
-    logits = _logits(_forward(model, inputs))
+    logits = logits_of(model_forward(model, inputs))
     seq = inputs["input_ids"].shape[1]
     if logits is None or logits.dim() != 3 or logits.shape[1] != seq:
         found = "none" if logits is None else f"shape {tuple(logits.shape)}"
@@ -53,7 +53,7 @@ def perplexity(model: nn.Module, batches: Iterable) -> float:
     device = execution_device(model)
     total, count = 0.0, 0
     for batch in batches:
-        inputs = _inputs(batch, device)
+        inputs = model_inputs(batch, device)
         check_token_ids(model, inputs, "accuracy budget batch")
         logits = _token_logits(model, inputs)
         labels = inputs["input_ids"][:, 1:]
@@ -90,7 +90,7 @@ def fisher_sensitivity(
     if emb is None:
         with torch.no_grad():
             for batch in batches:
-                _token_logits(model, _inputs(batch, device))  # an encoder: the clearer error first
+                _token_logits(model, model_inputs(batch, device))  # an encoder: the clearer error first
         raise ValueError(f"{type(model).__name__} has no get_input_embeddings(): no gradient to weigh the layers with")
     roots: list[torch.Tensor] = []
 
@@ -121,7 +121,7 @@ def fisher_sensitivity(
         try:
             with torch.enable_grad():
                 for batch in batches:
-                    inputs = _inputs(batch, device)
+                    inputs = model_inputs(batch, device)
                     check_token_ids(model, inputs, "sensitivity batch")
                     roots.clear()
                     logits = _token_logits(model, inputs)

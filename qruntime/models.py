@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .data import cache_dir
+from .plumbing import model_kind
 
 __all__ = ["MODEL_ALIASES", "load_causal_lm", "load_encoder", "load_model", "model_kind", "smollm2_path", "minilm_path"]
 
@@ -104,18 +105,6 @@ def load_encoder(name_or_path: str = "minilm-l6", dtype: torch.dtype = torch.flo
     path = _resolve(name_or_path)
     model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
-
-
-def model_kind(config) -> str:
-    """``"causal-lm"`` or ``"encoder"`` for an HF config (by its architectures, else its model type)."""
-    archs = getattr(config, "architectures", None) or []
-    if archs:
-        return "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "encoder"
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    model_type = getattr(config, "model_type", "")
-    causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    return "causal-lm" if causal else "encoder"
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):

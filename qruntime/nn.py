@@ -17,14 +17,14 @@ from .formats import (
     pack_int4,
     unpack_int4,
     INT4_SYM_ZERO,
-    _pad_k,
+    pad_k,
     dequantize_sp24,
     pack_sp24,
     sp24_padded_k,
     sp24_positions,
 )
 from .clip import quant_grid
-from .gptq import column_quantizer, gptq_quantize
+from .gptq import column_quantizer, gptq_quantize, masked_quantizer
 
 __all__ = ["QuantLinear", "QuantEmbedding", "SparseLinear", "linear_weight", "is_conv1d"]
 
@@ -181,7 +181,7 @@ class QuantLinear(_PackedLinear):
             if unrounded:
                 g = scales.shape[0]
                 z = zeros.t() if zeros is not None else torch.full((n, g), INT4_SYM_ZERO, device=weight.device)
-                w = _pad_k(before, g * group_size, torch.float64).reshape(n, g, group_size)
+                w = pad_k(before, g * group_size, torch.float64).reshape(n, g, group_size)
                 values = (w / scales.to(torch.float64).t()[..., None] + z.to(torch.float64)[..., None]).reshape(n, -1)
         if bias is not None:
             out.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
@@ -362,7 +362,6 @@ class SparseLinear(_PackedLinear):
         otherwise). With ``quant`` the kept values are quantized: the grid (scales, zero points) is that
         of round to nearest on the pruned weight; with ``quant.method == "gptq"`` and ``hessian`` the
         codes are chosen by GPTQ with the mask fixed (pruned weights stay exactly 0)."""
-        from .prune import masked_quantizer
 
         n, k = weight.shape
         dtype = dtype or weight.dtype

@@ -2,7 +2,7 @@
 
 ``with onloaded(model, "cuda"):`` leaves the model's weights where they are (their *home*, usually CPU
 RAM) and moves each piece of it to the execution device only while that piece runs: every block of the
-model's block list (:func:`qruntime.distill.find_blocks`), and every other module that holds parameters
+model's block list (:func:`qruntime.plumbing.find_blocks`), and every other module that holds parameters
 or buffers of its own (embeddings, final norm, output head, rotary tables). A forward pass of the whole
 model then needs, on the device, one piece's weights at a time plus the activations. The block-by-block
 calibration (:mod:`qruntime.sequential`) *holds* one block on the device while it calibrates, compresses
@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from .plumbing import find_blocks
 
 __all__ = ["onloaded", "execution_device", "home_device", "current_onloader", "check_device", "Onloader"]
 
@@ -69,7 +71,6 @@ class Onloader:
     """The hooks of :func:`onloaded`. ``units``: the modules moved as one piece each."""
 
     def __init__(self, model: nn.Module, device: torch.device | str) -> None:
-        from .distill import find_blocks
 
         self.device = torch.device(device)
         first = next(model.parameters(), None)

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .awq import plan_awq
-from .calibrate import collect_stats, forward_dtype
+from .calibrate import calibration_inputs, collect_stats, forward_dtype
 from .config import CompressConfig, QuantConfig, data_free_variant, resolve_config
 from .distill import distill as run_distill
 from .nn import QuantEmbedding, QuantLinear, SparseLinear, is_conv1d, linear_weight
@@ -645,7 +645,6 @@ def _output_tensor(out) -> torch.Tensor:
 def fold_check(model: nn.Module, batch):
     """The ``check`` of :func:`qruntime.smooth.plan_groups`: the model's output on one calibration batch
     with the folded tensors swapped in, against its own (rel. error within :data:`FOLD_CHECK_RTOL`)."""
-    from .distill import calibration_inputs
     from .mixed import swapped
 
     def run() -> torch.Tensor:

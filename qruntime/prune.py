@@ -18,21 +18,16 @@ fixed: the pruned weights are "rounded" to 0, the kept ones to the grid (:func:`
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from .config import PRUNE_METHODS
 from .formats import nm_mask
+from .gptq import masked_quantizer
 
 __all__ = ["prune_weight", "sparsegpt_prune", "wanda_scores", "masked_quantizer", "prune_model", "PRUNE_METHODS"]
-
-PRUNE_METHODS: dict[str, str] = {
-    "magnitude": "keep the largest |W| of each group (no data)",
-    "wanda": "keep the largest |W| x ||X||_2 of each group (activation norms from calibration data)",
-    "sparsegpt": "Hessian-aware mask with an update of the kept weights (calibration data)",
-}
-
 
 def wanda_scores(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """``|W[n, k]| * sqrt(H[k, k])``: with ``H = X^T X / rows`` that is Wanda's ``|W| ||X_k||`` up to
@@ -104,14 +99,6 @@ def sparsegpt_prune(
         w[:, i1:i2] = w_blk
         w[:, i2:] -= err_blk @ h_inv[i1:i2, i2:]
     return w * mask, mask
-
-
-def masked_quantizer(
-    quantize_column: Callable[[int, torch.Tensor], torch.Tensor], mask: torch.Tensor
-) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """A GPTQ column quantizer that rounds pruned weights to exactly 0 and kept ones to the grid."""
-    keep = mask.to(torch.float64)
-    return lambda k, w: quantize_column(k, w) * keep[:, k].to(w.device)
 
 
 def prune_weight(

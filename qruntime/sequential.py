@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import _digest, _raise_stop, _Stop, check_token_ids
-from .distill import _autocast, _first, _forward, _inputs, find_blocks
+from .calibrate import StopForward, check_token_ids, hash_batch, raise_stop
 from .offload import current_onloader, execution_device, home_device
+from .plumbing import autocast, find_blocks, first, model_forward, model_inputs
 
 __all__ = ["blockwise_calibrate"]
 
@@ -131,7 +131,7 @@ def blockwise_calibrate(
     windows of 1024 tokens (A = 8 MiB), Falcon with ALiBi took 545 MiB before, 45 MiB now.
 
     Raises:
-        ValueError: no block list (see :func:`qruntime.distill.find_blocks`), no batch, non-finite
+        ValueError: no block list (see :func:`qruntime.plumbing.find_blocks`), no batch, non-finite
             activations, an unknown ``tune_targets``.
     """
     if tune_targets not in ("block", "float"):
@@ -174,7 +174,7 @@ def blockwise_calibrate(
 
     handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
     handles += [b.register_forward_hook(learn, with_kwargs=True) for b in blocks]
-    handles.append(blocks[-1].register_forward_hook(_raise_stop))
+    handles.append(blocks[-1].register_forward_hook(raise_stop))
     handles += _hessian_hooks(outside, sums, rows)
     skipping = False
     try:
@@ -188,19 +188,19 @@ def blockwise_calibrate(
                 current = []
                 shared.new_forward()
                 try:
-                    inputs = _inputs(batch, device)
+                    inputs = model_inputs(batch, device)
                 except TypeError as exc:
                     raise TypeError(f"calibration {exc}") from None
                 check_token_ids(model, inputs)
                 try:
-                    with _autocast(device, precision):
-                        _forward(model, inputs)
-                except _Stop:
+                    with autocast(device, precision):
+                        model_forward(model, inputs)
+                except StopForward:
                     pass
                 if len(current) != len(blocks):
                     raise ValueError(f"calibration: the forward pass called {len(current)} of the {len(blocks)} blocks")
                 calls.append(current)
-                tokens += _digest(batch, digest)
+                tokens += hash_batch(batch, digest)
     finally:
         for h in handles:
             h.remove()
@@ -220,7 +220,7 @@ def blockwise_calibrate(
         with onloader.hold(block) if onloader is not None else nullcontext():
             hidden, reference = _one_block(i, block, per_block[i], hidden, reference, [c[i] for c in calls], result,
                                            home, compress_block, tune_block, chain,
-                                           lambda: _autocast(device, precision), keep_hessians)
+                                           lambda: autocast(device, precision), keep_hessians)
     return result
 
 
@@ -333,7 +333,7 @@ def _one_block(i, block, group, hidden, reference, block_calls, result, home, co
                 for h, (args, kwargs) in zip(hidden, block_calls):
                     out = block(h, *args, **kwargs)
                     if tune_block is not None and not chain:
-                        float_out.append(_first(out).detach().to(h.dtype))
+                        float_out.append(first(out).detach().to(h.dtype))
         finally:
             for hd in handles:
                 hd.remove()
@@ -361,5 +361,5 @@ def _advance(block, states: list, block_calls, precision) -> None:
     with precision():
         for j, (args, kwargs) in enumerate(block_calls):
             h = states[j]
-            states[j] = _first(block(h, *args, **kwargs)).detach().to(h.dtype)
+            states[j] = first(block(h, *args, **kwargs)).detach().to(h.dtype)
             del h

@@ -302,7 +302,7 @@ def stage_sparse(family, model):
 
 def _skip_block(model: nn.Module, index: int):
     """Hooks that make block ``index`` return its input: the teacher with that block dropped."""
-    from qruntime.distill import find_blocks
+    from qruntime.plumbing import find_blocks
 
     block = find_blocks(model).layers[index]
 

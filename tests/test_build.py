@@ -153,3 +153,10 @@ def test_the_lock_pins_every_dependency_and_leaves_torch_alone():
         if line:
             name, version = line.split("==")
             assert pins.get(_names([name]).pop()) == version.strip(), line
+
+
+def test_the_package_version_is_the_project_version():
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
+    import qruntime
+
+    assert qruntime.__version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]

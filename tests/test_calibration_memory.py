@@ -61,7 +61,7 @@ resource.setrlimit(resource.RLIMIT_AS, (spec["start_limit"],) * 2)  # until the 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 import qruntime
-from qruntime.distill import find_blocks
+from qruntime.plumbing import find_blocks
 
 def status(key):
     with open("/proc/self/status") as f:

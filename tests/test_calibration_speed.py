@@ -17,7 +17,7 @@ from torch import nn
 
 from qruntime import compress
 from qruntime.calibrate import collect_hessians, collect_stats, forward_dtype
-from qruntime.distill import find_blocks
+from qruntime.plumbing import find_blocks
 from qruntime.sequential import _output_form, _pass_through, blockwise_calibrate
 
 
@@ -32,7 +32,7 @@ def _rel(a, b):
 def test_forward_dtype_choices(monkeypatch):
     import importlib
 
-    distill = importlib.import_module("qruntime.distill")  # the module (qruntime.distill is also a function)
+    plumbing = importlib.import_module("qruntime.plumbing")
 
     model = nn.Linear(8, 4)
     assert forward_dtype(model, "model") is None
@@ -40,9 +40,9 @@ def test_forward_dtype_choices(monkeypatch):
     # a half-precision model already computes in its own dtype
     assert forward_dtype(copy.deepcopy(model).bfloat16(), "bfloat16") is None
     assert forward_dtype(copy.deepcopy(model).half(), "auto") is None
-    monkeypatch.setattr(distill, "_cpu_native_bf16", lambda: True)
+    monkeypatch.setattr(plumbing, "cpu_native_bf16", lambda: True)
     assert forward_dtype(model, "auto") is torch.bfloat16
-    monkeypatch.setattr(distill, "_cpu_native_bf16", lambda: False)
+    monkeypatch.setattr(plumbing, "cpu_native_bf16", lambda: False)
     assert forward_dtype(model, "auto") is None
     assert forward_dtype(model, "auto", torch.device("meta")) is None
     with pytest.raises(ValueError, match=r"calib_precision='fp8': must be one of \['auto', 'model', 'bfloat16'\]"):
@@ -51,9 +51,9 @@ def test_forward_dtype_choices(monkeypatch):
 
 def test_native_bf16_detection_agrees_with_torch():
     """/proc/cpuinfo's flags (what "auto" reads) and torch's own CPU probes agree on this machine."""
-    from qruntime.distill import _cpu_native_bf16
+    from qruntime.plumbing import cpu_native_bf16
 
-    assert _cpu_native_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    assert cpu_native_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def test_bf16_hessians_are_close_to_the_float32_ones(tiny_llama):
@@ -125,7 +125,7 @@ def test_round_to_nearest_records_no_precision(tiny_llama):
 def _inner_calls(model):
     """Counts the calls of each block's first child with weights (e.g. its attention): a pass-through
     standing in for the block skips it."""
-    from qruntime.distill import find_blocks
+    from qruntime.plumbing import find_blocks
 
     counts = []
     for block in find_blocks(model).layers:
@@ -225,14 +225,14 @@ def test_cli_offers_every_precision():
 @pytest.mark.parametrize("precision", [None, torch.bfloat16])
 def test_a_single_non_finite_activation_is_caught_from_the_product(bad, precision):
     """The Hessian hook checks the diagonal of X^T X, not X: one bad value anywhere must still be found."""
-    from qruntime.distill import _autocast
+    from qruntime.plumbing import autocast
     from qruntime.sequential import _hessian_hooks
 
     layer = nn.Linear(16, 4)
     sums, rows = {}, {}
     handles = _hessian_hooks({"layer": layer}, sums, rows)
     x = torch.randn(3, 7, 16)
-    with _autocast(torch.device("cpu"), precision):
+    with autocast(torch.device("cpu"), precision):
         layer(x)
         x[2, 5, 11] = bad
         with pytest.raises(ValueError, match="non-finite activations at the input of layer 'layer'"):

@@ -216,7 +216,7 @@ def test_blockwise_tuning_targets(tiny_llama, tune_targets):
     float model's own output of that block (the targets then do not depend on the earlier pruning)."""
     import copy
 
-    from qruntime.distill import find_blocks
+    from qruntime.plumbing import find_blocks
     from qruntime.sequential import blockwise_calibrate
 
     dense = copy.deepcopy(tiny_llama)

@@ -284,7 +284,7 @@ def _batches(vocab, n=4, seq=16):
 def _check_tuned_report(report, model, what: str, label: str) -> None:
     """Every block of ``model`` has an entry, kept exactly when its held-out error went down, at least one
     kept, and the printed report's summary line says so."""
-    from qruntime.distill import find_blocks
+    from qruntime.plumbing import find_blocks
 
     tuned = report.calibration["tuned_blocks"]
     assert report.calibration["tuned"] == what
