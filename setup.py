@@ -1,4 +1,4 @@
-"""Builds the C++ CPU extension `qruntime._C` (pybind11, no torch headers).
+"""Builds the C++ CPU extension `qruntime.ops._C` (pybind11, no torch headers).
 
 The GEMMs in csrc/cpu/gemm_impl.h are compiled once per ISA level, each object with its own -m flags
 (never -march=native: the wheel must run on any x86-64 CPU); csrc/cpu/dispatch.cpp picks the level
@@ -77,7 +77,7 @@ class BuildExt(build_ext):
 
 ext_modules = [
     Pybind11Extension(
-        "qruntime._C",
+        "qruntime.ops._C",
         sources=["csrc/bindings.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/parallel.cpp"],
         include_dirs=["csrc"],
         depends=["csrc/cpu/kernels.h", "csrc/cpu/gemm_impl.h", "csrc/cpu/sp24_impl.h", "csrc/cpu/simd_avx512.h",

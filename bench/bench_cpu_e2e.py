@@ -46,12 +46,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from qruntime import compress
-    from qruntime.targets import select_targets
-    from qruntime.config import DEFAULT_EXCLUDE, resolve_config
-    from qruntime.data import split_text
-    from qruntime.evaluate import tokenize_text
-    from qruntime.models import load_causal_lm
-    from qruntime.speed import compare_causal_lm
+    from qruntime.nn.targets import select_targets
+    from qruntime.nn.targets import DEFAULT_EXCLUDE
+    from qruntime.recipes.presets import resolve_config
+    from qruntime.eval.data import split_text
+    from qruntime.eval.evaluate import tokenize_text
+    from qruntime.eval.models import load_causal_lm
+    from qruntime.eval.speed import compare_causal_lm
 
     base, tok = load_causal_lm(args.model)
     ids = tokenize_text(tok, split_text("eval"), args.prefill)[None, :]

@@ -34,8 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, write_json  # noqa: E402
 
 import qruntime  # noqa: E402
-from qruntime import QuantConfig, QuantLinear  # noqa: E402
-from qruntime.formats import quantize_int4, quantize_int8_per_channel, unpack_int4  # noqa: E402
+from qruntime import QuantConfig  # noqa: E402
+from qruntime.formats.packing import quantize_int4, quantize_int8_per_channel, unpack_int4  # noqa: E402
+from qruntime.quant.linear import quantize_linear
 
 SHAPES = {  # name: (K, N) = (in_features, out_features)
     "gpt2.attn.c_attn 768x2304": (768, 2304),
@@ -95,7 +96,7 @@ def _methods(k: int, n: int) -> dict[str, tuple[int, callable]]:
             with torch.no_grad():
                 lin.weight.copy_(w)
                 lin.bias.copy_(b)
-            ql = QuantLinear.from_linear(lin, quant)
+            ql = quantize_linear(lin, quant)
             return lambda x: ql(x)
 
         return factory
@@ -109,7 +110,7 @@ def _methods(k: int, n: int) -> dict[str, tuple[int, callable]]:
             fn = factory()
 
             def run(x):
-                with qruntime.ops.use_cpu_isa("avx512_vnni"):
+                with qruntime.ops.registry.use_cpu_isa("avx512_vnni"):
                     return fn(x)
 
             return run
@@ -117,7 +118,7 @@ def _methods(k: int, n: int) -> dict[str, tuple[int, callable]]:
         return build
 
     int4_bytes = q4.numel() + s4.numel() * 4 + (0 if z4 is None else z4.numel())
-    amx = "amx_int8" in qruntime.ops.supported_cpu_isas()
+    amx = "amx_int8" in qruntime.ops.registry.supported_cpu_isas()
     return {
         "fp32": (n * k * 4, fp32),
         "bf16": (n * k * 2, bf16),

@@ -9,7 +9,7 @@ For every (K, N) layer shape, batch rows M and thread count, times (median of re
     sp24-int8     2:4 weights, INT8 kept values, per-row scales (round to nearest on the pruned weight)
     sp24-int4-g128  2:4 weights, INT4 kept values, asymmetric groups of 128 columns
 
-The 2:4 methods call ``qruntime.ops.run_sp24_module`` on a holder of the canonical tensors: the kernel
+The 2:4 methods call ``qruntime.ops.registry.run_sp24_module`` on a holder of the canonical tensors: the kernel
 path of a 2:4 module in eager mode (the CPU layout is built once per weight, before timing). Cells are
 measured in --rounds interleaved rounds (medians over rounds) with cold weights (each call uses the next of
 several copies totalling > 96 MiB) exactly as bench_cpu_kernels.py. GB/s counts the packed bytes the kernel
@@ -31,8 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, write_json
 from bench_cpu_kernels import COLD_BYTES, _time
 
-from qruntime import QuantConfig, QuantLinear, ops
-from qruntime.formats import (
+from qruntime import QuantConfig
+from qruntime.ops import registry as ops
+from qruntime.quant.linear import quantize_linear
+from qruntime.formats.packing import (
     nm_mask,
     pack_int4,
     pack_sp24,
@@ -108,7 +110,7 @@ def _methods(k: int, n: int) -> dict[str, tuple[int, callable]]:
         with torch.no_grad():
             lin.weight.copy_(w)
             lin.bias.copy_(b)
-        ql = QuantLinear.from_linear(lin, QuantConfig(bits=8))
+        ql = quantize_linear(lin, QuantConfig(bits=8))
         return lambda x: ql(x)
 
     def sparse(layer: _Sparse):

@@ -28,7 +28,7 @@ def plain_kd_loss(student_logits, teacher, temperature=1.0, mask=None, top_k=Non
     """The formula the trainer used before the chunked loss (full-vocabulary case only)."""
     import torch.nn.functional as F
 
-    from qruntime.distill import _kl_rows
+    from qruntime.distill.losses import _kl_rows
 
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
@@ -57,11 +57,11 @@ def main() -> None:
 
     import torch
 
-    from qruntime.config import DistillConfig
-    from qruntime.distill import kd_loss
-    from qruntime.models import load_causal_lm
+    from qruntime.distill.config import DistillConfig
+    from qruntime.distill.losses import kd_loss
+    from qruntime.eval.models import load_causal_lm
 
-    dmod = sys.modules["qruntime.distill"]  # the module (qruntime.distill is also the function), for the patches
+    dmod = sys.modules["qruntime.distill.trainer"]  # the module (qruntime.distill is also the function), for the patches
     model, _ = load_causal_lm(args.model)
     vocab = model.get_output_embeddings().weight.shape[0]
     rows = args.batch * args.seq_len

@@ -98,7 +98,7 @@ def copy_bandwidth(device: str, time_ms) -> float:
 
 def layer(kernel: str, w: torch.Tensor):
     """(fn(x) -> y per path, bytes of the packed weights + scales/zeros, dequantized weight fp16)."""
-    from qruntime.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8_per_channel
+    from qruntime.formats.packing import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8_per_channel
     from qruntime.kernels import w4a16, w8a8, w8a16
 
     n, k = w.shape
@@ -117,7 +117,7 @@ def layer(kernel: str, w: torch.Tensor):
 def sp24_layer(kernel: str, w: torch.Tensor):
     """As :func:`layer` for the 2:4 methods (``w`` pruned to 2:4 by magnitude first), plus
     ``sparse_reason(x)``: why the semi-structured path cannot run for x (None when it can)."""
-    from qruntime.formats import (
+    from qruntime.formats.packing import (
         dequantize_sp24, int4_codes, int4_params, nm_mask, pack_sp24, quantize_int8_per_channel, sp24_padded_k,
     )
     from qruntime.kernels import sp24

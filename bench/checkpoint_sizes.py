@@ -31,10 +31,10 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
 
     from qruntime import compress, load, save
-    from qruntime.checkpoint import dedupe_tensors, read_manifest, tensor_bytes
-    from qruntime.data import split_text
-    from qruntime.evaluate import tokenize_text
-    from qruntime.models import load_causal_lm
+    from qruntime.io.checkpoint import dedupe_tensors, read_manifest, tensor_bytes
+    from qruntime.eval.data import split_text
+    from qruntime.eval.evaluate import tokenize_text
+    from qruntime.eval.models import load_causal_lm
 
     model, tok = load_causal_lm(args.model)
     ids = tokenize_text(tok, split_text("eval"), max_tokens=128)[None, :]

@@ -47,12 +47,15 @@ def main() -> None:
 
     import torch
 
-    from qruntime.calibrate import calibration_batches, text_batches
-    from qruntime.config import DistillConfig
-    from qruntime.data import split_text
-    from qruntime.distill import choose_layers, distill, make_student
-    from qruntime.evaluate import evaluate_causal_lm, tokenize_text
-    from qruntime.models import load_causal_lm
+    from qruntime.calibration.stats import text_batches
+    from qruntime.eval.data import calibration_batches
+    from qruntime.distill.config import DistillConfig
+    from qruntime.eval.data import split_text
+    from qruntime.distill.selection import choose_layers
+    from qruntime.distill.student import make_student
+    from qruntime.distill.trainer import distill
+    from qruntime.eval.evaluate import evaluate_causal_lm, tokenize_text
+    from qruntime.eval.models import load_causal_lm
 
     teacher, tok = load_causal_lm(args.model)
     depth = teacher.config.num_hidden_layers

@@ -3,7 +3,7 @@ training, then the chosen student distilled within a time budget; scored by sent
 the teacher and linear-probe accuracy on the 200 labelled movie-review sentences (as bench/eval_encoder.py: the
 teacher's probe on the student's embeddings, and a probe refit on the student's own), and by the cosine on
 sentences of the evaluation split (--eval-batches x --batch, in text order); then by the further tasks of
-qruntime.evaluate.evaluate_encoder_tasks (sentiment probe on 4,000 movie-review sentences, topic probe on
+qruntime.eval.evaluate.evaluate_encoder_tasks (sentiment probe on 4,000 movie-review sentences, topic probe on
 200 Usenet posts, Lee document similarity).
 
     python bench/distill_encoder.py --model minilm-l6 --layers 3 --minutes 10 \
@@ -11,7 +11,7 @@ qruntime.evaluate.evaluate_encoder_tasks (sentiment probe on 4,000 movie-review 
 
 Training text: sentences of the Wikipedia training split (and Lee background news), and with --reviews N
 those of N full movie reviews (other texts than the scored sentences), --batch per batch, batched by length
-(qruntime.calibrate.sentence_batches; --no-sort for text order); the --minutes budget covers block
+(qruntime.calibration.stats.sentence_batches; --no-sort for text order); the --minutes budget covers block
 selection and training together.
 """
 from __future__ import annotations
@@ -46,19 +46,21 @@ def main() -> None:
     p.add_argument("--dropout", action="store_true", help="train with the student's dropout (default: off)")
     p.add_argument("--no-sort", action="store_true", help="batch sentences in text order (about half the tokens are padding)")
     p.add_argument("--reviews", type=int, default=0,
-                   help="also train on the sentences of this many full movie reviews (qruntime.data."
+                   help="also train on the sentences of this many full movie reviews (qruntime.eval.data."
                         "movie_review_documents, half positive, half negative; their labels are not used)")
     p.add_argument("--selection-batches", type=int, default=4)
     p.add_argument("--eval-batches", type=int, default=16, help="batches of evaluation-split sentences scored by cosine")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    from qruntime.calibrate import sentence_batches
-    from qruntime.config import DistillConfig
-    from qruntime.data import movie_review_documents, movie_reviews, split_text
-    from qruntime.distill import choose_layers, distill, evaluate_student, make_student
-    from qruntime.evaluate import evaluate_encoder, evaluate_encoder_tasks
-    from qruntime.models import load_encoder
+    from qruntime.calibration.stats import sentence_batches
+    from qruntime.distill.config import DistillConfig
+    from qruntime.eval.data import movie_review_documents, movie_reviews, split_text
+    from qruntime.distill.selection import choose_layers
+    from qruntime.distill.student import make_student
+    from qruntime.distill.trainer import distill, evaluate_student
+    from qruntime.eval.evaluate import evaluate_encoder, evaluate_encoder_tasks
+    from qruntime.eval.models import load_encoder
 
     teacher, tok = load_encoder(args.model)
     depth = teacher.config.num_hidden_layers

@@ -3,7 +3,7 @@
     python bench/eval_causal_lm.py --model smollm2-135m --preset w8a16 w8a16-gptq w4a16-g128 \
         --eval-tokens 16384 --json bench/results/smollm2_cpu.json
 
-Text: the Wikipedia evaluation split of qruntime.data (first --eval-tokens tokens); calibration for
+Text: the Wikipedia evaluation split of qruntime.eval.data (first --eval-tokens tokens); calibration for
 calibrated recipes (GPTQ, SmoothQuant, ...): --calib-samples windows of the calibration split (disjoint
 from the evaluation text).
 """
@@ -34,11 +34,11 @@ def main() -> None:
     args = p.parse_args()
 
     from qruntime import compress
-    from qruntime.calibrate import calibration_batches
-    from qruntime.config import resolve_config
-    from qruntime.data import split_text
-    from qruntime.evaluate import evaluate_causal_lm, tokenize_text
-    from qruntime.models import load_causal_lm
+    from qruntime.eval.data import calibration_batches
+    from qruntime.recipes.presets import resolve_config
+    from qruntime.eval.data import split_text
+    from qruntime.eval.evaluate import evaluate_causal_lm, tokenize_text
+    from qruntime.eval.models import load_causal_lm
 
     model, tok = load_causal_lm(args.model)
     ids = tokenize_text(tok, split_text("eval"), args.eval_tokens)

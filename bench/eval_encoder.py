@@ -2,7 +2,7 @@
 accuracy of a linear probe (fit on the original's embeddings) on the 200 labelled movie-review sentences;
 then a sentiment probe on 4,000 movie-review sentences, a topic probe on 200 Usenet posts and the
 correlation of embedding similarity with human ratings of Lee news documents
-(qruntime.evaluate.evaluate_encoder_tasks).
+(qruntime.eval.evaluate.evaluate_encoder_tasks).
 
     python bench/eval_encoder.py --model minilm-l6 --preset w8a16 w4a16-g32 --json bench/results/minilm_cpu.json
 """
@@ -24,11 +24,11 @@ def main() -> None:
     args = p.parse_args()
 
     from qruntime import compress
-    from qruntime.calibrate import calibration_batches
-    from qruntime.config import resolve_config
-    from qruntime.data import movie_reviews
-    from qruntime.evaluate import evaluate_encoder, evaluate_encoder_tasks
-    from qruntime.models import load_encoder
+    from qruntime.eval.data import calibration_batches
+    from qruntime.recipes.presets import resolve_config
+    from qruntime.eval.data import movie_reviews
+    from qruntime.eval.evaluate import evaluate_encoder, evaluate_encoder_tasks
+    from qruntime.eval.models import load_encoder
 
     model, tok = load_encoder(args.model)
     reviews = movie_reviews()

@@ -126,16 +126,16 @@ def main() -> None:
         args.calib_samples, args.window, args.eval_tokens = 2, 64, 256
 
     from qruntime import compress
-    from qruntime.calibrate import calibration_batches
-    from qruntime.data import split_text
-    from qruntime.evaluate import evaluate_causal_lm, tokenize_text
-    from qruntime.models import load_causal_lm
+    from qruntime.eval.data import calibration_batches
+    from qruntime.eval.data import split_text
+    from qruntime.eval.evaluate import evaluate_causal_lm, tokenize_text
+    from qruntime.eval.models import load_causal_lm
 
     tmp = tempfile.TemporaryDirectory(prefix="peer-quant-")
     if args.smoke:
         from transformers import AutoTokenizer
 
-        from qruntime.models import smollm2_path
+        from qruntime.eval.models import smollm2_path
 
         tok = AutoTokenizer.from_pretrained(smollm2_path())
         original = tiny_model(tok, tmp.name)

@@ -13,15 +13,15 @@ load, calibration windows and perplexity protocol as bench/eval_causal_lm.py. Th
         --json bench/results/smollm2-135m_cpu_peer_sparsegpt.json
     /tmp/peer/bin/python bench/peer_sparsegpt.py --smoke        # a random 2-layer Llama, seconds
 
-Model: qruntime.models.load_causal_lm (SmolLM2-135M-Instruct, float32). Calibration:
-qruntime.calibrate.calibration_batches(tok, num_samples=--calib-samples, seq_len=--window), handed to
+Model: qruntime.eval.models.load_causal_lm (SmolLM2-135M-Instruct, float32). Calibration:
+qruntime.eval.data.calibration_batches(tok, num_samples=--calib-samples, seq_len=--window), handed to
 llm-compressor as a pre-tokenized datasets.Dataset (input_ids + attention_mask of ones), in order, no
 shuffling. Pruning: SparseGPTModifier(sparsity=0.5, mask_structure="2:4") on every Linear of the decoder
 blocks (targets = the blocks, lm_head ignored), its defaults otherwise (dampening_frac 0.01, block_size
 128, the same as qruntime's "2:4" preset), llm-compressor's default pipeline (sequential, with error
 propagation: each block is calibrated on the outputs of the already-pruned blocks before it, as
 qruntime's default "2:4" does too; --no-propagate-error makes llm-compressor collect every Hessian from
-the dense model in one pass, like qruntime's SparsityConfig(sequential=False)). Evaluation: qruntime.evaluate.evaluate_causal_lm(pruned, ids, reference=original) on the
+the dense model in one pass, like qruntime's SparsityConfig(sequential=False)). Evaluation: qruntime.eval.evaluate.evaluate_causal_lm(pruned, ids, reference=original) on the
 first --eval-tokens tokens of the eval split.
 """
 from __future__ import annotations
@@ -152,18 +152,18 @@ def main() -> None:
     import llmcompressor
 
     from qruntime import compress
-    from qruntime.calibrate import calibration_batches
-    from qruntime.data import split_text
-    from qruntime.evaluate import evaluate_causal_lm, tokenize_text
-    from qruntime.models import load_causal_lm
-    from qruntime.nn import SparseLinear
+    from qruntime.eval.data import calibration_batches
+    from qruntime.eval.data import split_text
+    from qruntime.eval.evaluate import evaluate_causal_lm, tokenize_text
+    from qruntime.eval.models import load_causal_lm
+    from qruntime.nn.modules import SparseLinear
 
     tmp = tempfile.TemporaryDirectory(prefix="peer-sparsegpt-")
     t0 = time.perf_counter()
     if args.smoke:
         from transformers import AutoTokenizer
 
-        from qruntime.models import smollm2_path
+        from qruntime.eval.models import smollm2_path
 
         tok = AutoTokenizer.from_pretrained(smollm2_path())  # the real tokenizer, for the real text splits
         model = tiny_model(tok, tmp.name)

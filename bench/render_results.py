@@ -497,7 +497,7 @@ Q_PRESETS = Section(
     "SmolLM2-135M: the presets at the default calibration",
     "The named presets, each in one run with the default calibration of 128 windows of 512 tokens. "
     "Perplexity is measured on the first 16,384 tokens of the Wikipedia evaluation split of "
-    "`qruntime.data` in non-overlapping 512-token windows; top-1 agreement and KL compare each position's "
+    "`qruntime.eval.data` in non-overlapping 512-token windows; top-1 agreement and KL compare each position's "
     "next-token distribution with the float32 model's. A test run shared the two cores while the first "
     "file computed the `w8a8` row, so that row was run again alone for its time; it gave the same "
     "perplexity.",
@@ -756,7 +756,7 @@ Q_MINILM = Section(
     "Embedding cosine to the original model on 200 labelled movie-review sentences, and linear probes "
     "for their sentiment. Split: a probe fit on the original's embeddings of 100 sentences, scored on "
     "the other 100. Cross-validated: 20 x 10-fold over all 200 sentences "
-    "(`qruntime.evaluate.cross_validated_probes`), the original's probes applied to the compressed "
+    "(`qruntime.eval.evaluate.cross_validated_probes`), the original's probes applied to the compressed "
     "model's embeddings, and probes refit on its own; in brackets the paired difference to the original "
     "in points, +- its standard error. BERT is post-norm, so SmoothQuant and AWQ find no producer to fold "
     "into: plain `w8a8` (SmoothQuant) gives exactly the `w8a8-nosq` numbers, as the second table shows.",
@@ -789,7 +789,7 @@ TASK_COLUMNS = (
 S4K = "minilm-l6_cpu_accuracy_sentiment4k.json"
 Q_MINILM_TASKS = Section(
     "all-MiniLM-L6-v2: 4,000 sentences, topic and document similarity",
-    "Finer and broader uses of the embeddings (`qruntime.evaluate.evaluate_encoder_tasks`): the "
+    "Finer and broader uses of the embeddings (`qruntime.eval.evaluate.evaluate_encoder_tasks`): the "
     "sentiment probes on 4,000 movie-review sentences (Pang & Lee's sentence polarity dataset, the 200 "
     "above among them), a topic probe on 200 Usenet posts (alt.atheism or sci.space), both "
     "cross-validated as above and given as paired differences in points, and the Pearson correlation of "
@@ -1131,7 +1131,7 @@ STUDENT_COLUMNS = (
 D_MINILM = Section(
     "all-MiniLM-L6-v2: 6 -> 3 blocks",
     "Training on sentences of the Wikipedia and Lee training split, 32 per batch, batched by length "
-    "(`qruntime.calibrate.sentence_batches`), hidden-state MSE plus last-hidden cosine, no dropout, lr "
+    "(`qruntime.calibration.stats.sentence_batches`), hidden-state MSE plus last-hidden cosine, no dropout, lr "
     "5e-4, 10 minutes for selection and training. Scored like the quantized encoders on the 200 "
     "movie-review sentences (the teacher's probe applied to the student's embeddings, and a probe refit "
     "on the student's own; cross-validated with the paired difference to the teacher in points), and by "
@@ -1222,7 +1222,7 @@ REVIEWS = "minilm-l6_cpu_distill_reviews"
 D_TEXT = Section(
     "all-MiniLM-L6-v2: training text like the text to embed",
     "The same 10-minute student with the sentences of full movie reviews added to the training text "
-    "(`qruntime.data.movie_review_documents`: other texts than the scored sentences, their labels "
+    "(`qruntime.eval.data.movie_review_documents`: other texts than the scored sentences, their labels "
     "unused). With 500 reviews the cosine on the review sentences rises and the sentiment probe's loss "
     "nearly vanishes, with no loss on Wikipedia or on the other two tasks; all 1,500 reviews go a little "
     "further on the reviews. Each setting was run twice except the last, to show the run-to-run spread.",

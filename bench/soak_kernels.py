@@ -26,8 +26,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, write_json  # noqa: E402
 
-from qruntime import ops, reference  # noqa: E402
-from qruntime.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8_per_channel  # noqa: E402
+from qruntime.ops import registry as ops
+from qruntime.ops import reference  # noqa: E402
+from qruntime.formats.packing import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8_per_channel  # noqa: E402
 
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 CPU_FN = {"w8a16": "cpu_w8a16", "w8a8": "cpu_w8a8", "w4a16": "cpu_w4a16"}
@@ -72,7 +73,7 @@ def one(rng: random.Random, backends: list[str]) -> tuple[str, str, float]:
     if backend == "op":
         y = getattr(ops, f"{op}_linear")(*full)
     elif backend == "triton":
-        from qruntime import triton_backend
+        from qruntime.ops import triton_backend
 
         y = getattr(triton_backend.load(op), f"{op}_linear")(*full)
     else:

@@ -55,11 +55,11 @@ def main() -> None:
         p.error("--skip: give at least one layer-name pattern")
 
     from qruntime import compress
-    from qruntime.calibrate import calibration_batches
-    from qruntime.config import resolve_config
-    from qruntime.data import split_text
-    from qruntime.evaluate import evaluate_causal_lm, tokenize_text
-    from qruntime.models import load_causal_lm
+    from qruntime.eval.data import calibration_batches
+    from qruntime.recipes.presets import resolve_config
+    from qruntime.eval.data import split_text
+    from qruntime.eval.evaluate import evaluate_causal_lm, tokenize_text
+    from qruntime.eval.models import load_causal_lm
 
     model, tok = load_causal_lm(args.model)
     eval_ids = tokenize_text(tok, split_text("eval"), args.eval_tokens)
@@ -121,10 +121,12 @@ def _recovered(args, model, tok, recipe: str, calib, eval_ids) -> tuple[dict, in
     import torch
 
     from qruntime import compress
-    from qruntime.calibrate import calibration_batches, text_batches
-    from qruntime.config import DistillConfig, resolve_config
-    from qruntime.data import split_text
-    from qruntime.evaluate import evaluate_causal_lm
+    from qruntime.calibration.stats import text_batches
+    from qruntime.eval.data import calibration_batches
+    from qruntime.distill.config import DistillConfig
+    from qruntime.recipes.presets import resolve_config
+    from qruntime.eval.data import split_text
+    from qruntime.eval.evaluate import evaluate_causal_lm
 
     # monitoring windows: calibration text after the calibration windows (disjoint from training and eval)
     skip = args.calib_samples * args.calib_len // args.seq_len

@@ -1,7 +1,7 @@
 """2:4 sparse: fp16 / bf16 (or fp32) activations x 2:4-sparse weights whose kept values are float, INT8
 codes (per-row scales) or INT4 codes (group scales / zero points), expanded in registers inside the K loop.
 
-Contract (the ``cuda`` implementation of ``qruntime.ops.sp24_linear``; format in docs/formats.md,
+Contract (the ``cuda`` implementation of ``qruntime.ops.registry.sp24_linear``; format in docs/formats.md,
 "2:4 sparse")::
 
     y [M, N] = x [M, K] @ W.T + bias,   W[n, 4 * (c // 2) + p(n, c)] = value(n, c), every other entry 0
@@ -49,8 +49,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qruntime import ops
-from qruntime.ops import check_sp24, sp24_kind
+from qruntime.ops import registry as ops
+from qruntime.ops.registry import check_sp24, sp24_kind
 
 from . import dispatch
 from ._common import (
@@ -328,7 +328,7 @@ def semi_structured(values: torch.Tensor, meta: torch.Tensor, scales: torch.Tens
     the conversion or its probe product fails (one warning).
 
     Built once per weight and dtype from :func:`dequantize`, and cached beside ``values`` (as the CPU
-    layouts of :mod:`qruntime.ops`: rebuilt when a tensor is replaced or changed in place, dropped with
+    layouts of :mod:`qruntime.ops.registry`: rebuilt when a tensor is replaced or changed in place, dropped with
     ``values``). The copy costs about 0.56 x the bytes of the dense fp16 weight (kept values + metadata)."""
     versions = (ops.layout_version(values), ops.layout_version(meta), ops.layout_version(scales), ops.layout_version(zeros), group_size)
     return ops.cached_layout(values, ("sp24_semi_structured", dtype, in_features), versions,
@@ -349,7 +349,7 @@ def _kernel_args(values, meta, scales, zeros):
 def dequantize(values: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
                group_size: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight ``dtype`` [N, in_features] of 2:4 tensors on values' device (bit-identical to
-    ``qruntime.formats.dequantize_sp24(...).to(dtype)``)."""
+    ``qruntime.formats.packing.dequantize_sp24(...).to(dtype)``)."""
     n, kp = meta.shape[0], meta.shape[1] * 8
     out = torch.empty((n, in_features), dtype=dtype, device=values.device)
     values, meta = values.contiguous(), meta.contiguous()

@@ -1,7 +1,7 @@
 """W4A16: fp16 / bf16 (or fp32) activations x INT4 weights (per-channel or group-wise, symmetric or
 asymmetric), dequantized in registers inside the K loop.
 
-Contract (the ``cuda`` implementation of ``qruntime.ops.w4a16_linear``; format in docs/formats.md)::
+Contract (the ``cuda`` implementation of ``qruntime.ops.registry.w4a16_linear``; format in docs/formats.md)::
 
     y [M, N] = x [M, K] @ W.T + bias,   W[n, k] = (code(n, k) - zero[k // group_size, n]) * scales[k // group_size, n]
     qweight uint8 [N, Kp / 2] (column k in byte k // 2, low nibble for even k), scales float32 [G, N],
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qruntime.ops import check_w4a16
+from qruntime.ops.registry import check_w4a16
 
 from . import dispatch
 from ._common import (

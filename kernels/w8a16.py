@@ -1,6 +1,6 @@
 """W8A16: fp16 / bf16 (or fp32) activations x INT8 per-channel weights, dequantized in registers.
 
-Contract (the ``cuda`` implementation of ``qruntime.ops.w8a16_linear``)::
+Contract (the ``cuda`` implementation of ``qruntime.ops.registry.w8a16_linear``)::
 
     y [M, N] = x [M, K] @ (qweight int8 [N, K] * scales float32 [N]).T + bias [N]     y: x.dtype
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qruntime.ops import check_int8
+from qruntime.ops.registry import check_int8
 
 from . import dispatch
 from ._common import (

@@ -1,12 +1,12 @@
 """W8A8: dynamic per-token INT8 activations x INT8 per-channel weights on int8 Tensor Cores.
 
-Contract (the ``cuda`` implementation of ``qruntime.ops.w8a8_linear``; definition in docs/formats.md)::
+Contract (the ``cuda`` implementation of ``qruntime.ops.registry.w8a8_linear``; definition in docs/formats.md)::
 
     xq, a = quantize_per_token(x)                  # one fused kernel: row absmax -> scale and int8 codes
     y[m, n] = a[m] * scales[n] * sum_k xq[m, k] * qweight[n, k] + bias[n]      (int32 accumulation)
 
 :func:`quantize_per_token` produces bit-identical codes and scales to
-``qruntime.reference.quantize_per_token`` (IEEE division, round half to even). The GEMM multiplies int8
+``qruntime.ops.reference.quantize_per_token`` (IEEE division, round half to even). The GEMM multiplies int8
 tiles with int32 accumulators and applies both scales and the bias in the epilogue, writing x's dtype.
 Paths ``splitk`` and ``gemm`` as in :mod:`qruntime.kernels.w8a16` (no ``dequant`` path: the activations
 are quantized too).
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qruntime.ops import check_int8
+from qruntime.ops.registry import check_int8
 
 from . import dispatch
 from ._common import (

@@ -6,17 +6,23 @@ Transformers, behind one call::
 
 Importing qruntime never touches CUDA and compiles nothing.
 """
-from .pipeline import compress
-from .targets import select_targets
-from .checkpoint import CheckpointError, load, save
-from .config import CompressConfig, DistillConfig, QuantConfig, SparsityConfig, PRESETS
-from .distill import DistillReport, distill, make_student
-from .export import export_compressed_tensors
-from .nn import QuantEmbedding, QuantLinear, SparseLinear
-from .prune import prune_model
-from .ops import cpu_backend
-from . import triton_backend  # noqa: F401  registers the Triton kernels as the ops' CUDA implementations (imports no Triton)
-from .report import CompressReport
+from .pipeline.compress import compress
+from .nn.targets import select_targets
+from .io.checkpoint import CheckpointError, load, save
+from .distill.config import DistillConfig
+from .formats.packing import WeightFormat
+from .quant.config import QuantConfig
+from .quant.linear import quantize_linear
+from .recipes.config import CompressConfig, SparsityConfig
+from .recipes.presets import PRESETS
+from .distill.student import make_student
+from .distill.trainer import DistillReport, distill
+from .io.export import export_compressed_tensors
+from .nn.modules import QuantEmbedding, QuantLinear, SparseLinear
+from .sparse.prune import prune_model
+from .ops.registry import cpu_backend
+from .ops import triton_backend  # noqa: F401  registers the Triton kernels as the ops' CUDA implementations (imports no Triton)
+from .plumbing.report import CompressReport
 
 from .version import __version__
 
@@ -25,6 +31,8 @@ __all__ = [
     "select_targets",
     "CompressConfig",
     "QuantConfig",
+    "WeightFormat",
+    "quantize_linear",
     "DistillConfig",
     "SparsityConfig",
     "SparseLinear",

@@ -52,9 +52,9 @@ def _say(args, *lines: str) -> None:
 def _versions() -> dict:
     import torch
 
-    from .version import __version__
+    from .version import versions
 
-    return {"qruntime": __version__, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {**versions(), "threads": torch.get_num_threads()}
 
 
 def run_demo(
@@ -74,12 +74,12 @@ def _demo(model_name: str, preset: str, eval_tokens: int, window: int, calib_sam
     import torch
 
     from . import __version__, compress
-    from .calibrate import calibration_batches
-    from .config import resolve_config
-    from .data import split_text
-    from .evaluate import evaluate_causal_lm, tokenize_text
-    from .models import load_causal_lm
-    from .speed import compare_causal_lm
+    from .eval.data import calibration_batches
+    from .recipes.presets import resolve_config
+    from .eval.data import split_text
+    from .eval.evaluate import evaluate_causal_lm, tokenize_text
+    from .eval.models import load_causal_lm
+    from .eval.speed import compare_causal_lm
 
     cfg = resolve_config(preset)  # a bad recipe fails before the model is loaded
     t0 = time.perf_counter()
@@ -155,11 +155,12 @@ def cmd_compress(args) -> dict:
     import torch
 
     from . import compress
-    from .calibrate import calibration_batches, sentence_batches, text_batches
-    from .checkpoint import save
-    from .config import resolve_config
-    from .data import split_text
-    from .models import load_model
+    from .calibration.stats import sentence_batches, text_batches
+    from .eval.data import calibration_batches
+    from .io.checkpoint import save
+    from .recipes.presets import resolve_config
+    from .eval.data import split_text
+    from .eval.models import load_model
 
     cfg = resolve_config(args.recipe)  # a bad recipe fails before the model is loaded
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -225,7 +226,7 @@ def _reference_name(target: str, reference: str | None) -> str | None:
     """--reference: a model, 'none', or (default) the base model a checkpoint records."""
     if reference is not None:
         return None if reference.lower() == "none" else reference
-    from .checkpoint import MANIFEST, read_manifest
+    from .io.checkpoint import MANIFEST, read_manifest
 
     if os.path.exists(os.path.join(target, MANIFEST)):
         return read_manifest(target).get("base_model")
@@ -233,9 +234,9 @@ def _reference_name(target: str, reference: str | None) -> str | None:
 
 
 def cmd_eval(args) -> dict:
-    from .data import movie_reviews, split_text
-    from .evaluate import evaluate_causal_lm, evaluate_encoder, tokenize_text
-    from .models import load_model
+    from .eval.data import movie_reviews, split_text
+    from .eval.evaluate import evaluate_causal_lm, evaluate_encoder, tokenize_text
+    from .eval.models import load_model
 
     want_ppl, want_acc = args.ppl, args.acc
     if not (want_ppl or want_acc):
@@ -288,7 +289,7 @@ def cmd_eval(args) -> dict:
         elif res.probe_cv_reference is not None:
             lines.append(f"cross-validated probe accuracy {100 * res.probe_cv_reference:.2f} %")
         if args.tasks:
-            from .evaluate import evaluate_encoder_tasks
+            from .eval.evaluate import evaluate_encoder_tasks
 
             tasks = evaluate_encoder_tasks(model, reference if reference is not None else model, tokenizer)
             out["encoder_tasks"] = tasks.to_dict()
@@ -324,10 +325,10 @@ def _task_lines(t: dict, against_reference: bool) -> list[str]:
 def cmd_bench(args) -> dict:
     import torch
 
-    from .data import movie_reviews, split_text
-    from .evaluate import tokenize_text
-    from .models import load_model
-    from .speed import compare_causal_lm, compare_encoder
+    from .eval.data import movie_reviews, split_text
+    from .eval.evaluate import tokenize_text
+    from .eval.models import load_model
+    from .eval.speed import compare_causal_lm, compare_encoder
 
     model, tokenizer, kind = load_model(args.target)
     models = {args.target: model.eval()}
@@ -369,7 +370,7 @@ def cmd_info(args) -> dict:
     from collections import Counter
     from pathlib import Path
 
-    from .checkpoint import read_manifest, tensor_bytes, verify_files
+    from .io.checkpoint import read_manifest, tensor_bytes, verify_files
 
     manifest = read_manifest(args.dir)
     if args.verify:
@@ -401,8 +402,8 @@ def cmd_info(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    from .export import export_compressed_tensors
-    from .models import load_model
+    from .io.export import export_compressed_tensors
+    from .eval.models import load_model
 
     model, tokenizer, _ = load_model(args.dir)
     summary = export_compressed_tensors(model, args.out, tokenizer=tokenizer)
@@ -415,7 +416,7 @@ def cmd_export(args) -> dict:
 
 
 def cmd_presets(args) -> dict:
-    from .config import PRESETS
+    from .recipes.presets import PRESETS
 
     _say(args, *(f"{name:<20} {text}" for name, text in PRESETS.items()))
     return {"presets": PRESETS}
@@ -476,7 +477,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", action="store_true",
                    help="encoders: also a sentiment probe on 4,000 movie-review sentences, a topic probe on 200 "
                         "Usenet posts and the correlation with human similarity ratings of Lee news "
-                        "(qruntime.evaluate.evaluate_encoder_tasks; about a minute for MiniLM)")
+                        "(qruntime.eval.evaluate.evaluate_encoder_tasks; about a minute for MiniLM)")
     p.add_argument("--reference", default=None, help="model to compare with; default: a checkpoint's base model; 'none' for no comparison")
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--window", type=int, default=512)

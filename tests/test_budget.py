@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from qruntime import QuantLinear, compress
-from qruntime.config import AUTO_PRESET, parse_preset
-from qruntime.mixed import budget_search, perplexity, swapped
+from qruntime.recipes.presets import AUTO_PRESET, parse_preset
+from qruntime.quant.budget import budget_search, perplexity, swapped
 
 
 def _outliers(model):
@@ -99,10 +99,10 @@ def test_compress_respects_the_budget_on_its_data(tiny_llama, awq):
     assert b["reference_perplexity"] == pytest.approx(ref, rel=1e-6)
     fmt = {layer.name: layer.format for layer in report.layers}
     for name in b["promoted"]:
-        assert isinstance(q.get_submodule(name), QuantLinear) and q.get_submodule(name).quant.bits == 8
+        assert isinstance(q.get_submodule(name), QuantLinear) and q.get_submodule(name).weight_format.bits == 8
         assert fmt[name] == "w8a16" and "accuracy budget" in next(l.method for l in report.layers if l.name == name)
     others = [n for n in fmt if n not in b["promoted"]]
-    assert others and all(q.get_submodule(n).quant.bits == 4 for n in others)
+    assert others and all(q.get_submodule(n).weight_format.bits == 4 for n in others)
     # with one layer fewer promoted, the budget was measured to fail (the search is minimal)
     fewer = [t for t in b["trials"] if t["promoted"] == len(b["promoted"]) - 1]
     assert fewer and fewer[0]["perplexity"] > ref * (1 + budget)
@@ -124,14 +124,14 @@ def test_float_fallback_leaves_layers_unconverted_and_lists_them(tiny_llama):
 
 
 def test_unreachable_budget_says_not_met(tiny_llama, monkeypatch):
-    import qruntime.mixed
+    import qruntime.quant.budget
 
-    real = qruntime.mixed.perplexity
+    real = qruntime.quant.budget.perplexity
 
     def harsh(model, batches):  # any quantized layer costs 50%: even all-INT8 misses any budget below it
         return real(model, batches) * (1.5 if any(isinstance(m, QuantLinear) for m in model.modules()) else 1.0)
 
-    monkeypatch.setattr(qruntime.mixed, "perplexity", harsh)
+    monkeypatch.setattr(qruntime.quant.budget, "perplexity", harsh)
     model = _outliers(tiny_llama)
     _, report = compress(model, "w4a16", _sampled(model), inplace=False, progress=False, max_ppl_increase=0.3)
     b = report.budget
@@ -162,8 +162,8 @@ def test_auto_preset():
 
 
 def test_fisher_sensitivity_is_quadratic_leaves_no_gradients_and_ranks_like_measurement(tiny_llama):
-    from qruntime.mixed import fisher_sensitivity
-    from qruntime.nn import linear_weight
+    from qruntime.quant.budget import fisher_sensitivity
+    from qruntime.nn.modules import linear_weight
 
     model = _outliers(tiny_llama)
     batches = _sampled(model)

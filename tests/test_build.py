@@ -1,6 +1,6 @@
 """What the build must deliver, so that a lost build feature fails the run instead of skipping tests:
 
-- the C++ extension ``qruntime._C`` is built and loaded;
+- the C++ extension ``qruntime.ops._C`` is built and loaded;
 - every ISA level that this machine's compiler can build is in it (setup.py drops AMX only where the
   compiler has no AMX intrinsics), and every level this CPU can run is offered;
 - the Triton kernels import as ``qruntime.kernels`` and never shadow a top-level ``kernels`` package
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from conftest import require
-from qruntime import ops
-from qruntime._ext import DISABLE_ENV, extension
+from qruntime.ops import registry as ops
+from qruntime.ops.extension import DISABLE_ENV, extension
 
 ROOT = Path(__file__).resolve().parents[1]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -38,7 +38,7 @@ CPU_FLAGS = {
 
 def _require_extension():
     disabled = os.environ.get(DISABLE_ENV, "") not in ("", "0")
-    require(extension() is not None, "the C++ extension qruntime._C is not built or does not load",
+    require(extension() is not None, "the C++ extension qruntime.ops._C is not built or does not load",
             allowed=f"disabled by {DISABLE_ENV}" if disabled else None)
 
 

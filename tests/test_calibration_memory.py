@@ -3,7 +3,7 @@
 Each model is compressed with ``w4a16-g128`` (GPTQ, block by block) in a subprocess under an address-space
 limit (``RLIMIT_AS``), so a runaway fails fast instead of taking the machine; the subprocess reports its
 peak resident memory over the call, which must stay within the bound documented in
-:func:`qruntime.sequential.blockwise_calibrate`, and the compressed model's logits must stay close to
+:func:`qruntime.calibration.blockwise.blockwise_calibrate`, and the compressed model's logits must stay close to
 the float model's. The sequences are long (1024 tokens) next to the width (64), so a recorded argument
 of T x T per window (Falcon's materialized attention mask, with ALiBi [heads, T, T] float32: 16 MiB a
 window, 64x the window's hidden states) kept once per window would exceed the bound several times over.
@@ -20,7 +20,7 @@ import torch
 
 import qruntime
 import support_matrix as sm
-from qruntime.sequential import _SharedArguments
+from qruntime.calibration.blockwise import _SharedArguments
 
 MiB = 2**20
 WINDOWS, TOKENS, VOCAB = 16, 1024, 128
@@ -61,7 +61,7 @@ resource.setrlimit(resource.RLIMIT_AS, (spec["start_limit"],) * 2)  # until the 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 import qruntime
-from qruntime.plumbing import find_blocks
+from qruntime.plumbing.model import find_blocks
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -109,8 +109,8 @@ with torch.no_grad():
     rtn_error = rel(rtn(held_out).logits, reference)
 del rtn
 
-# the bound of qruntime.sequential.blockwise_calibrate, from this model's sizes
-from qruntime.nn import is_conv1d
+# the bound of qruntime.calibration.blockwise.blockwise_calibrate, from this model's sizes
+from qruntime.nn.modules import is_conv1d
 
 def fan_ins(module):  # K of each Linear / GPT-2 Conv1D (weight [K, N]) under module
     return [m.weight.shape[0] if is_conv1d(m) else m.in_features for m in module.modules()
@@ -197,7 +197,7 @@ def test_compress_holds_one_block_of_hessians_and_reports_the_same_errors(monkey
     """compress() keeps only the Hessian diagonals of the blocks it is done with (the full K x K of one block
     at a time), and measures each layer's output error on the full Hessian before dropping it: the report
     equals the one made with every Hessian kept."""
-    import qruntime.sequential as sequential
+    import qruntime.calibration.blockwise as sequential
 
     model = sm.build("llama")
     real = sequential.blockwise_calibrate

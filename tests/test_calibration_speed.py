@@ -1,11 +1,11 @@
 """What makes block-by-block calibration fast, and must not change its results:
 
 - the precision of the calibration forwards (compress(..., calib_precision=...),
-  qruntime.calibrate.forward_dtype): bfloat16 matmuls under autocast for a float32 model where the
+  qruntime.calibration.stats.forward_dtype): bfloat16 matmuls under autocast for a float32 model where the
   hardware multiplies bf16 natively, the model's own dtype otherwise. The Hessians must stay close to the
   float32 ones, the hidden states carried between blocks must keep the model's dtype, and block tuning
   runs under the same autocast;
-- the recording pass (qruntime.sequential): after the first batch a pass-through stands in for each
+- the recording pass (qruntime.calibration.blockwise): after the first batch a pass-through stands in for each
   block, which must record exactly what running the blocks records."""
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from qruntime import compress
-from qruntime.calibrate import collect_hessians, collect_stats, forward_dtype
-from qruntime.plumbing import find_blocks
-from qruntime.sequential import _output_form, _pass_through, blockwise_calibrate
+from qruntime.calibration.stats import collect_hessians, collect_stats, forward_dtype
+from qruntime.plumbing.model import find_blocks
+from qruntime.calibration.blockwise import _output_form, _pass_through, blockwise_calibrate
 
 
 def _linears(model):
@@ -32,7 +32,7 @@ def _rel(a, b):
 def test_forward_dtype_choices(monkeypatch):
     import importlib
 
-    plumbing = importlib.import_module("qruntime.plumbing")
+    plumbing = importlib.import_module("qruntime.plumbing.model")
 
     model = nn.Linear(8, 4)
     assert forward_dtype(model, "model") is None
@@ -51,7 +51,7 @@ def test_forward_dtype_choices(monkeypatch):
 
 def test_native_bf16_detection_agrees_with_torch():
     """/proc/cpuinfo's flags (what "auto" reads) and torch's own CPU probes agree on this machine."""
-    from qruntime.plumbing import cpu_native_bf16
+    from qruntime.plumbing.model import cpu_native_bf16
 
     assert cpu_native_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
@@ -125,7 +125,7 @@ def test_round_to_nearest_records_no_precision(tiny_llama):
 def _inner_calls(model):
     """Counts the calls of each block's first child with weights (e.g. its attention): a pass-through
     standing in for the block skips it."""
-    from qruntime.plumbing import find_blocks
+    from qruntime.plumbing.model import find_blocks
 
     counts = []
     for block in find_blocks(model).layers:
@@ -211,7 +211,7 @@ def test_statistics_pass_skips_the_output_head_only_when_no_target_is_outside_th
 
 
 def test_cli_offers_every_precision():
-    from qruntime.calibrate import CALIB_PRECISIONS
+    from qruntime.calibration.stats import CALIB_PRECISIONS
     from qruntime.cli import _parser
 
     for precision in CALIB_PRECISIONS:
@@ -225,8 +225,8 @@ def test_cli_offers_every_precision():
 @pytest.mark.parametrize("precision", [None, torch.bfloat16])
 def test_a_single_non_finite_activation_is_caught_from_the_product(bad, precision):
     """The Hessian hook checks the diagonal of X^T X, not X: one bad value anywhere must still be found."""
-    from qruntime.plumbing import autocast
-    from qruntime.sequential import _hessian_hooks
+    from qruntime.plumbing.model import autocast
+    from qruntime.calibration.blockwise import _hessian_hooks
 
     layer = nn.Linear(16, 4)
     sums, rows = {}, {}

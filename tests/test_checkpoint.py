@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import qruntime
-from qruntime.checkpoint import FORMAT_VERSION, MANIFEST, WEIGHTS, CheckpointError, load, read_manifest, save
-from qruntime.nn import QuantEmbedding, QuantLinear
+from qruntime.io.checkpoint import FORMAT_VERSION, MANIFEST, WEIGHTS, CheckpointError, load, read_manifest, save
+from qruntime.nn.modules import QuantEmbedding, QuantLinear
 
 ROUND_TRIP_PRESETS = ["w8a16", "w8a8-nosq", "w4a16-g32-rtn", "w4a16-sym-rtn", "w4a16-g16-sym-rtn", "w8a16-emb8",
                       "w4a16-g32-rtn-emb4"]
@@ -124,6 +124,25 @@ def _edit_manifest(folder, fn):
     m = json.loads((folder / MANIFEST).read_text())
     fn(m)
     (folder / MANIFEST).write_text(json.dumps(m))
+
+
+def test_a_manifest_with_the_recipe_fields_still_loads(saved):
+    """Files written before modules knew only their format hold the whole recipe (QuantConfig) per
+    module: the recipe's fields are ignored, and the model loads bit for bit."""
+    ids = _ids()
+    expected = _logits(load(saved), ids)
+    recipe = {"method": "gptq", "gptq_damp": 0.01, "gptq_block_size": 128, "gptq_act_order": True, "clip": "none",
+              "sequential": True, "tune_steps": 0, "tune_lr": 0.002, "tune_rounding": False}
+
+    def old_style(m):
+        for entry in m["modules"].values():
+            assert set(entry["quant"]) == {"bits", "group_size", "symmetric", "act_bits"}
+            entry["quant"].update(recipe)
+    _edit_manifest(saved, old_style)
+    loaded = load(saved)
+    assert torch.equal(_logits(loaded, ids), expected)
+    assert all(m.weight_format == qruntime.WeightFormat(4, 32, False) for m in loaded.modules()
+               if isinstance(m, QuantLinear))
 
 
 def test_flipped_byte_is_detected(saved):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qruntime.cli import main
+from qruntime.recipes.presets import parse_preset
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +17,7 @@ def tiny_folder(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from qruntime.data import split_text
+    from qruntime.eval.data import split_text
 
     words = split_text("calibration")[:20000].split()
     vocab = {"[UNK]": 0}
@@ -47,12 +48,12 @@ def test_compress_info_eval_bench_export(tiny_folder, tmp_path, capsys):
     assert code == 0, err
     result = json.loads(out)  # stdout is only JSON with --json
     assert result["report"]["config"] == "w4a16-g32-asym-gptq" and result["bytes_on_disk"] > 0
-    assert result["report"]["calibration"]["device"] == "cpu"  # onloaded (qruntime.offload)
+    assert result["report"]["calibration"]["device"] == "cpu"  # onloaded (qruntime.plumbing.offload)
     assert "saved" in err and "calibration" in err  # the human report went to stderr
 
     code, out, err = _run(capsys, "info", out_dir, "--verify")
     assert code == 0, err
-    assert "checksums: OK" in out and "14 w4a16-g32-asym-gptq" in out
+    assert "checksums: OK" in out and "14 w4a16-g32-asym" in out  # the modules' format (the recipe is in the report)
 
     code, out, err = _run(capsys, "eval", out_dir, "--eval-tokens", "300", "--window", "64", "--quiet", "--json")
     assert code == 0, err
@@ -201,7 +202,7 @@ def test_compress_encoder_with_depth_stage_trains_on_sentences_of_train_text(tin
     import qruntime
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-    from qruntime.data import split_text
+    from qruntime.eval.data import split_text
 
     torch.manual_seed(0)
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -276,7 +277,7 @@ def test_compress_auto_budget_mixed_formats_round_trip(tiny_folder, tmp_path, ca
     assert all(f.startswith("w4a16") for n, f in formats.items() if n not in budget["promoted"])
     model = qruntime.load(out_dir)
     ids = torch.randint(0, 256, (1, 12))
-    saved_formats = {n: m.quant.name for n, m in model.named_modules() if isinstance(m, qruntime.QuantLinear)}
-    assert saved_formats == formats
+    saved_formats = {n: m.weight_format.name for n, m in model.named_modules() if isinstance(m, qruntime.QuantLinear)}
+    assert saved_formats == {n: parse_preset(f).quant.format.name for n, f in formats.items()}  # recipe -> format
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()

@@ -10,13 +10,15 @@ import torch
 
 from conftest import rel_error
 from qruntime import QuantConfig, compress
-from qruntime.awq import ALPHA_GRID, awq_scales, fake_quantize, plan_awq, scaled_error
-from qruntime.calibrate import collect_stats
-from qruntime.clip import quant_grid, search_int4_params, search_int8_scales
-from qruntime.config import CompressConfig, parse_preset, resolve_config
-from qruntime.formats import dequantize_int4, dequantize_int8, int4_codes, int4_params, int8_codes, int8_scales
-from qruntime.nn import QuantLinear
-from qruntime.smooth import apply
+from qruntime.quant.awq import ALPHA_GRID, awq_scales, fake_quantize, plan_awq, scaled_error
+from qruntime.calibration.stats import collect_stats
+from qruntime.quant.clip import quant_grid, search_int4_params, search_int8_scales
+from qruntime.recipes.config import CompressConfig
+from qruntime.recipes.presets import parse_preset, resolve_config
+from qruntime.formats.packing import dequantize_int4, dequantize_int8, int4_codes, int4_params, int8_codes, int8_scales
+from qruntime.nn.modules import QuantLinear
+from qruntime.quant.smoothquant import apply
+from qruntime.quant.linear import quantize_linear
 
 
 def _weight(n=48, k=256):
@@ -106,9 +108,9 @@ def test_quantlinear_with_clip_keeps_the_format_and_round_trips_through_gptq():
         layer.weight.copy_(_weight(40, 192))
     x = torch.randn(256, 192)
     h = (x.T.double() @ x.double()) / x.shape[0]
-    plain = QuantLinear.from_linear(layer, QuantConfig(bits=4, group_size=64, symmetric=False))
-    clipped = QuantLinear.from_linear(layer, QuantConfig(bits=4, group_size=64, symmetric=False, clip="act"), hessian=h)
-    gptq = QuantLinear.from_linear(layer, QuantConfig(bits=4, group_size=64, symmetric=False, clip="act", method="gptq"),
+    plain = quantize_linear(layer, QuantConfig(bits=4, group_size=64, symmetric=False))
+    clipped = quantize_linear(layer, QuantConfig(bits=4, group_size=64, symmetric=False, clip="act"), hessian=h)
+    gptq = quantize_linear(layer, QuantConfig(bits=4, group_size=64, symmetric=False, clip="act", method="gptq"),
                                    hessian=h)
     for q in (clipped, gptq):
         assert q.qweight.shape == plain.qweight.shape and q.scales.shape == plain.scales.shape
@@ -117,7 +119,7 @@ def test_quantlinear_with_clip_keeps_the_format_and_round_trips_through_gptq():
     assert errs[1] < errs[0] and errs[2] < errs[1], errs
     # a clip="act" QuantLinear built without a Hessian is refused, never silently RTN
     with pytest.raises(ValueError, match="needs the layer's calibration Hessian"):
-        QuantLinear.from_linear(layer, QuantConfig(bits=4, group_size=64, clip="act"))
+        quantize_linear(layer, QuantConfig(bits=4, group_size=64, clip="act"))
 
 
 def test_presets_and_config_validation():

@@ -7,8 +7,9 @@ from torch import nn
 
 import qruntime
 from qruntime import CompressConfig, QuantConfig, QuantLinear, compress
-from qruntime.evaluate import sqnr_db
-from qruntime.nn import is_conv1d
+from qruntime.eval.evaluate import sqnr_db
+from qruntime.nn.modules import is_conv1d
+from qruntime.quant.linear import quantize_linear
 
 
 def _state(model):
@@ -54,14 +55,14 @@ def test_compress_converts_all_but_heads_and_runs(arch, preset, request):
     # INT8 must be near-transparent; INT4 round-to-nearest on random weights is coarser but still close
     assert sqnr_db(ref, out) >= {"w8a16": 30, "w8a8-nosq": 25}.get(preset, 12)
     assert report.weight_bytes_after < report.weight_bytes_before
-    assert all(l.format == qruntime.config.parse_preset(preset).quant.name for l in report.layers)
+    assert all(l.format == qruntime.recipes.presets.parse_preset(preset).quant.name for l in report.layers)
 
 
 def test_gpt2_conv1d_weight_is_transposed(tiny_gpt2):
     conv = tiny_gpt2.transformer.h[0].attn.c_attn  # Conv1D: weight [in=64, out=192]
     assert is_conv1d(conv) and conv.weight.shape == (64, 192)
     x = torch.randn(5, 64)
-    q = QuantLinear.from_linear(conv, QuantConfig(bits=8))
+    q = quantize_linear(conv, QuantConfig(bits=8))
     assert (q.in_features, q.out_features) == (64, 192)
     assert sqnr_db(conv(x), q(x)) > 35
 
@@ -127,10 +128,10 @@ def test_config_validation_messages():
         QuantConfig(bits=3)
     with pytest.raises(TypeError, match="include"):
         CompressConfig(include="*")
-    assert qruntime.config.parse_preset("w4a16-g128").quant == QuantConfig(bits=4, group_size=128, symmetric=False,
+    assert qruntime.recipes.presets.parse_preset("w4a16-g128").quant == QuantConfig(bits=4, group_size=128, symmetric=False,
                                                                            method="gptq")
-    assert qruntime.config.parse_preset("W4A16-g64-sym-rtn").quant == QuantConfig(bits=4, group_size=64, symmetric=True)
-    assert qruntime.config.parse_preset("w8a8-gptq").quant == QuantConfig(bits=8, act_bits=8, method="gptq")
+    assert qruntime.recipes.presets.parse_preset("W4A16-g64-sym-rtn").quant == QuantConfig(bits=4, group_size=64, symmetric=True)
+    assert qruntime.recipes.presets.parse_preset("w8a8-gptq").quant == QuantConfig(bits=8, act_bits=8, method="gptq")
     assert QuantConfig(bits=8, act_bits=8).name == "w8a8"
     with pytest.raises(ValueError, match="act_bits=12: must be 16 or 8"):
         QuantConfig(act_bits=12)
@@ -141,7 +142,8 @@ def test_config_validation_messages():
 def test_plain_presets_are_the_calibrated_recipes_the_issue_names():
     """Issue #5's preset list: plain ``w8a8`` is SmoothQuant and plain INT4 recipes are GPTQ; ``-nosq`` and
     ``-rtn`` are the data-free spellings; every full name parses back to its config."""
-    from qruntime.config import PRESETS, data_free_variant, parse_preset
+    from qruntime.recipes.config import data_free_variant
+    from qruntime.recipes.presets import PRESETS, parse_preset
 
     assert parse_preset("w8a8").smoothquant == 0.5 and parse_preset("w8a8").quant.method == "rtn"
     assert parse_preset("w8a8-nosq").smoothquant is None and not parse_preset("w8a8-nosq").needs_calibration
@@ -251,7 +253,7 @@ def test_module_kernel_arguments_follow_load_state_dict_and_pickle(tiny_llama, t
     """The module keeps its CPU kernel's arguments; a load_state_dict (in-place copy) must refresh them."""
     compress(tiny_llama, "w8a8-nosq", progress=False)
     layer = tiny_llama.model.layers[0].self_attn.q_proj
-    other = QuantLinear.from_linear(nn.Linear(layer.in_features, layer.out_features, bias=False), layer.quant)
+    other = quantize_linear(nn.Linear(layer.in_features, layer.out_features, bias=False), QuantConfig(bits=8, act_bits=8))
     x = torch.randn(4, layer.in_features)
     with torch.no_grad():
         before = layer(x)

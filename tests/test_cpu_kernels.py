@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import REL_TOL, rel_error, require
-from qruntime import ops, reference
-from qruntime._ext import extension
-from qruntime.cpu_layout import (
+from qruntime.ops import registry as ops
+from qruntime.ops import reference
+from qruntime.ops.extension import extension
+from qruntime.formats.cpu_layout import (
     cpu_int4,
     cpu_int8,
     pack_int4_panels,
@@ -21,9 +22,9 @@ from qruntime.cpu_layout import (
     unpack_int8_panels,
     unpack_int8_vnni,
 )
-from qruntime.formats import quantize_int4, quantize_int8_per_channel, unpack_int4
+from qruntime.formats.packing import quantize_int4, quantize_int8_per_channel, unpack_int4
 
-require(extension() is not None, "the C++ extension qruntime._C is not built",
+require(extension() is not None, "the C++ extension qruntime.ops._C is not built",
         allowed="disabled by QRUNTIME_DISABLE_EXTENSION" if os.environ.get("QRUNTIME_DISABLE_EXTENSION", "") not in ("", "0") else None)
 ISAS = ops.supported_cpu_isas() or ["none"]
 MS = [1, 2, 3, 15, 16, 17, 128, 129]
@@ -184,7 +185,7 @@ def test_forced_isa_environment(tmp_path):
     import subprocess
     import sys
 
-    code = "import qruntime.ops as o; print(o.cpu_backend())"
+    code = "import qruntime.ops.registry as o; print(o.cpu_backend())"
     env = {**__import__("os").environ, "QRUNTIME_CPU_ISA": "scalar"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "cpp:scalar"

@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import REL_TOL, rel_error, require
 
-from qruntime import ops, reference
-from qruntime._ext import extension
-from qruntime.cpu_layout import cpu_sp24, unpack_cpu_sp24
-from qruntime.formats import nm_mask, pack_int4, pack_sp24, sp24_padded_k, sp24_positions
+from qruntime.ops import registry as ops
+from qruntime.ops import reference
+from qruntime.ops.extension import extension
+from qruntime.formats.cpu_layout import cpu_sp24, unpack_cpu_sp24
+from qruntime.formats.packing import nm_mask, pack_int4, pack_sp24, sp24_padded_k, sp24_positions
 
 require(ops.SP24_CPU_KERNELS, "the C++ extension with its 2:4 kernel is not built",
         allowed="disabled by QRUNTIME_DISABLE_EXTENSION" if os.environ.get("QRUNTIME_DISABLE_EXTENSION", "") not in ("", "0") else None)

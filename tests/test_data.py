@@ -1,4 +1,4 @@
-"""Tests for qruntime.data: offline text corpora and the split protocol."""
+"""Tests for qruntime.eval.data: offline text corpora and the split protocol."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from qruntime import data
+from qruntime.eval import data
 
 MARKUP_FRAGMENTS = ("{{", "}}", "[[", "]]", "<ref", "'''")
 
@@ -55,6 +55,26 @@ def test_gensim_missing_raises_with_install_hint(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps gensim"):
         data.gensim_test_data_dir()
+
+
+@pytest.mark.parametrize("missing", ["datasets", "gguf"])
+def test_a_missing_demo_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path,
+                                              missing: str) -> None:
+    """A core install has neither gguf nor datasets: the demo code says which extra installs them."""
+    from qruntime.eval import models
+
+    real_find_spec = importlib.util.find_spec
+
+    def fake_find_spec(name: str, *args: object, **kwargs: object) -> object:
+        return None if name == missing else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
+    monkeypatch.setenv("QRUNTIME_CACHE", str(tmp_path))  # no converted model cached: the GGUF must be read
+    with pytest.raises(ImportError, match=rf"needs the '{missing}' package.*pip install 'qruntime\[demo\]'"):
+        if missing == "datasets":
+            data.text_dataset("calibration")
+        else:
+            models.smollm2_path()
 
 
 def test_cache_dir_honours_env_and_is_created(
@@ -336,7 +356,7 @@ def _polarity_archive(path: pathlib.Path, csv_text: str, member: str = data._POL
 def test_polarity_archive_parsing_and_bad_archives(tmp_path: pathlib.Path) -> None:
     good = _polarity_archive(tmp_path / "good.tar.gz", '"1","a fine , warm film . \n"\n"-1","dull, ""flat"" .\n"\n')
     assert data._read_polarity_archive(good, sha256=None) == (("a fine , warm film .", 1), ('dull, "flat" .', 0))
-    with pytest.raises(ValueError, match=r"SHA-256 [0-9a-f]{64}, expected 0{64}; qruntime.data.fetch_sentence_polarity\(\) replaces it"):
+    with pytest.raises(ValueError, match=r"SHA-256 [0-9a-f]{64}, expected 0{64}; qruntime.eval.data.fetch_sentence_polarity\(\) replaces it"):
         data._read_polarity_archive(good, sha256="0" * 64)
     bad = _polarity_archive(tmp_path / "label.tar.gz", '"1","fine"\n"0","neutral?"\n')
     with pytest.raises(ValueError, match=r"row 2: expected a label in \('1', '-1'\) and a text, got \['0', 'neutral\?'\]"):

@@ -12,16 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import qruntime
-from qruntime.config import DistillConfig, resolve_config
-from qruntime.distill import (
-    _Divergence,
-    choose_layers,
-    evaluate_student,
-    find_blocks,
-    kd_loss,
-    make_student,
-    teacher_topk,
-)
+from qruntime.distill.config import DistillConfig
+from qruntime.recipes.presets import resolve_config
+from qruntime.distill.losses import kd_loss
+from qruntime.distill.selection import _Divergence, choose_layers
+from qruntime.distill.student import make_student
+from qruntime.distill.trainer import evaluate_student, teacher_topk
+from qruntime.plumbing.model import find_blocks
 
 VOCAB = 96
 DEPTH = 6
@@ -157,7 +154,7 @@ def test_find_blocks_paths_and_errors():
 
 
 def test_naive_selections():
-    from qruntime.distill import _naive_keep
+    from qruntime.distill.selection import _naive_keep
 
     assert _naive_keep("uniform", 30, 15) == list(range(0, 30, 2))  # every other block
     assert _naive_keep("first", 30, 15) == list(range(15))
@@ -358,7 +355,7 @@ def test_default_selection_batches_are_spread_over_the_training_data(monkeypatch
     # shortest, batches; it gets the middle batch of each equal stretch
     import sys
 
-    dmod = sys.modules["qruntime.distill"]
+    dmod = sys.modules["qruntime.distill.trainer"]
     assert dmod._spread(list(range(10)), 4) == [1, 3, 6, 8]
     assert dmod._spread(list(range(10)), 1) == [5]
     assert dmod._spread(list(range(3)), 4) == [0, 1, 2]
@@ -459,7 +456,7 @@ def _word_tokenizer(words: list[str]):
 
 
 def test_sentence_batches_sorted_by_length_keep_every_sentence_once():
-    from qruntime.calibrate import sentence_batches
+    from qruntime.calibration.stats import sentence_batches
 
     g = torch.Generator().manual_seed(5)
     words = [f"w{i}" for i in range(50)]
@@ -517,7 +514,7 @@ def test_encoder_probe_refit_is_blind_to_a_rotation_of_the_embeddings():
     # a model whose embeddings are the reference's turned by an orthogonal matrix: the reference's probe
     # no longer applies (cosine < 1), a probe refit on the model's own embeddings scores exactly as the
     # reference's (L2-regularized logistic regression is rotation-invariant)
-    from qruntime.evaluate import evaluate_encoder
+    from qruntime.eval.evaluate import evaluate_encoder
 
     g = torch.Generator().manual_seed(6)
     words = [f"w{i}" for i in range(40)]
@@ -545,7 +542,7 @@ def test_encoder_probe_refit_is_blind_to_a_rotation_of_the_embeddings():
 def test_sentence_embeddings_batched_by_length_in_input_order():
     # sentences of 1 to 12 words, batched longest first: each row is the sentence's own embedding, in the
     # order given, the same as embedding it alone (padding is masked)
-    from qruntime.evaluate import sentence_embeddings
+    from qruntime.eval.evaluate import sentence_embeddings
 
     g = torch.Generator().manual_seed(3)
     words = [f"w{i}" for i in range(40)]
@@ -576,14 +573,14 @@ def test_sentence_embeddings_batched_by_length_in_input_order():
     ],
 )
 def test_evaluate_encoder_rejects_bad_labels(sentences, labels, match):
-    from qruntime.evaluate import evaluate_encoder
+    from qruntime.eval.evaluate import evaluate_encoder
 
     with pytest.raises(ValueError, match=match):
         evaluate_encoder(nn.Identity(), nn.Identity(), None, sentences, labels)
 
 
 def test_cross_validated_probes_score_every_sentence_and_measure_the_paired_difference():
-    from qruntime.evaluate import cross_validated_probes
+    from qruntime.eval.evaluate import cross_validated_probes
 
     g = torch.Generator().manual_seed(7)
     n = 80
@@ -624,7 +621,7 @@ def _ranks_brute(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_similarity_correlation_matches_its_closed_form():
-    from qruntime.evaluate import similarity_correlation
+    from qruntime.eval.evaluate import similarity_correlation
 
     g = torch.Generator().manual_seed(11)
     d = 14
@@ -679,8 +676,8 @@ def test_encoder_tasks_same_model_rotation_and_bad_input(monkeypatch):
     # the topic probe and the similarity task on small synthetic stand-ins for the gensim data: the
     # reference against itself differs by nothing; embeddings turned by an orthogonal matrix keep every
     # cosine (so the similarity correlations) and a refit probe's accuracy, but break the reference's probe
-    import qruntime.data
-    from qruntime.evaluate import evaluate_encoder_tasks
+    import qruntime.eval.data
+    from qruntime.eval.evaluate import evaluate_encoder_tasks
 
     g = torch.Generator().manual_seed(12)
     words = [f"w{i}" for i in range(40)]
@@ -692,9 +689,9 @@ def test_encoder_tasks_same_model_rotation_and_bad_input(monkeypatch):
     human = (torch.rand(12, 12, generator=g).triu(1) + torch.eye(12)).tolist()
     moods = torch.randint(0, 2, (80,), generator=g).tolist()
     sentences = list(zip(_labelled_sentences(words, moods, g), moods))
-    monkeypatch.setattr(qruntime.data, "sentence_polarity", lambda: sentences)
-    monkeypatch.setattr(qruntime.data, "newsgroup_posts", lambda: posts)
-    monkeypatch.setattr(qruntime.data, "lee_similarities", lambda: (docs, human))
+    monkeypatch.setattr(qruntime.eval.data, "sentence_polarity", lambda: sentences)
+    monkeypatch.setattr(qruntime.eval.data, "newsgroup_posts", lambda: posts)
+    monkeypatch.setattr(qruntime.eval.data, "lee_similarities", lambda: (docs, human))
     q, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
 
     same = evaluate_encoder_tasks(bert, bert, tok, max_length=32, cv_repeats=2)
@@ -728,7 +725,7 @@ def test_encoder_tasks_same_model_rotation_and_bad_input(monkeypatch):
     ],
 )
 def test_sentence_batches_bad_inputs(kwargs, match):
-    from qruntime.calibrate import sentence_batches
+    from qruntime.calibration.stats import sentence_batches
 
     tok = _word_tokenizer(["w1", "w2"])
     kwargs = {"text": "w1 w2 w1 w2 w1.", **kwargs}
@@ -890,7 +887,7 @@ def test_compress_with_depth_stage():
     assert len(report.layers) == 3 * 7 and all(l.format == "w8a16-gptq" for l in report.layers)
     assert report.distillation["student_layers"] == 3 and report.distillation["steps"] == 100
     assert "distillation" in report.stages and "distillation: 6 -> 3 blocks" in report.table()
-    assert report.model_bytes_before == qruntime.targets.model_bytes(teacher)  # the teacher's size
+    assert report.model_bytes_before == qruntime.nn.targets.model_bytes(teacher)  # the teacher's size
     assert "perplexity" in report.distillation["teacher"] and "held-out perplexity: teacher" in report.table()
     assert qruntime.CompressReport.from_dict(report.to_dict()).distillation == report.distillation
     with torch.no_grad():
@@ -909,7 +906,7 @@ def test_distilled_and_quantized_checkpoint_round_trip(tmp_path):
 
 
 def test_learning_rate_schedule():
-    from qruntime.distill import _lr_factor
+    from qruntime.distill.trainer import _lr_factor
 
     cfg = DistillConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
     assert _lr_factor(cfg, 0, 0.0) == pytest.approx(1 / 11)  # linear warm-up

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 import qruntime
-from qruntime.config import QuantConfig, resolve_config
-from qruntime.nn import QuantEmbedding, QuantLinear
+from qruntime.quant.config import QuantConfig
+from qruntime.recipes.presets import resolve_config
+from qruntime.nn.modules import QuantEmbedding, QuantLinear
 
 
 @pytest.mark.parametrize(
@@ -17,7 +18,7 @@ from qruntime.nn import QuantEmbedding, QuantLinear
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lookup_equals_dequantized_rows(quant, dtype):
     emb = nn.Embedding(50, 40, padding_idx=0).to(dtype)
-    q = QuantEmbedding.from_embedding(emb, quant)
+    q = QuantEmbedding.from_embedding(emb, quant.format)
     ids = torch.randint(0, 50, (3, 7))
     out = q(ids)
     assert out.dtype == dtype and out.shape == (3, 7, 40)
@@ -28,7 +29,7 @@ def test_lookup_equals_dequantized_rows(quant, dtype):
 
 
 def test_tied_head_shares_tensors_and_matches_a_float_head():
-    q = QuantEmbedding.from_embedding(nn.Embedding(64, 48), QuantConfig(4, 16, False))
+    q = QuantEmbedding.from_embedding(nn.Embedding(64, 48), QuantConfig(4, 16, False).format)
     head = QuantLinear.tied_to(q)
     assert head.qweight is q.qweight and head.zeros is q.zeros
     x = torch.randn(5, 48)
@@ -37,13 +38,13 @@ def test_tied_head_shares_tensors_and_matches_a_float_head():
 
 
 def test_bad_inputs():
-    q = QuantEmbedding.from_embedding(nn.Embedding(10, 16), QuantConfig(8))
+    q = QuantEmbedding.from_embedding(nn.Embedding(10, 16), QuantConfig(8).format)
     with pytest.raises(TypeError, match="integer"):
         q(torch.zeros(3))
     with pytest.raises(ValueError, match="act_bits"):
-        QuantEmbedding(10, 16, QuantConfig(8, act_bits=8))
+        QuantEmbedding(10, 16, QuantConfig(8, act_bits=8).format)
     with pytest.raises(TypeError, match="nn.Embedding"):
-        QuantEmbedding.from_embedding(nn.Linear(3, 3), QuantConfig(8))
+        QuantEmbedding.from_embedding(nn.Linear(3, 3), QuantConfig(8).format)
     with pytest.raises(ValueError, match="round-to-nearest"):
         qruntime.CompressConfig(embeddings=QuantConfig(8, method="gptq"))
 

@@ -12,8 +12,8 @@ from torch import nn
 from conftest import require_module
 
 import qruntime
-from qruntime.export import _pack_int32, export_compressed_tensors
-from qruntime.nn import QuantLinear
+from qruntime.io.export import _pack_int32, export_compressed_tensors
+from qruntime.nn.modules import QuantLinear
 
 ct = require_module("compressed_tensors", "compressed-tensors (the test extra) is not installed",
                     allowed="it needs Python >= 3.11" if sys.version_info < (3, 11) else None)
@@ -102,7 +102,7 @@ def test_2_4_layers_export_dense_with_their_structure(tiny_llama, preset, tmp_pa
     to our weights exactly, with a sparsity_config naming them; transformers loads the export."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from qruntime.nn import SparseLinear
+    from qruntime.nn.modules import SparseLinear
 
     q, _ = qruntime.compress(tiny_llama, preset, inplace=False, progress=False)
     export_compressed_tensors(q, tmp_path)

@@ -12,9 +12,9 @@ import torch
 
 from conftest import rel_error
 from qruntime import compress
-from qruntime.awq import awq_scales
-from qruntime.calibrate import collect_stats
-from qruntime.smooth import apply, find_groups, norm_offset, plan_groups, plan_smoothing
+from qruntime.quant.awq import awq_scales
+from qruntime.calibration.stats import collect_stats
+from qruntime.quant.smoothquant import apply, find_groups, norm_offset, plan_groups, plan_smoothing
 
 # family -> (weight offset of its RMSNorm, the norm feeding gate/up)
 FAMILIES = {

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qruntime.formats import (
+from qruntime.formats.packing import (
     dequantize_int4,
     dequantize_int8,
     int4_padded_k,

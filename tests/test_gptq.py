@@ -5,11 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from qruntime import QuantConfig, QuantLinear, compress
-from qruntime.calibrate import collect_hessians
-from qruntime.evaluate import sqnr_db
-from qruntime.formats import int4_params, int8_scales
-from qruntime.gptq import column_quantizer, gptq_quantize
+from qruntime import QuantConfig, compress
+from qruntime.calibration.stats import collect_hessians
+from qruntime.eval.evaluate import sqnr_db
+from qruntime.formats.packing import int4_params, int8_scales
+from qruntime.quant.gptq import column_quantizer, gptq_quantize
+from qruntime.quant.linear import quantize_linear
 
 
 def _correlated_inputs(rows, k):
@@ -27,9 +28,9 @@ def test_gptq_beats_rtn_on_output_error(quant):
     linear = nn.Linear(k, n)
     x = _correlated_inputs(512, k)
     h = x.double().t() @ x.double()
-    rtn = QuantLinear.from_linear(linear, quant, hessian=h)  # method "rtn": the Hessian changes nothing
-    assert torch.equal(rtn.qweight, QuantLinear.from_linear(linear, quant).qweight)
-    gptq = QuantLinear.from_linear(linear, replace(quant, method="gptq"), hessian=h)
+    rtn = quantize_linear(linear, quant, hessian=h)  # method "rtn": the Hessian changes nothing
+    assert torch.equal(rtn.qweight, quantize_linear(linear, quant).qweight)
+    gptq = quantize_linear(linear, replace(quant, method="gptq"), hessian=h)
     with torch.no_grad():
         ref = linear(x)
         assert sqnr_db(ref, gptq(x)) > sqnr_db(ref, rtn(x)) + 0.5

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import qruntime
-from qruntime.checkpoint import read_manifest
-from qruntime.nn import QuantLinear
+from qruntime.io.checkpoint import read_manifest
+from qruntime.nn.modules import QuantLinear
 
 from conftest import require
 

@@ -1,4 +1,4 @@
-"""Sequential onloading (qruntime.offload, compress(..., device=...)): a model kept in CPU RAM calibrated on
+"""Sequential onloading (qruntime.plumbing.offload, compress(..., device=...)): a model kept in CPU RAM calibrated on
 another device one block at a time. Here (no GPU) the execution device is the CPU itself: every move is a
 no-op, but the hooks, the held block, the statistics' and layers' way home and the bookkeeping all run,
 and must leave the results bit-identical. The CUDA test checks the memory bound on a real GPU."""
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from qruntime import compress
-from qruntime.nn import QuantLinear
-from qruntime.offload import Onloader, current_onloader, execution_device, home_device, onloaded
+from qruntime.nn.modules import QuantLinear
+from qruntime.plumbing.offload import Onloader, current_onloader, execution_device, home_device, onloaded
 
 
 
@@ -137,7 +137,7 @@ def test_a_model_in_cpu_ram_is_calibrated_on_the_gpu_one_block_at_a_time():
 def test_recording_pass_leaves_the_passed_through_blocks_at_home(tiny_llama):
     """After the first batch the recording pass runs no block's compute, so no block visits the device:
     each extra batch moves only the units that really run before the blocks (embeddings, rotary tables)."""
-    from qruntime.sequential import blockwise_calibrate
+    from qruntime.calibration.blockwise import blockwise_calibrate
 
     layers = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
     moves = []

@@ -6,9 +6,10 @@ from conftest import REL_TOL, rel_error, scaled_error, w8a8_activations
 from conftest import w4a16_oracle as _w4_oracle
 from conftest import w8a8_oracle as _w8a8_oracle
 from conftest import w8a16_oracle as _w8_oracle
-from qruntime import ops, reference
-from qruntime._ext import extension
-from qruntime.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8_per_channel
+from qruntime.ops import registry as ops
+from qruntime.ops import reference
+from qruntime.ops.extension import extension
+from qruntime.formats.packing import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8_per_channel
 
 BACKENDS = ["dispatch", "reference"]  # dispatch = whatever torch.ops picks on this device (C++ on CPU)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

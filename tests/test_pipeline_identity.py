@@ -44,7 +44,9 @@ def _tensor_digest(t: torch.Tensor) -> str:
 
 def _run(family: str, recipe: str) -> dict:
     """Digests of the compressed model's tensors and of the report's layer entries."""
-    from qruntime.config import CompressConfig, DistillConfig, resolve_config
+    from qruntime.distill.config import DistillConfig
+    from qruntime.recipes.config import CompressConfig
+    from qruntime.recipes.presets import resolve_config
 
     model = sm.build(family)
     kwargs = {"calib_data": sm.calib(), "eval_data": sm.calib(2)}

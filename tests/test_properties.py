@@ -25,8 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import REL_TOL, scaled_error, w4a16_oracle, w8a8_activations, w8a8_oracle, w8a16_oracle
-from qruntime import ops, reference
-from qruntime.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8_per_channel
+from qruntime.ops import registry as ops
+from qruntime.ops import reference
+from qruntime.formats.packing import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8_per_channel
 
 DEEP = os.environ.get("QRUNTIME_HYPOTHESIS", "ci") == "deep"
 SCALE = 20 if DEEP else 1
@@ -110,7 +111,7 @@ def run(backend: str, op: str, args: tuple, path: str | None = None):
     if backend.startswith("cpp:"):
         with ops.use_cpu_isa(backend[4:]):
             return getattr(ops, {"w8a16_linear": "cpu_w8a16", "w8a8_linear": "cpu_w8a8", "w4a16_linear": "cpu_w4a16"}[op])(*args)
-    from qruntime import triton_backend
+    from qruntime.ops import triton_backend
 
     module = triton_backend.load(op.split("_")[0])
     return getattr(module, op)(*args, path=path)

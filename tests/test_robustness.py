@@ -10,8 +10,8 @@ import torch
 
 import qruntime
 from qruntime import QuantLinear, compress
-from qruntime.config import resolve_config
-from qruntime.nn import QuantEmbedding
+from qruntime.recipes.presets import resolve_config
+from qruntime.nn.modules import QuantEmbedding
 
 
 def _snapshot(model):
@@ -40,16 +40,18 @@ def _calib(n=3):
 @pytest.mark.parametrize("preset", ["w8a16", "w4a16-g32-gptq"])
 def test_failure_in_the_nth_layer_leaves_the_model_as_it_was(tiny_llama, monkeypatch, preset, fail_at):
     before = _snapshot(tiny_llama)
-    original = QuantLinear.from_linear.__func__
+    import qruntime.pipeline.compress as pipeline
+
+    original = pipeline.quantize_linear
     calls = {"n": 0}
 
-    def failing(cls, module, quant, hessian=None):
+    def failing(module, quant, hessian=None):
         calls["n"] += 1
         if calls["n"] == fail_at:
             raise RuntimeError(f"injected failure in layer {fail_at}")
-        return original(cls, module, quant, hessian=hessian)
+        return original(module, quant, hessian=hessian)
 
-    monkeypatch.setattr(QuantLinear, "from_linear", classmethod(failing))
+    monkeypatch.setattr(pipeline, "quantize_linear", failing)
     with pytest.raises(RuntimeError, match=f"injected failure in layer {fail_at}"):
         compress(tiny_llama, preset, _calib(), progress=False)
     _assert_unchanged(tiny_llama, before)
@@ -119,5 +121,5 @@ def test_the_fingerprint_tells_calibration_sets_apart(tiny_llama):
 def test_report_with_calibration_round_trips_through_a_checkpoint(tiny_llama, tmp_path):
     q, report = compress(tiny_llama, "w4a16-g32-gptq", _calib(), progress=False)
     qruntime.save(q, tmp_path / "ckpt", report=report)
-    manifest = qruntime.checkpoint.read_manifest(tmp_path / "ckpt")
+    manifest = qruntime.io.checkpoint.read_manifest(tmp_path / "ckpt")
     assert qruntime.CompressReport.from_dict(manifest["report"]).calibration == report.calibration

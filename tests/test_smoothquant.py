@@ -9,9 +9,9 @@ import torch
 
 from conftest import rel_error
 from qruntime import CompressConfig, QuantConfig, compress
-from qruntime.calibrate import collect_stats
-from qruntime.config import parse_preset
-from qruntime.smooth import apply, find_groups, fold, smoothing_scales
+from qruntime.calibration.stats import collect_stats
+from qruntime.recipes.presets import parse_preset
+from qruntime.quant.smoothquant import apply, find_groups, fold, smoothing_scales
 
 
 def _calib(vocab=128, n=4):
@@ -83,12 +83,12 @@ def test_smoothquant_with_gptq_and_failure_safety(tiny_llama, monkeypatch):
     assert report.config == "w8a8-gptq-sq0.75" and report.smoothing["alpha"] == 0.75
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # inplace=False
 
-    import qruntime.pipeline
+    import qruntime.pipeline.compress
 
     def fail(*a, **k):
         raise RuntimeError("injected after smoothing was computed")
 
-    monkeypatch.setattr(qruntime.pipeline.QuantLinear, "from_linear", classmethod(lambda cls, *a, **k: fail()))
+    monkeypatch.setattr(qruntime.pipeline.compress, "quantize_linear", fail)
     with pytest.raises(RuntimeError, match="injected"):
         compress(model, "w8a8-sq", _calib(), progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # norms untouched too

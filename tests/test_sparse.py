@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import qruntime
-from qruntime import ops
-from qruntime.config import QuantConfig, SparsityConfig, resolve_config
-from qruntime.formats import (
+from qruntime.ops import registry as ops
+from qruntime.quant.config import QuantConfig
+from qruntime.recipes.config import SparsityConfig
+from qruntime.recipes.presets import resolve_config
+from qruntime.formats.packing import (
     dequantize_sp24,
     int4_params,
     nm_mask,
@@ -17,7 +19,8 @@ from qruntime.formats import (
     unpack_int4,
     unpack_sp24,
 )
-from qruntime.nn import SparseLinear
+from qruntime.nn.modules import SparseLinear
+from qruntime.sparse.pack import pack_pruned
 
 from conftest import REL_TOL, rel_error
 
@@ -74,9 +77,9 @@ def test_pack_refuses_a_dense_weight():
 def _module_oracle(m: SparseLinear, k: int) -> torch.Tensor:
     """Dequantized weight from the buffers and the docs: INT8 q * s[n]; INT4 (code - zero) * s over
     groups of g dense columns = g / 2 kept values."""
-    if m.quant is None:
+    if m.weight_format is None:
         kept = m.values.double()
-    elif m.quant.bits == 8:
+    elif m.weight_format.bits == 8:
         kept = m.values.double() * m.scales.double()[:, None]
     else:
         codes = unpack_int4(m.values).double()
@@ -95,7 +98,7 @@ QUANTS = [None, QuantConfig(8), QuantConfig(4, None, True), QuantConfig(4, None,
 def test_sparse_linear_matches_the_oracle(quant, k):
     w = _sparse_weight(40, k)
     bias = torch.randn(40)
-    m = SparseLinear.from_pruned(w, bias, quant)
+    m = pack_pruned(w, bias, quant)
     oracle = _module_oracle(m, k)
     dequantized = m.dequantized_weight().double()  # float32 products; the oracle's are float64
     assert torch.allclose(dequantized, oracle, rtol=1e-6, atol=0) and torch.equal(dequantized != 0, oracle != 0)
@@ -116,7 +119,7 @@ def test_sparse_linear_matches_the_oracle(quant, k):
 def test_op_vs_float64_oracle_and_opcheck(kind, dtype, m_rows):
     k, n = 76, 33
     quant = {"float": None, "int8": QuantConfig(8), "int4": QuantConfig(4, 32, False)}[kind]
-    layer = SparseLinear.from_pruned(_sparse_weight(n, k), torch.randn(n), quant)
+    layer = pack_pruned(_sparse_weight(n, k), torch.randn(n), quant)
     x = torch.randn(m_rows, k).to(dtype)
     args = (layer.values, layer.meta, layer.scales, layer.zeros, layer.group_size, layer.bias)
     y = ops.sp24_linear(x, *args)
@@ -127,7 +130,7 @@ def test_op_vs_float64_oracle_and_opcheck(kind, dtype, m_rows):
 
 
 def test_op_gradient_flows_to_x_and_bias():
-    layer = SparseLinear.from_pruned(_sparse_weight(12, 32), torch.randn(12), QuantConfig(8))
+    layer = pack_pruned(_sparse_weight(12, 32), torch.randn(12), QuantConfig(8))
     x = torch.randn(3, 32, dtype=torch.float64, requires_grad=True)
     bias = layer.bias.detach().double().requires_grad_()
     torch.autograd.gradcheck(
@@ -136,7 +139,7 @@ def test_op_gradient_flows_to_x_and_bias():
 
 
 def test_op_errors_name_the_values():
-    layer = SparseLinear.from_pruned(_sparse_weight(8, 32), None, QuantConfig(4, 16, False))
+    layer = pack_pruned(_sparse_weight(8, 32), None, QuantConfig(4, 16, False))
     x = torch.randn(2, 32)
     v, meta, s, z = layer.values, layer.meta, layer.scales, layer.zeros
     with pytest.raises(ValueError, match=r"values: shape \(8, 4\), expected \(8, 8\)"):
@@ -154,10 +157,10 @@ def test_op_errors_name_the_values():
 
 
 def test_half_converts_float_values_not_scales():
-    m = SparseLinear.from_pruned(_sparse_weight(8, 32), torch.randn(8), None)
+    m = pack_pruned(_sparse_weight(8, 32), torch.randn(8), None)
     m.half()
     assert m.values.dtype == torch.float16 and m.bias.dtype == torch.float16
-    q = SparseLinear.from_pruned(_sparse_weight(8, 32), torch.randn(8), QuantConfig(8)).to(torch.bfloat16)
+    q = pack_pruned(_sparse_weight(8, 32), torch.randn(8), QuantConfig(8)).to(torch.bfloat16)
     assert q.values.dtype == torch.int8 and q.scales.dtype == torch.float32
     assert q(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
@@ -230,7 +233,7 @@ def test_missing_data_and_skip_patterns(tiny_llama):
         qruntime.compress(tiny_llama, "2:4", progress=False)
     with pytest.raises(ValueError, match="recovery stage and needs train_data"):
         qruntime.compress(tiny_llama, "2:4-magnitude-kd", progress=False)
-    from qruntime.config import CompressConfig
+    from qruntime.recipes.config import CompressConfig
 
     cfg = CompressConfig(quant=QuantConfig(8), sparsity=SparsityConfig(method="magnitude", skip=("*.o_proj",)))
     out, report = qruntime.compress(tiny_llama, cfg, inplace=False, progress=False)
@@ -291,7 +294,7 @@ def test_tampered_metadata_is_refused(tiny_llama, tmp_path):
 
 def test_int4_grid_is_that_of_the_pruned_weight():
     w = _sparse_weight(16, 64)
-    m = SparseLinear.from_pruned(w, None, QuantConfig(4, 32, False))
+    m = pack_pruned(w, None, QuantConfig(4, 32, False))
     scales, zeros, _ = int4_params(w, 32, False)
     assert torch.equal(m.scales, scales) and torch.equal(m.zeros, zeros)
     assert torch.equal(dequantize_sp24(m.values, m.meta, m.scales, m.zeros, 32, 64), m.dequantized_weight())

@@ -14,14 +14,15 @@ import itertools
 import pytest
 import torch
 
-from qruntime import ops, reference
-from qruntime.formats import quantize_int4, quantize_int8_per_channel
+from qruntime.ops import registry as ops
+from qruntime.ops import reference
+from qruntime.formats.packing import quantize_int4, quantize_int8_per_channel
 
 from conftest import REL_TOL, rel_error, require_module
 
 triton = require_module("triton", "Triton (the test extra) is not installed")
 
-from qruntime import triton_backend  # noqa: E402
+from qruntime.ops import triton_backend  # noqa: E402
 from qruntime.kernels import _common, dispatch  # noqa: E402
 from qruntime.kernels import w4a16 as k4  # noqa: E402
 from qruntime.kernels import w8a8 as k8a8  # noqa: E402

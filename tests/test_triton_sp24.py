@@ -19,8 +19,9 @@ import itertools
 import pytest
 import torch
 
-from qruntime import ops, reference
-from qruntime.formats import (
+from qruntime.ops import registry as ops
+from qruntime.ops import reference
+from qruntime.formats.packing import (
     dequantize_sp24, int4_codes, int4_params, nm_mask, pack_sp24, quantize_int8_per_channel, sp24_padded_k,
 )
 
@@ -28,7 +29,7 @@ from conftest import REL_TOL, rel_error, require_module
 
 triton = require_module("triton", "Triton (the test extra) is not installed")
 
-from qruntime import triton_backend  # noqa: E402
+from qruntime.ops import triton_backend  # noqa: E402
 from qruntime.kernels import _common, dispatch  # noqa: E402
 from qruntime.kernels import sp24 as ks24  # noqa: E402
 from qruntime.kernels import w8a16 as k8  # noqa: E402

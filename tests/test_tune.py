@@ -1,4 +1,4 @@
-"""Block output tuning (qruntime.tune, the "-tune" suffix): quantization scales, and 2:4 kept weights."""
+"""Block output tuning (qruntime.quant.tune, the "-tune" suffix): quantization scales, and 2:4 kept weights."""
 from __future__ import annotations
 
 import pytest
@@ -6,11 +6,14 @@ import torch
 from torch import nn
 
 from qruntime import compress
-from qruntime.config import QuantConfig, SparsityConfig, parse_preset
-from qruntime.nn import QuantLinear
-from qruntime.prune import prune_weight
-from qruntime.formats import unpack_int4
-from qruntime.tune import _MaskedWeight, _RoundedWeight, _ScaledWeight, tune_block_scales, tune_block_weights
+from qruntime.quant.config import QuantConfig
+from qruntime.recipes.config import SparsityConfig
+from qruntime.recipes.presets import parse_preset
+from qruntime.nn.modules import QuantLinear
+from qruntime.sparse.prune import prune_weight
+from qruntime.formats.packing import unpack_int4
+from qruntime.quant.tune import _MaskedWeight, _RoundedWeight, _ScaledWeight, tune_block_scales, tune_block_weights
+from qruntime.quant.linear import quantize_linear, quantize_linear_unrounded
 
 
 @pytest.mark.parametrize("quant", [QuantConfig(bits=4, group_size=32, symmetric=False),
@@ -19,7 +22,7 @@ from qruntime.tune import _MaskedWeight, _RoundedWeight, _ScaledWeight, tune_blo
                                    QuantConfig(bits=8)], ids=lambda q: q.name)
 def test_untuned_scales_give_the_dequantized_weight_and_a_gradient(quant):
     lin = nn.Linear(72, 40)  # 72 columns: INT4 pads K to the group
-    q = QuantLinear.from_linear(lin, quant)
+    q = quantize_linear(lin, quant)
     sw = _ScaledWeight(q, transpose=False)
     w = sw.weight(torch.float32)
     assert torch.equal(w, q.dequantized_weight())
@@ -29,7 +32,7 @@ def test_untuned_scales_give_the_dequantized_weight_and_a_gradient(quant):
 
 
 def _codes(q):
-    return q.qweight.to(torch.int64) if q.quant.bits == 8 else unpack_int4(q.qweight).to(torch.int64)
+    return q.qweight.to(torch.int64) if q.weight_format.bits == 8 else unpack_int4(q.qweight).to(torch.int64)
 
 
 _QUANTS = [QuantConfig(bits=4, group_size=32, symmetric=False), QuantConfig(bits=4, group_size=32, symmetric=True),
@@ -48,8 +51,8 @@ def test_unrounded_values_round_to_the_codes(quant, method):
     x = torch.randn(256, 72) @ (torch.eye(72) + 0.3 * torch.randn(72, 72))
     h = (x.t() @ x).double()
     quant = replace(quant, method=method)
-    q, u = QuantLinear.from_linear_unrounded(lin, quant, h)
-    plain = QuantLinear.from_linear(lin, quant, h)
+    q, u = quantize_linear_unrounded(lin, quant, h)
+    plain = quantize_linear(lin, quant, h)
     assert torch.equal(q.qweight, plain.qweight) and torch.equal(q.scales, plain.scales)
     low, high = (-127, 127) if quant.bits == 8 else (0, 15)
     codes = _codes(q)
@@ -57,14 +60,14 @@ def test_unrounded_values_round_to_the_codes(quant, method):
     assert torch.equal(torch.round(u).clamp(low, high).to(torch.int64), codes)
     inside = (u > low) & (u < high)
     assert (u - codes)[inside].abs().max() <= 0.5 + 1e-5
-    rtn_u = QuantLinear.from_linear_unrounded(lin, replace(quant, method="rtn"), h)[1]
+    rtn_u = quantize_linear_unrounded(lin, replace(quant, method="rtn"), h)[1]
     assert torch.equal(u, rtn_u) == (method == "rtn")
 
 
 @pytest.mark.parametrize("quant", _QUANTS, ids=lambda q: q.name)
 def test_untuned_rounding_gives_the_dequantized_weight_and_gradients(quant):
     lin = nn.Linear(72, 40)
-    q, u = QuantLinear.from_linear_unrounded(lin, quant)
+    q, u = quantize_linear_unrounded(lin, quant)
     rw = _RoundedWeight(q, u, transpose=False, round_lr=0.1)
     w = rw.weight(torch.float32)
     assert torch.equal(w, q.dequantized_weight())
@@ -80,7 +83,7 @@ def test_rounding_moves_a_code_only_to_the_other_grid_point_next_to_its_value():
     floor or ceiling of u that c0 is not), inside the code range; commit packs exactly those codes."""
     lin = nn.Linear(64, 24)
     quant = QuantConfig(bits=4, group_size=32, symmetric=False)
-    q, u = QuantLinear.from_linear_unrounded(lin, quant)
+    q, u = quantize_linear_unrounded(lin, quant)
     c0 = _codes(q)
     rw = _RoundedWeight(q, u, transpose=False, round_lr=0.1)
     with torch.no_grad():
@@ -122,7 +125,7 @@ def _quantize_block(block, quant):
     layers = {}
     for name, module in list(block.named_modules()):
         if isinstance(module, nn.Linear):
-            q = QuantLinear.from_linear(module, quant)
+            q = quantize_linear(module, quant)
             module.weight = nn.Parameter(q.dequantized_weight(), requires_grad=False)
             layers[name] = (module, q)
     return layers
@@ -157,7 +160,7 @@ def test_tuning_the_rounding_lowers_the_block_error_more_and_moves_codes_by_one(
     layers, unrounded = {}, {}
     for name, module in list(block.named_modules()):
         if isinstance(module, nn.Linear):
-            q, unrounded[name] = QuantLinear.from_linear_unrounded(module, quant)
+            q, unrounded[name] = quantize_linear_unrounded(module, quant)
             module.weight = nn.Parameter(q.dequantized_weight(), requires_grad=False)
             layers[name] = (module, q)
     plain = _quantize_block(scales_only, quant)
@@ -208,7 +211,7 @@ def test_tune_argument_errors(tiny_llama):
 def test_the_kept_scales_are_those_with_the_lowest_held_out_error(tiny_llama):
     """16 windows: 12 train, 4 held out. The kept step's held-out error is the smallest measured, and it
     is the error the block has afterwards."""
-    from qruntime.tune import _relative_error
+    from qruntime.quant.tune import _relative_error
 
     block, calls, outs = _block_io(tiny_llama, n_windows=16)
     layers = _quantize_block(block, QuantConfig(bits=4, group_size=32, symmetric=False))
@@ -222,7 +225,7 @@ def test_the_error_is_relative_per_token():
     """Each token's squared error is divided by its own squared norm, so a token with a huge norm (the
     first token of a Llama window can carry 98% of the hidden states' sum of squares) weighs as much as
     any other, as it does after the next block's RMSNorm."""
-    from qruntime.tune import _loss
+    from qruntime.quant.tune import _loss
 
     y = torch.randn(2, 6, 16, dtype=torch.float64)
     y[:, 0] *= 1000.0
@@ -236,7 +239,7 @@ def test_the_error_is_relative_per_token():
 
 def test_at_most_sixteen_windows_are_held_out(tiny_llama):
     """72 windows: a quarter would be 18; the last 16 are held out and the other 56 train."""
-    from qruntime.tune import MAX_HELD_OUT, _relative_error
+    from qruntime.quant.tune import MAX_HELD_OUT, _relative_error
 
     block, calls, outs = _block_io(tiny_llama, n_windows=72)
     layers = _quantize_block(block, QuantConfig(bits=4, group_size=32, symmetric=False))
@@ -284,7 +287,7 @@ def _batches(vocab, n=4, seq=16):
 def _check_tuned_report(report, model, what: str, label: str) -> None:
     """Every block of ``model`` has an entry, kept exactly when its held-out error went down, at least one
     kept, and the printed report's summary line says so."""
-    from qruntime.plumbing import find_blocks
+    from qruntime.plumbing.model import find_blocks
 
     tuned = report.calibration["tuned_blocks"]
     assert report.calibration["tuned"] == what
@@ -393,7 +396,7 @@ def test_weight_tuning_lowers_the_block_error_and_keeps_the_masks(tiny_llama):
         w = module.weight
         assert torch.all(w[~mask] == 0)  # still exactly the mask's zeros: 2:4 along K
         assert not torch.equal(w, before[name]) and not w.requires_grad
-    from qruntime.tune import _relative_error
+    from qruntime.quant.tune import _relative_error
 
     # the kept step's error is what the block now gives on the held-out window
     assert _relative_error(block, {}, calls[-1:], outs[-1:]) == pytest.approx(result.loss_after, rel=1e-4)
@@ -439,7 +442,7 @@ def test_sparse_tune_presets_and_errors():
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
 def test_compress_2_4_tune_reports_each_block_keeps_2_4_and_round_trips(model_name, request, tmp_path):
     import qruntime
-    from qruntime.nn import SparseLinear
+    from qruntime.nn.modules import SparseLinear
 
     model = request.getfixturevalue(model_name)
     vocab = model.config.vocab_size
