@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from qruntime.recipes.grammar import WeightRecipe, parse_weight_recipe
 
-# copied verbatim from qruntime/config.py
+# copied verbatim from the former qruntime/config.py (the regex the preset names were read with)
 _PRESET_RE = re.compile(
     r"^w(?P<bits>8|4)a(?P<abits>16|8)(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?(?:-(?P<method>rtn|gptq))?(?:-(?P<clip>mse|clip))?(?:-tune(?P<tune>\d+)?(?P<tuneflag>)(?P<round>-round)?)?(?P<awq>-awq)?(?:(?P<sqflag>-sq(?P<sq>0?\.\d+|auto)?)|(?P<nosq>-nosq))?(?:-emb(?P<emb>8|4))?(?:-budget(?P<budget>\d*\.?\d+)(?P<float>-float)?)?$"
 )
