@@ -16,11 +16,17 @@ ISA_SOURCES = {"csrc/cpu/gemm_scalar.cpp": []}
 # (-Wno-*uninitialized: GCC 12's AVX-512 headers trip these warnings on their own code)
 AVX512 = ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
           "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
-AMX = AVX512 + ["-mamx-tile", "-mamx-int8"]
+AVX512_BF16 = AVX512 + ["-mavx512bf16"]
+AMX = AVX512_BF16 + ["-mamx-tile", "-mamx-int8"]
+AMX_BF16 = AMX + ["-mamx-bf16"]
 if X86:
     ISA_SOURCES["csrc/cpu/gemm_avx2.cpp"] = ["-mavx2", "-mfma"]
     ISA_SOURCES["csrc/cpu/gemm_avx512.cpp"] = AVX512
-    ISA_SOURCES["csrc/cpu/gemm_amx.cpp"] = AMX  # dropped if the compiler has no AMX intrinsics (GCC < 11)
+    # the levels below are dropped where the compiler lacks their intrinsics (AVX512-BF16: GCC < 10,
+    # AMX: GCC < 11); each needs the one before it
+    ISA_SOURCES["csrc/cpu/gemm_avx512bf16.cpp"] = AVX512_BF16
+    ISA_SOURCES["csrc/cpu/gemm_amx.cpp"] = AMX
+    ISA_SOURCES["csrc/cpu/gemm_amx_bf16.cpp"] = AMX_BF16
 
 
 def _compiles(compiler, tmpdir, code: str, flags: list[str], link: bool = False) -> bool:
@@ -41,6 +47,14 @@ def _compiles(compiler, tmpdir, code: str, flags: list[str], link: bool = False)
 
 OPENMP_PROBE = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
 AMX_PROBE = "#include <immintrin.h>\nvoid f(const void* p) { _tile_loadd(2, p, 64); _tile_dpbusd(0, 2, 3); }\n"
+# source -> (macro defined when it is built, probe, flags); in order: a level is built only with the one before
+OPTIONAL_LEVELS = {
+    "csrc/cpu/gemm_avx512bf16.cpp": ("QR_HAVE_AVX512_BF16", "#include <immintrin.h>\n__m512 f(__m512 a, __m512i b)"
+                                     " { return _mm512_dpbf16_ps(a, (__m512bh)b, (__m512bh)b); }\n", AVX512_BF16),
+    "csrc/cpu/gemm_amx.cpp": ("QR_HAVE_AMX", AMX_PROBE, AMX),
+    "csrc/cpu/gemm_amx_bf16.cpp": ("QR_HAVE_AMX_BF16", "#include <immintrin.h>\nvoid f(const void* p)"
+                                   " { _tile_loadd(2, p, 64); _tile_dpbf16ps(0, 2, 3); }\n", AMX_BF16),
+}
 
 
 class BuildExt(build_ext):
@@ -57,11 +71,15 @@ class BuildExt(build_ext):
             ext.extra_compile_args = list(ext.extra_compile_args) + ["-fopenmp"]
             ext.extra_link_args = list(ext.extra_link_args) + ["-fopenmp"]
         sources = dict(ISA_SOURCES)
-        if "csrc/cpu/gemm_amx.cpp" in sources:
-            if _compiles(self.compiler, self.build_temp, AMX_PROBE, AMX):
-                ext.define_macros = list(ext.define_macros or []) + [("QR_HAVE_AMX", "1")]
+        ok = True
+        for source, (macro, probe, flags) in OPTIONAL_LEVELS.items():
+            if source not in sources:
+                continue
+            ok = ok and _compiles(self.compiler, self.build_temp, probe, flags)
+            if ok:
+                ext.define_macros = list(ext.define_macros or []) + [(macro, "1")]
             else:
-                del sources["csrc/cpu/gemm_amx.cpp"]
+                del sources[source]
         objects = []
         for source, flags in sources.items():
             objects += self.compiler.compile(

@@ -10,6 +10,11 @@ For every (K, N) layer shape, batch rows M and thread count, times (median of re
     w8a16 / w8a8 / w4a16-g128
                 qruntime QuantLinear modules (what compress() puts in a model; round-to-nearest codes)
     w8a8 vnni   on a CPU with AMX-INT8 (dispatched by default), the w8a8 module forced to AVX-512 VNNI
+    w8a16 fp32 / w4a16-g128 fp32
+                on a level with bf16 products (AVX512-BF16: W8A16 / W4A16 at M >= 16 in bf16), the same
+                modules forced to AVX-512 VNNI, whose products stay fp32
+    w8a16 amx_bf16 / w4a16-g128 amx_bf16
+                on a CPU with AMX-BF16, the modules forced to the opt-in amx_bf16 level
 
 Every cell is measured in --rounds interleaved rounds (each round times every method once; medians over
 rounds), so a drift in the machine's speed hits all methods alike. Weights are "cold" by default: each call uses the next of several copies whose total size is well
@@ -105,12 +110,12 @@ def _methods(k: int, n: int) -> dict[str, tuple[int, callable]]:
     w8a8 = qlinear(QuantConfig(bits=8, act_bits=8))
     w4a16 = qlinear(QuantConfig(bits=4, group_size=128, symmetric=False))
 
-    def vnni(factory):  # the same module with the kernels forced to AVX-512 VNNI (next to AMX-INT8)
+    def forced(factory, isa):  # the same module with the kernels forced to another ISA level
         def build():
             fn = factory()
 
             def run(x):
-                with qruntime.ops.registry.use_cpu_isa("avx512_vnni"):
+                with qruntime.ops.registry.use_cpu_isa(isa):
                     return fn(x)
 
             return run
@@ -118,7 +123,16 @@ def _methods(k: int, n: int) -> dict[str, tuple[int, callable]]:
         return build
 
     int4_bytes = q4.numel() + s4.numel() * 4 + (0 if z4 is None else z4.numel())
-    amx = "amx_int8" in qruntime.ops.registry.supported_cpu_isas()
+    levels = qruntime.ops.registry.supported_cpu_isas()
+    side = {}  # the same modules on other levels, side by side with the default one
+    if "amx_int8" in levels:
+        side["w8a8 vnni"] = (n * k + n * 4, forced(w8a8, "avx512_vnni"))
+    if qruntime.ops.registry.cpu_bf16_rows() is not None:
+        side["w8a16 fp32"] = (n * k + n * 4, forced(w8a16, "avx512_vnni"))
+        side["w4a16-g128 fp32"] = (int4_bytes, forced(w4a16, "avx512_vnni"))
+    if "amx_bf16" in levels:
+        side["w8a16 amx_bf16"] = (n * k + n * 4, forced(w8a16, "amx_bf16"))
+        side["w4a16-g128 amx_bf16"] = (int4_bytes, forced(w4a16, "amx_bf16"))
     return {
         "fp32": (n * k * 4, fp32),
         "bf16": (n * k * 2, bf16),
@@ -127,8 +141,8 @@ def _methods(k: int, n: int) -> dict[str, tuple[int, callable]]:
         "int4pack": (n * k // 2, int4pack),
         "w8a16": (n * k + n * 4, w8a16),
         "w8a8": (n * k + n * 4, w8a8),
-        **({"w8a8 vnni": (n * k + n * 4, vnni(w8a8))} if amx else {}),
         "w4a16-g128": (int4_bytes, w4a16),
+        **side,
     }
 
 

@@ -242,6 +242,8 @@ PYBIND11_MODULE(_C, m) {
         "per-token INT8: x f32 [M, K] -> xq int8 [M, K], scales f32 [M]");
   m.def("isa", [] { return std::string(qc::isa_name(qc::current_isa())); }, "the ISA level the kernels run");
   m.def("best_isa", [] { return std::string(qc::isa_name(qc::best_isa())); });
+  m.def("bf16_rows", [] { return qc::current_table().bf16_rows; },
+        "from this many rows on, w8a16 / w4a16 multiply in bf16 on the current level (0: never)");
   m.def("compiled_isas", [] {
     std::vector<std::string> out;
     for (int i = 0; i < qc::kNumIsa; ++i)
@@ -267,5 +269,5 @@ PYBIND11_MODULE(_C, m) {
                             qc::isa_name(qc::best_isa()) + ")");
     }
     qc::set_isa(isa);
-  }, py::arg("name"), "force a level: scalar, avx2, avx512_vnni (must be supported by this CPU)");
+  }, py::arg("name"), "force a level: scalar, avx2, avx512_vnni, avx512_bf16, amx_int8, amx_bf16 (must be supported by this CPU)");
 }

@@ -62,6 +62,15 @@ def pytest_collection_modifyitems(config, items):
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+def weight_only_tol(dtype: torch.dtype, m: int) -> float:
+    """REL_TOL for a W8A16 / W4A16 result of ``m`` rows from the CPU kernels at the current ISA level:
+    bf16's from ``ops.cpu_bf16_rows()`` rows on (bf16 products, as under autocast), else the dtype's."""
+    from qruntime.ops import registry as ops
+
+    rows = ops.cpu_bf16_rows()
+    return REL_TOL[torch.bfloat16 if rows is not None and m >= rows else dtype]
+
+
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.to(torch.float64).cpu()
     return (torch.linalg.vector_norm(y.to(torch.float64).cpu() - ref) / torch.linalg.vector_norm(ref)).item()

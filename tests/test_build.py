@@ -1,8 +1,8 @@
 """What the build must deliver, so that a lost build feature fails the run instead of skipping tests:
 
 - the C++ extension ``qruntime.ops._C`` is built and loaded;
-- every ISA level that this machine's compiler can build is in it (setup.py drops AMX only where the
-  compiler has no AMX intrinsics), and every level this CPU can run is offered;
+- every ISA level that this machine's compiler can build is in it (setup.py drops AVX512-BF16 and the
+  AMX levels only where the compiler lacks their intrinsics), and every level this CPU can run is offered;
 - the Triton kernels import as ``qruntime.kernels`` and never shadow a top-level ``kernels`` package
   (transformers imports one from PyPI), also when Python runs from the repository root.
 """
@@ -25,14 +25,25 @@ from qruntime.ops.extension import DISABLE_ENV, extension
 
 ROOT = Path(__file__).resolve().parents[1]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-# The flags setup.py compiles the AMX level with, and its probe.
-AMX_FLAGS = ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8"]
-AMX_PROBE = "#include <immintrin.h>\nvoid f(const void* p) { _tile_loadd(2, p, 64); _tile_dpbusd(0, 2, 3); }\n"
+# The flags setup.py compiles the optional levels with, and their probes (each level needs the one before).
+AVX512_FLAGS = ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+OPTIONAL_LEVELS = {
+    "avx512_bf16": (AVX512_FLAGS + ["-mavx512bf16"],
+                    "#include <immintrin.h>\n__m512 f(__m512 a, __m512i b)"
+                    " { return _mm512_dpbf16_ps(a, (__m512bh)b, (__m512bh)b); }\n"),
+    "amx_int8": (AVX512_FLAGS + ["-mavx512bf16", "-mamx-tile", "-mamx-int8"],
+                 "#include <immintrin.h>\nvoid f(const void* p) { _tile_loadd(2, p, 64); _tile_dpbusd(0, 2, 3); }\n"),
+    "amx_bf16": (AVX512_FLAGS + ["-mavx512bf16", "-mamx-tile", "-mamx-int8", "-mamx-bf16"],
+                 "#include <immintrin.h>\nvoid f(const void* p) { _tile_loadd(2, p, 64); _tile_dpbf16ps(0, 2, 3); }\n"),
+}
 # /proc/cpuinfo flags each level needs
+AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 CPU_FLAGS = {
     "avx2": {"avx2", "fma"},
-    "avx512_vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
-    "amx_int8": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"},
+    "avx512_vnni": AVX512,
+    "avx512_bf16": AVX512 | {"avx512_bf16"},
+    "amx_int8": AVX512 | {"avx512_bf16", "amx_tile", "amx_int8"},
+    "amx_bf16": AVX512 | {"avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"},
 }
 
 
@@ -42,11 +53,12 @@ def _require_extension():
             allowed=f"disabled by {DISABLE_ENV}" if disabled else None)
 
 
-def _compiler_builds_amx(tmp_path) -> bool:
+def _compiler_builds(tmp_path, level: str) -> bool:
+    flags, probe = OPTIONAL_LEVELS[level]
     cxx = shlex.split(sysconfig.get_config_var("CXX") or "c++")
-    src = tmp_path / "probe.cpp"
-    src.write_text(AMX_PROBE)
-    result = subprocess.run([*cxx, "-c", str(src), "-o", str(tmp_path / "probe.o"), *AMX_FLAGS],
+    src = tmp_path / f"probe_{level}.cpp"
+    src.write_text(probe)
+    result = subprocess.run([*cxx, "-c", str(src), "-o", str(tmp_path / f"probe_{level}.o"), *flags],
                             capture_output=True, text=True)
     return result.returncode == 0
 
@@ -61,7 +73,11 @@ def test_every_isa_level_the_compiler_can_build_is_built(tmp_path):
     _require_extension()
     expected = ["scalar"]
     if X86:
-        expected += ["avx2", "avx512_vnni"] + (["amx_int8"] if _compiler_builds_amx(tmp_path) else [])
+        expected += ["avx2", "avx512_vnni"]
+        for level in OPTIONAL_LEVELS:  # in order: a level is built only where the one before is
+            if not _compiler_builds(tmp_path, level):
+                break
+            expected.append(level)
     assert ops.compiled_cpu_isas() == expected
 
 

@@ -43,6 +43,20 @@ def _oracle_w4(x, q, s, z, gs, b):
     return x.double() @ w.t() + b.double()
 
 
+def _bf16_rows(isa):
+    """M from which `isa` multiplies W8A16 / W4A16 in bf16 (None: never)."""
+    if isa == "none":
+        return None
+    with ops.use_cpu_isa(isa):
+        return ops.cpu_bf16_rows()
+
+
+def _tolerance(isa, m):
+    """fp32 products below the level's bf16 threshold, bf16 products (autocast's error) from it on."""
+    rows = _bf16_rows(isa)
+    return REL_TOL[torch.bfloat16 if rows is not None and m >= rows else torch.float32]
+
+
 def _oracle_w8a8(x, q, s, b):
     xq, a = reference.quantize_per_token(x)
     return (xq.double() @ q.double().t()) * a.double()[:, None] * s.double() + b.double()
@@ -58,7 +72,7 @@ def test_int8_kernels(isa, m, op):
     with ops.use_cpu_isa(isa):
         y = getattr(ops, f"{op}_linear")(x, q, s, b)
     oracle = _oracle_w8 if op == "w8a16" else _oracle_w8a8
-    assert rel_error(y, oracle(x, q, s, b)) < REL_TOL[torch.float32]
+    assert rel_error(y, oracle(x, q, s, b)) < (_tolerance(isa, m) if op == "w8a16" else REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -71,7 +85,40 @@ def test_w4a16_kernel(isa, m, group_size, symmetric):
     x, b = torch.randn(m, k), torch.randn(n)
     with ops.use_cpu_isa(isa):
         y = ops.w4a16_linear(x, q, s, z, gs, b)
-    assert rel_error(y, _oracle_w4(x, q, s, z, gs, b)) < REL_TOL[torch.float32]
+    assert rel_error(y, _oracle_w4(x, q, s, z, gs, b)) < _tolerance(isa, m)
+
+
+BF16_ISAS = [isa for isa in ISAS if _bf16_rows(isa) is not None]
+
+
+@pytest.mark.parametrize("isa", BF16_ISAS or [pytest.param("none", marks=pytest.mark.skip(
+    reason="this CPU runs no level with bf16 products (AVX512-BF16)"))])
+@pytest.mark.parametrize("m", [16, 17, 31, 33, 130])
+@pytest.mark.parametrize("k", [1, 61, 200, 300])
+def test_bf16_products_are_autocast_rounding_with_fp32_sums(isa, m, k):
+    """From bf16_rows on, the weight-only kernels compute exactly x.bfloat16() @ W.bfloat16().t() with
+    fp32 sums: W8A16 with the code in bf16 (exact) and the scale on the sum, W4A16 with the dequantized
+    weight rounded to bf16. The float64 emulation then agrees to fp32 rounding, 100x tighter than the
+    bf16 error itself; below bf16_rows, products stay fp32."""
+    n = 70
+    w, x, b = torch.randn(n, k), torch.randn(m, k) * 3, torch.randn(n)
+    q, s = quantize_int8_per_channel(w)
+    q4, s4, z4, gs = quantize_int4(w, 32 if k % 2 else 64, False)
+    # the kernel's fp32 weight: fma(code, s, zs) with the layout's zs = -zero * s (exact in float64, one
+    # rounding to float32), then bf16
+    p4, g = cpu_int4(q4, s4, z4), torch.arange(k) // gs
+    w4 = (unpack_int4(q4).double()[:, :k] * p4.s.double()[g, :n].t() + p4.zs.double()[g, :n].t()).float()
+    xb = x.bfloat16().double()
+    with ops.use_cpu_isa(isa):
+        assert m >= ops.cpu_bf16_rows()
+        y8 = ops.w8a16_linear(x, q, s, b)
+        y4 = ops.w4a16_linear(x, q4, s4, z4, gs, b)
+        y8_small = ops.w8a16_linear(x[:15], q, s, b)
+    emu8 = (xb @ q.double().t()) * s.double() + b.double()
+    emu4 = xb @ w4.bfloat16().double().t() + b.double()
+    assert rel_error(y8, emu8) < 1e-5 and rel_error(y4, emu4) < 1e-5
+    assert rel_error(y8, _oracle_w8(x, q, s, b)) > 1e-4  # the bf16 rounding of x is there
+    assert rel_error(y8_small, _oracle_w8(x[:15], q, s, b)) < REL_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -98,7 +145,7 @@ def test_outliers_and_large_dynamic_range(isa):
     with ops.use_cpu_isa(isa):
         y16 = ops.w8a16_linear(x, q, s, b)
         y8 = ops.w8a8_linear(x, q, s, b)
-    assert rel_error(y16, _oracle_w8(x, q, s, b)) < REL_TOL[torch.float32]
+    assert rel_error(y16, _oracle_w8(x, q, s, b)) < _tolerance(isa, 19)
     assert rel_error(y8, _oracle_w8a8(x, q, s, b)) < REL_TOL[torch.float32]
 
 
@@ -162,9 +209,10 @@ def test_isa_levels_agree_closely():
 
 def test_isa_selection_errors_and_restore():
     before = ops.cpu_isa()
-    with pytest.raises(ValueError, match="'avx9000': unknown; expected one of scalar, avx2, avx512_vnni, amx_int8"):
+    with pytest.raises(ValueError, match="'avx9000': unknown; expected one of scalar, avx2, avx512_vnni, avx512_bf16, "
+                                         "amx_int8, amx_bf16"):
         ops.set_cpu_isa("avx9000")
-    for isa in ("scalar", "avx2", "avx512_vnni", "amx_int8"):
+    for isa in ("scalar", "avx2", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"):
         if isa not in ISAS:
             with pytest.raises(ValueError, match="not supported by this CPU"):
                 ops.set_cpu_isa(isa)
@@ -174,11 +222,13 @@ def test_isa_selection_errors_and_restore():
 
 
 def test_the_highest_level_this_cpu_runs_is_chosen():
-    """Unforced, dispatch picks the last of ISAS (the levels this CPU runs, in order): AMX-INT8 where the
-    CPU has it and the OS grants tiles, else AVX-512 VNNI, AVX2, scalar."""
-    assert extension().best_isa() == ISAS[-1]
+    """Unforced, dispatch picks the last of ISAS (the levels this CPU runs, in order) that is not opt-in:
+    AMX-INT8 where the CPU has it and the OS grants tiles, else AVX-512 BF16, AVX-512 VNNI, AVX2, scalar.
+    AMX-BF16 is offered where the CPU runs it but never chosen unforced."""
+    best = [isa for isa in ISAS if isa != "amx_bf16"][-1]
+    assert extension().best_isa() == best
     if not os.environ.get("QRUNTIME_CPU_ISA"):
-        assert ops.cpu_backend() == f"cpp:{ISAS[-1]}"
+        assert ops.cpu_backend() == f"cpp:{best}"
 
 
 def test_forced_isa_environment(tmp_path):

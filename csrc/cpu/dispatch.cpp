@@ -20,7 +20,9 @@ const char* isa_name(Isa isa) {
     case Isa::kScalar: return "scalar";
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512Vnni: return "avx512_vnni";
+    case Isa::kAvx512Bf16: return "avx512_bf16";
     case Isa::kAmxInt8: return "amx_int8";
+    case Isa::kAmxBf16: return "amx_bf16";
   }
   return "unknown";
 }
@@ -53,6 +55,12 @@ bool amx_available() {
   }();
   return ok;
 }
+
+// AMX-BF16: CPUID.(7,0):EDX bit 22, on top of what AMX-INT8 needs.
+bool amx_bf16_available() {
+  unsigned a, b, c, d;
+  return amx_available() && __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 22) & 1);
+}
 }  // namespace
 #endif
 
@@ -66,8 +74,20 @@ bool isa_compiled(Isa isa) {
 #else
       return false;
 #endif
+    case Isa::kAvx512Bf16:
+#if defined(QR_HAVE_AVX512_BF16)
+      return true;
+#else
+      return false;
+#endif
     case Isa::kAmxInt8:
 #if defined(QR_HAVE_AMX)
+      return true;
+#else
+      return false;
+#endif
+    case Isa::kAmxBf16:
+#if defined(QR_HAVE_AMX_BF16)
       return true;
 #else
       return false;
@@ -86,9 +106,21 @@ bool isa_supported(Isa isa) {
     case Isa::kAvx512Vnni:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    case Isa::kAvx512Bf16:
+#if defined(QR_HAVE_AVX512_BF16)
+      return isa_supported(Isa::kAvx512Vnni) && __builtin_cpu_supports("avx512bf16");
+#else
+      return false;
+#endif
     case Isa::kAmxInt8:
 #if defined(QR_HAVE_AMX) && defined(__x86_64__)
-      return isa_supported(Isa::kAvx512Vnni) && amx_available();
+      return isa_supported(Isa::kAvx512Bf16) && amx_available();
+#else
+      return false;
+#endif
+    case Isa::kAmxBf16:
+#if defined(QR_HAVE_AMX_BF16) && defined(__x86_64__)
+      return isa_supported(Isa::kAmxInt8) && amx_bf16_available();
 #else
       return false;
 #endif
@@ -99,10 +131,11 @@ bool isa_supported(Isa isa) {
 #endif
 }
 
-// The highest level this CPU and OS run, AMX-INT8 included where the kernel grants tile permission.
+// The highest level this CPU and OS run, AMX-INT8 included where the kernel grants tile permission;
+// never an opt-in level (AMX-BF16).
 Isa best_isa() {
   for (int i = kNumIsa - 1; i > 0; --i) {
-    if (isa_supported(static_cast<Isa>(i))) return static_cast<Isa>(i);
+    if (static_cast<Isa>(i) != Isa::kAmxBf16 && isa_supported(static_cast<Isa>(i))) return static_cast<Isa>(i);
   }
   return Isa::kScalar;
 }
@@ -120,8 +153,14 @@ void set_isa(Isa isa) { g_isa.store(static_cast<int>(isa), std::memory_order_rel
 
 const KernelTable& current_table() {
   switch (current_isa()) {
+#if defined(QR_HAVE_AMX_BF16)
+    case Isa::kAmxBf16: return table_amx_bf16();
+#endif
 #if defined(QR_HAVE_AMX)
     case Isa::kAmxInt8: return table_amx();
+#endif
+#if defined(QR_HAVE_AVX512_BF16)
+    case Isa::kAvx512Bf16: return table_avx512bf16();
 #endif
 #if defined(__x86_64__) || defined(__i386__)
     case Isa::kAvx512Vnni: return table_avx512();

@@ -414,6 +414,211 @@ void w8a8_task(void* ctx, int64_t b0, int64_t b1) {
 #endif
 }
 
+
+#ifdef QR_BF16
+// ---- bf16 dot products for the weight-only GEMMs (m >= kBf16Rows) -------------------------------
+// x is rounded to bf16 once per call (xb [m, kp2], kp2 = k rounded up to even, zero padded); each 32-column
+// block's weights are dequantized in fp32 and rounded to a bf16 panel [pairs][32 columns][2 k] (one
+// 32-bit word per column and k pair: low half k = 2p, high half k = 2p + 1), the layout VDPBF16PS and
+// AMX TDPBF16PS read. Products are exact in fp32, sums accumulate in fp32 (round to nearest even).
+constexpr int64_t kBf16Rows = 16;
+constexpr int kMrB = 12;               // 12 x 2 accumulators + 2 weight vectors + a broadcast
+constexpr int64_t kPairChunk = 128;    // k pairs per panel chunk: 128 x 128 B = 16 KiB, L1 resident
+thread_local Scratch t_acc;
+
+// Rows 2p (f0) and 2p + 1 (f1) of 16 columns -> 16 words of bf16 pairs (round to nearest even).
+inline __m512i bf16_pairs(__m512 f0, __m512 f1) {
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(f1, f0);  // elements 0-15: f0, 16-31: f1
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), packed);
+}
+
+struct Bf16Act {
+  const uint16_t* xb;  // [m, ldx] bf16 bits
+  int64_t m, ldx;
+};
+
+struct ToBf16Args {
+  const float* x;
+  int64_t k, ldx;
+  uint16_t* xb;
+};
+
+void to_bf16_task(void* ctx, int64_t r0, int64_t r1) {
+  const auto& a = *static_cast<const ToBf16Args*>(ctx);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* x = a.x + r * a.k;
+    uint16_t* o = a.xb + r * a.ldx;
+    for (int64_t j = 0; j < a.ldx; j += 16) {
+      const int64_t cnt = imin(16, a.k - j);
+      const __mmask16 in = static_cast<__mmask16>(cnt >= 16 ? 0xffff : cnt > 0 ? (1u << cnt) - 1 : 0);
+      const __mmask16 out = static_cast<__mmask16>(a.ldx - j >= 16 ? 0xffff : (1u << (a.ldx - j)) - 1);
+      const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(in, x + j));
+      _mm256_mask_storeu_epi16(o + j, out, v);
+    }
+  }
+}
+
+// x f32 [m, k] -> bf16 [m, kp2] in the calling thread's scratch
+Bf16Act to_bf16(const float* x, int64_t m, int64_t k, int threads) {
+  const int64_t ldx = (k + 1) / 2 * 2;
+  auto* xb = static_cast<uint16_t*>(scratch(t_act, sizeof(uint16_t) * m * ldx));
+  ToBf16Args args{x, k, ldx, xb};
+  parallel_for(m, m * k >= (1 << 15) ? threads : 1, to_bf16_task, &args);
+  return {xb, m, ldx};
+}
+
+inline int32_t load_pair(const uint16_t* p) {
+  int32_t w;
+  std::memcpy(&w, p, 4);
+  return w;
+}
+
+// tile[r][:] += sum over `pairs` k pairs of x pair (row r) . panel pair
+template <int MR>
+__attribute__((noinline)) void bf16_kernel(const uint16_t* xb, int64_t ldx, const uint32_t* panel, int64_t pairs,
+                                           float* tile) {
+  __m512 acc[MR][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 2; ++v) acc[r][v] = _mm512_loadu_ps(tile + r * kBlockN + v * 16);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + p * kBlockN);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + p * kBlockN + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(load_pair(xb + r * ldx + 2 * p));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 2; ++v) _mm512_storeu_ps(tile + r * kBlockN + v * 16, acc[r][v]);
+}
+
+#ifdef QR_AMX_BF16
+// AMX-BF16: C tiles 0-1 (16 rows x 16 f32 columns each) accumulate in place over `chunks` x 16 k pairs;
+// A = tile 2 (16 rows x 32 bf16 of x), B = tiles 3-4 (16 k pairs x 16 columns x 2 bf16: 64 bytes of the
+// panel's 128-byte pair rows). Tile configuration: amx_configure (every tile 16 rows x 64 bytes).
+void amx_bf16_16x32(const uint16_t* xr, int64_t ldx, const uint32_t* panel, int64_t chunks, float* tile) {
+  _tile_loadd(0, tile, 4 * kBlockN);
+  _tile_loadd(1, tile + 16, 4 * kBlockN);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint32_t* b = panel + c * 16 * kBlockN;
+    _tile_loadd(2, xr + 32 * c, 2 * ldx);
+    _tile_loadd(3, b, 4 * kBlockN);
+    _tile_loadd(4, b + 16, 4 * kBlockN);
+    _tile_dpbf16ps(0, 2, 3);
+    _tile_dpbf16ps(1, 2, 4);
+  }
+  _tile_stored(0, tile, 4 * kBlockN);
+  _tile_stored(1, tile + 16, 4 * kBlockN);
+}
+#endif
+
+// acc [m][32] += xb [m, 2 * pairs) . panel, in L1-sized chunks of k pairs
+void bf16_gemm_block(const Bf16Act& xa, const uint32_t* panel, int64_t pairs, float* acc) {
+  for (int64_t c0 = 0; c0 < pairs; c0 += kPairChunk) {
+    const int64_t cnt = imin(kPairChunk, pairs - c0);
+    const uint32_t* pc = panel + c0 * kBlockN;
+    for (int64_t m0 = 0; m0 < xa.m;) {
+      const uint16_t* xr = xa.xb + m0 * xa.ldx + 2 * c0;
+      float* tile = acc + m0 * kBlockN;
+#ifdef QR_AMX_BF16
+      if (xa.m - m0 >= 16 && cnt >= 16) {  // full AMX tiles; the remaining pairs (< 16) by AVX-512 BF16
+        const int64_t full = cnt / 16 * 16;
+        amx_bf16_16x32(xr, xa.ldx, pc, full / 16, tile);
+        if (full < cnt) {
+          bf16_kernel<12>(xr + 2 * full, xa.ldx, pc + full * kBlockN, cnt - full, tile);
+          bf16_kernel<4>(xr + 12 * xa.ldx + 2 * full, xa.ldx, pc + full * kBlockN, cnt - full, tile + 12 * kBlockN);
+        }
+        m0 += 16;
+        continue;
+      }
+#endif
+      const int rows = static_cast<int>(imin(kMrB, xa.m - m0));
+      with_rows<kMrB>(rows, [&](auto r) { bf16_kernel<decltype(r)::value>(xr, xa.ldx, pc, cnt, tile); });
+      m0 += rows;
+    }
+  }
+}
+
+// One 32-column block: weights load(kk, v) (f32, columns 16v .. 16v + 15 of row kk) -> bf16 panel,
+// products in bf16, y = acc * scale + bias (scale / bias may be null).
+template <class Load>
+void bf16_block(const Bf16Act& xa, int64_t k, int64_t n, int64_t blk, const float* scale, const float* bias,
+                float* y, const Load& load) {
+  const int64_t pairs = xa.ldx / 2;
+  auto* panel = static_cast<uint32_t*>(scratch(t_panel, sizeof(uint32_t) * kBlockN * pairs));
+  for (int64_t p = 0; p < pairs; ++p)
+    for (int v = 0; v < 2; ++v) {
+      const __m512 f1 = 2 * p + 1 < k ? load(2 * p + 1, v) : _mm512_setzero_ps();
+      _mm512_storeu_si512(panel + p * kBlockN + v * 16, bf16_pairs(load(2 * p, v), f1));
+    }
+  auto* acc = static_cast<float*>(scratch(t_acc, sizeof(float) * kBlockN * xa.m));
+  std::memset(acc, 0, sizeof(float) * kBlockN * xa.m);
+  bf16_gemm_block(xa, panel, pairs, acc);
+  const int64_t valid = imin(kBlockN, n - blk * kBlockN);
+  for (int64_t m0 = 0; m0 < xa.m; m0 += kMrF) {
+    const int rows = static_cast<int>(imin(kMrF, xa.m - m0));
+    store_tile(y + m0 * n + blk * kBlockN, n, rows, valid, scale, bias, acc + m0 * kBlockN);
+  }
+}
+
+struct W8A16Bf16Args {
+  const W8A16Args* a;
+  Bf16Act xa;
+};
+
+void w8a16_bf16_task(void* ctx, int64_t b0, int64_t b1) {
+  const auto& c = *static_cast<const W8A16Bf16Args*>(ctx);
+  const auto& a = *c.a;
+#ifdef QR_AMX_BF16
+  amx_configure();
+#endif
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int8_t* bp = a.wp + blk * a.k * kBlockN;
+    // int8 codes are exact in bf16: the per-channel scale is applied to the fp32 sums
+    bf16_block(c.xa, a.k, a.n, blk, a.scales + blk * kBlockN, a.bias ? a.bias + blk * kBlockN : nullptr, a.y,
+               [bp](int64_t kk, int v) { return F::i8(bp + kk * kBlockN + v * F::W); });
+  }
+#ifdef QR_AMX_BF16
+  _tile_release();
+#endif
+}
+
+struct W4A16Bf16Args {
+  const W4A16Args* a;
+  Bf16Act xa;
+};
+
+void w4a16_bf16_task(void* ctx, int64_t b0, int64_t b1) {
+  const auto& c = *static_cast<const W4A16Bf16Args*>(ctx);
+  const auto& a = *c.a;
+  const int64_t ldg = (a.n + kBlockN - 1) / kBlockN * kBlockN;
+#ifdef QR_AMX_BF16
+  amx_configure();
+#endif
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const uint8_t* bp = a.wp + blk * a.kp * (kBlockN / 2);
+    const float* s = a.s + blk * kBlockN;
+    const float* zs = a.zs + blk * kBlockN;
+    const int64_t group = a.group;
+    // the dequantized weight code * s + zs, rounded to bf16 as autocast rounds a bf16 weight
+    bf16_block(c.xa, a.k, a.n, blk, nullptr, a.bias ? a.bias + blk * kBlockN : nullptr, a.y,
+               [=](int64_t kk, int v) {
+                 const int64_t g = kk / group * ldg + v * F::W;
+                 return F::fma(u4_col(bp + kk * (kBlockN / 2), v), F::load(s + g), F::load(zs + g));
+               });
+  }
+#ifdef QR_AMX_BF16
+  _tile_release();
+#endif
+}
+#endif  // QR_BF16
+
 // ---- entry points --------------------------------------------------------------------------------
 
 inline int clamp_threads(int threads, int64_t m, int64_t n, int64_t k) {
@@ -425,11 +630,28 @@ inline int clamp_threads(int threads, int64_t m, int64_t n, int64_t k) {
 void w8a16(const float* x, int64_t m, int64_t k, const int8_t* wp, const float* scales, const float* bias,
            int64_t n, float* y, int threads) {
   W8A16Args args{x, m, k, wp, scales, bias, n, y};
+#ifdef QR_BF16
+  if (m >= kBf16Rows) {
+    const int t = clamp_threads(threads, m, n, k);
+    W8A16Bf16Args c{&args, to_bf16(x, m, k, t)};
+    parallel_for((n + kBlockN - 1) / kBlockN, t, w8a16_bf16_task, &c);
+    return;
+  }
+#endif
   parallel_for((n + kBlockN - 1) / kBlockN, clamp_threads(threads, m, n, k), w8a16_task, &args);
 }
 
 void w4a16(const float* x, int64_t m, int64_t k, const uint8_t* wp, int64_t kp, const float* s, const float* zs,
            int64_t group, const float* bias, int64_t n, float* y, int threads) {
+#ifdef QR_BF16
+  if (m >= kBf16Rows) {
+    const int t = clamp_threads(threads, m, n, k);
+    W4A16Args args{x, m, k, wp, kp, s, zs, group, bias, n, y, nullptr};
+    W4A16Bf16Args c{&args, to_bf16(x, m, k, t)};
+    parallel_for((n + kBlockN - 1) / kBlockN, t, w4a16_bf16_task, &c);
+    return;
+  }
+#endif
   const int64_t groups = (k + group - 1) / group;
   float xsum[kMrF * 512];
   const float* xs = nullptr;
@@ -487,7 +709,12 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* xq, float* a) {
 #include "sp24_impl.h"
 
 namespace qruntime::cpu::QR_NS {
+#ifdef QR_BF16
+constexpr int kTableBf16Rows = static_cast<int>(kBf16Rows);
+#else
+constexpr int kTableBf16Rows = 0;
+#endif
 const KernelTable kTable = {
-    QR_ISA_NAME, w8a16, w4a16, w8a8, quantize_rows, sp24,
+    QR_ISA_NAME, w8a16, w4a16, w8a8, quantize_rows, sp24, kTableBf16Rows,
 };
 }  // namespace qruntime::cpu::QR_NS

@@ -38,6 +38,10 @@ struct KernelTable {
   void (*sp24)(const float* x, int64_t m, int64_t k, int64_t kp, int kind, const void* values,
                const uint32_t* meta, const float* s, const float* zs, int64_t group, const float* bias,
                int64_t n, float* y, int threads);
+  // From this many rows on, w8a16 and w4a16 multiply in bf16 (x and the dequantized weight rounded to
+  // bf16 as under autocast; an int8 code is exact in bf16 and its scale applied to the fp32 sum), with
+  // fp32 accumulation; 0: never (fp32 products at every m).
+  int bf16_rows;
 };
 
 // Element type of the kept values in the sp24 layout.
@@ -46,10 +50,14 @@ enum Sp24Kind : int { kSp24F32 = 0, kSp24Bf16 = 1, kSp24I8 = 2, kSp24U4 = 3 };
 const KernelTable& table_scalar();
 const KernelTable& table_avx2();
 const KernelTable& table_avx512();
-const KernelTable& table_amx();  // only when built with QR_HAVE_AMX
+const KernelTable& table_avx512bf16();
+const KernelTable& table_amx();       // only when built with QR_HAVE_AMX
+const KernelTable& table_amx_bf16();  // only when built with QR_HAVE_AMX_BF16
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmxInt8 = 3 };
-constexpr int kNumIsa = 4;
+// In order: each level runs on a CPU with every level before it. kAmxBf16 is opt-in: best_isa() never
+// picks it (not yet validated on AMX hardware); QRUNTIME_CPU_ISA=amx_bf16 selects it.
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2, kAvx512Bf16 = 3, kAmxInt8 = 4, kAmxBf16 = 5 };
+constexpr int kNumIsa = 6;
 
 const char* isa_name(Isa isa);
 bool isa_from_name(const char* name, Isa* out);

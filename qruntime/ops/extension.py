@@ -2,10 +2,14 @@
 
 Environment:
     QRUNTIME_DISABLE_EXTENSION=1   never load it (CPU ops run the PyTorch reference).
-    QRUNTIME_CPU_ISA=<level>       force the kernels' ISA level: ``scalar``, ``avx2``, ``avx512_vnni`` or
-                                   ``amx_int8``. Unset, the highest level this CPU and OS run is used
-                                   (``amx_int8`` where the OS grants AMX tiles). A level this CPU cannot
-                                   run is refused with a warning (the best supported level runs instead).
+    QRUNTIME_CPU_ISA=<level>       force the kernels' ISA level: ``scalar``, ``avx2``, ``avx512_vnni``,
+                                   ``avx512_bf16``, ``amx_int8`` or ``amx_bf16``. Unset, the highest level
+                                   this CPU and OS run is used (``amx_int8`` where the OS grants AMX tiles),
+                                   never ``amx_bf16`` (opt-in until validated on AMX hardware). A level
+                                   this CPU cannot run is refused with a warning (the best supported level
+                                   runs instead). From ``avx512_bf16`` on, W8A16 and W4A16 multiply in
+                                   bf16 (fp32 sums) at 16 rows or more: force ``avx512_vnni`` for fp32
+                                   products at every size.
 """
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ __all__ = [
     "sp24_linear",
     "cpu_backend",
     "cpu_isa",
+    "cpu_bf16_rows",
     "supported_cpu_isas",
     "compiled_cpu_isas",
     "set_cpu_isa",
@@ -439,9 +440,20 @@ def eager_cpu(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
 # ---- which CPU path runs ---------------------------------------------------------------------------
 
 def cpu_isa() -> str | None:
-    """The ISA level the C++ kernels run (``"avx512_vnni"``, ``"avx2"``, ``"scalar"``), or None."""
+    """The ISA level the C++ kernels run (``"amx_int8"``, ``"avx512_bf16"``, ``"avx512_vnni"``, ``"avx2"``,
+    ``"scalar"``; ``"amx_bf16"`` when forced), or None."""
     ext = extension()
     return None if ext is None else ext.isa()
+
+
+def cpu_bf16_rows() -> int | None:
+    """From how many rows (M) the C++ W8A16 / W4A16 kernels multiply in bf16 on the current level: x and
+    the dequantized weight rounded to bf16 as under ``torch.autocast`` (an INT8 code is exact in bf16, its
+    scale applied to the fp32 sum), fp32 accumulation. None: fp32 products at every M (a level without
+    AVX512-BF16, or no extension)."""
+    ext = extension()
+    rows = 0 if ext is None else ext.bf16_rows()
+    return rows or None
 
 
 def supported_cpu_isas() -> list[str]:
