@@ -13,24 +13,43 @@ layers as a peer), measured in one run on the same machine:
 The default recipes are the data-free ones (round-to-nearest weights, no SmoothQuant): GPTQ and
 SmoothQuant change the codes and scales, not the kernels or the speed. "+head" variants also quantize
 lm_head (excluded by default for accuracy), which is 21% of SmolLM2-135M's weights.
+
+With --llama-cpp (llama.cpp's bin folder, see bench/llamacpp_runner.py), llama.cpp runs in the same
+rounds: the model's own GGUF requantized to --gguf-types, timed by llama-bench with -p --prefill and
+-n --decode on the same threads. Comparable qruntime settings: --prompt 1 (llama-bench generates from
+an empty context). The run behind bench/results/smollm2-135m_cpu_e2e_llamacpp.json:
+
+    python bench/bench_cpu_e2e.py --prefill 128 --prompt 1 --decode 64 --llama-cpp .../build/bin \
+        --recipes fp32 w8a16 w8a8-nosq w8a8-nosq-emb8+head w4a16-g128-rtn w4a16-g32-rtn-emb4+head
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
+import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, write_json  # noqa: E402
+import llamacpp_runner as llama_cpp  # noqa: E402 (not the llama-cpp-python package)
 
 
 def _top1(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         model(ids[:, :32])  # warm-up (first-call work such as the CPU layouts is not timed)
         return model(ids, use_cache=False).logits[0].argmax(-1)
+
+
+def _medians(runs: list[dict]) -> dict:
+    """Medians over rounds of prefill / decode tokens/s, with every round's values."""
+    out = {}
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        values = [r[key] for r in runs]
+        out[key], out[key + "_all"] = statistics.median(values), values
+    return out
 
 
 def main(argv=None) -> int:
@@ -43,11 +62,20 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=32, help="greedy steps per round")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--llama-cpp", default=None,
+                    help="llama.cpp bin folder (llama-bench, llama-quantize; default $LLAMA_CPP_BIN): "
+                         "its rows are measured in the same rounds (bench/llama_cpp.py says how to build it)")
+    ap.add_argument("--gguf-types", nargs="+", default=["F32", "Q8_0", "Q4_0"],
+                    help="llama.cpp weight types, made from the model's own GGUF by llama-quantize")
+    ap.add_argument("--no-repack", action="store_true", help="llama-bench --repack 0")
     args = ap.parse_args(argv)
+    llama_bin = llama_cpp.find_bin(args.llama_cpp)
+    if llama_bin is not None and args.model != "smollm2-135m":
+        raise SystemExit("--llama-cpp: only smollm2-135m ships a GGUF to quantize")
 
     from qruntime import compress
     from qruntime.nn.targets import select_targets
-    from qruntime.nn.targets import DEFAULT_EXCLUDE
+    from qruntime.nn.targets import DEFAULT_EXCLUDE, OUTPUT_HEAD
     from qruntime.recipes.presets import resolve_config
     from qruntime.eval.data import split_text
     from qruntime.eval.evaluate import tokenize_text
@@ -69,20 +97,37 @@ def main(argv=None) -> int:
             models[recipe] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), spec, dtype=torch.qint8)
         else:
             preset, _, extra = recipe.partition("+")
-            exclude = tuple(p for p in DEFAULT_EXCLUDE if "lm_head" not in p) if extra == "head" else DEFAULT_EXCLUDE
+            exclude = (tuple(p for p in DEFAULT_EXCLUDE if p != OUTPUT_HEAD and "lm_head" not in p)
+                       if extra == "head" else DEFAULT_EXCLUDE)
             models[recipe], _ = compress(base, resolve_config(preset, exclude=exclude), inplace=False, progress=False)
         models[recipe].eval()
-    # The machine's speed drifts (shared cores): every round measures every recipe once, side by side.
+    # The machine's speed drifts (shared cores): every round measures every recipe once, side by side,
+    # and llama.cpp's files right after qruntime's models.
     top1 = {r: _top1(m, ids) for r, m in models.items()}
-    speed = compare_causal_lm(models, ids, prompt_len=args.prompt, decode_steps=args.decode, rounds=args.rounds)
+    ggufs = {}
+    if llama_bin is not None:
+        from qruntime.eval.data import cache_dir
+        from qruntime.eval.models import smollm2_gguf
+
+        source = smollm2_gguf()
+        ggufs = {f"llama.cpp {t}": llama_cpp.quantized(llama_bin, source, t, cache_dir() / "llama_cpp") for t in args.gguf_types}
+    runs = {name: [] for name in [*models, *ggufs]}
+    for _ in range(args.rounds):
+        one = compare_causal_lm(models, ids, prompt_len=args.prompt, decode_steps=args.decode, rounds=1)
+        for name in models:
+            runs[name].append(one[name])
+        for name, path in ggufs.items():
+            runs[name].append(llama_cpp.bench(llama_bin, path, ids.shape[1], args.decode, torch.get_num_threads(),
+                                              repack=not args.no_repack))
+    speed = {name: _medians(r) for name, r in runs.items()}
     rows = []
-    for recipe in models:
+    for recipe in [*models, *ggufs]:
         p, d = speed[recipe]["prefill_tok_s"], speed[recipe]["decode_tok_s"]
-        agree = (top1[recipe] == top1[args.recipes[0]]).float().mean().item()
+        agree = (top1[recipe] == top1[args.recipes[0]]).float().mean().item() if recipe in top1 else None
         rows.append({"recipe": recipe, **speed[recipe], "top1_agreement": agree})
         r0 = rows[0]
-        print(f"{recipe:<16} prefill {p:8.1f} tok/s (x{p / r0['prefill_tok_s']:.2f})   "
-              f"decode {d:7.2f} tok/s (x{d / r0['decode_tok_s']:.2f})   top-1 agreement {agree:.3f}", flush=True)
+        print(f"{recipe:<24} prefill {p:8.1f} tok/s (x{p / r0['prefill_tok_s']:.2f})   "
+              f"decode {d:7.2f} tok/s (x{d / r0['decode_tok_s']:.2f})   top-1 agreement " + ("-" if agree is None else f"{agree:.3f}"), flush=True)
     write_json(args.json, {"environment": env, "args": vars(args), "rows": rows})
     return 0
 

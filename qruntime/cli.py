@@ -346,7 +346,9 @@ def cmd_bench(args) -> dict:
     if kind == "causal-lm":
         ids = tokenize_text(tokenizer, split_text("eval"), max_tokens=args.prefill)[None, :]
         res = compare_causal_lm(models, ids, prompt_len=min(args.prompt, ids.shape[1]), decode_steps=args.decode, rounds=args.rounds)
-        lines = [header + f"; prefill {ids.shape[1]} tokens, decode {args.decode} steps after {args.prompt}"]
+        lines = [header + f"; prefill {ids.shape[1]} tokens, decode {args.decode} steps after {args.prompt}",
+                 f"# llama.cpp's figures for the same work: llama-bench -p {ids.shape[1]} -n {args.decode} "
+                 f"-t {torch.get_num_threads()} (its decode starts from an empty context: --prompt 1 here)"]
         for name in names:
             r = res[name]
             ratio = ""

