@@ -16,6 +16,7 @@ namespace {
 
 constexpr int NV = kBlockN / F::W;  // vectors per 32-column block
 constexpr int64_t kPrefetch = 2048;
+constexpr int64_t kScalePrefetch = 4;  // groups ahead (W4A16, few rows)
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -249,6 +250,13 @@ void w4a16_task(void* ctx, int64_t b0, int64_t b1) {
           const auto codes = [bp](int64_t kk, int v) { return u4_col(bp + kk * (kBlockN / 2), v); };
           for (int64_t g = 0; g < groups; ++g) {
             const int64_t k0 = g * a.group, k1 = imin(a.k, (g + 1) * a.group);
+            if (g + kScalePrefetch < groups) {  // the scale rows are strided (one per group): prefetch them
+              const int64_t ahead = (g + kScalePrefetch) * ldg + blk * kBlockN;
+              __builtin_prefetch(a.s + ahead);
+              __builtin_prefetch(a.s + ahead + 16);
+              __builtin_prefetch(a.zs + ahead);
+              __builtin_prefetch(a.zs + ahead + 16);
+            }
             std::memset(gtile, 0, sizeof(gtile));
             fma_kernel<MR>(a.x, a.k, k0, k1, codes, gtile, bp, kBlockN / 2);
             const float* sg = a.s + g * ldg + blk * kBlockN;
