@@ -96,9 +96,9 @@ class BuildExt(build_ext):
 ext_modules = [
     Pybind11Extension(
         "qruntime.ops._C",
-        sources=["csrc/bindings.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/parallel.cpp"],
+        sources=["csrc/bindings.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/parallel.cpp", "csrc/cpu/decode_plan.cpp"],
         include_dirs=["csrc"],
-        depends=["csrc/cpu/kernels.h", "csrc/cpu/gemm_impl.h", "csrc/cpu/sp24_impl.h", "csrc/cpu/simd_avx512.h",
+        depends=["csrc/cpu/kernels.h", "csrc/cpu/gemm_impl.h", "csrc/cpu/sp24_impl.h", "csrc/cpu/decode_impl.h", "csrc/cpu/decode_plan.h", "csrc/cpu/simd_avx512.h",
                  *ISA_SOURCES],
         cxx_std=17,
         extra_compile_args=["-O3"],

@@ -10,6 +10,10 @@ layers as a peer), measured in one run on the same machine:
   both measured in --rounds interleaved rounds (each round runs every recipe once), medians reported;
   top-1 agreement: share of the prefill positions whose next-token argmax equals the fp32 model's
   (a sanity check on the same text; bench/eval_causal_lm.py measures accuracy properly).
+Each recipe runs on each of --paths: "hf", the model's own forward (what model.generate runs), and
+"qruntime", the qruntime decoder (qruntime.Decoder: fused projections, a decoding step as one C++ call);
+a row's "path" says which ran it, and its top-1 agreement is computed on that path (the decoder's own
+prefill).
 The default recipes are the data-free ones (round-to-nearest weights, no SmoothQuant): GPTQ and
 SmoothQuant change the codes and scales, not the kernels or the speed. "+head" variants also quantize
 lm_head (excluded by default for accuracy), which is 21% of SmolLM2-135M's weights.
@@ -20,7 +24,8 @@ rounds: the model's own GGUF requantized to --gguf-types, timed by llama-bench w
 an empty context). The run behind bench/results/smollm2-135m_cpu_e2e_llamacpp.json:
 
     python bench/bench_cpu_e2e.py --prefill 128 --prompt 1 --decode 64 --llama-cpp .../build/bin \
-        --recipes fp32 w8a16 w8a8-nosq w8a8-nosq-emb8+head w4a16-g128-rtn w4a16-g32-rtn-emb4+head
+        --recipes fp32 w8a16 w8a8-nosq w8a8-nosq+head w8a8-nosq-emb8+head w4a16-g128-rtn \
+        w4a16-g32-rtn-emb4+head torch.ao-int8
 """
 from __future__ import annotations
 
@@ -37,10 +42,16 @@ from _common import environment, write_json  # noqa: E402
 import llamacpp_runner as llama_cpp  # noqa: E402 (not the llama-cpp-python package)
 
 
-def _top1(model, ids: torch.Tensor) -> torch.Tensor:
+def _top1(model, ids: torch.Tensor, path: str) -> torch.Tensor:
+    """Next-token argmax at every prefill position, computed on ``path`` (the decoder's own prefill)."""
+    from qruntime.eval.speed import runner
+
     with torch.no_grad():
         model(ids[:, :32])  # warm-up (first-call work such as the CPU layouts is not timed)
-        return model(ids, use_cache=False).logits[0].argmax(-1)
+        run, _ = runner(model, path)
+        if run is model:
+            return model(ids, use_cache=False).logits.argmax(-1)[0]
+        return run.prefill(ids, all_logits=True).argmax(-1)
 
 
 def _medians(runs: list[dict]) -> dict:
@@ -61,6 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--decode", type=int, default=32, help="greedy steps per round")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
+    ap.add_argument("--paths", nargs="+", choices=["hf", "qruntime"], default=["hf", "qruntime"],
+                    help="what runs each recipe: the model's own forward (hf) and/or the qruntime decoder")
     ap.add_argument("--json", default=None)
     ap.add_argument("--llama-cpp", default=None,
                     help="llama.cpp bin folder (llama-bench, llama-quantize; default $LLAMA_CPP_BIN): "
@@ -103,7 +116,8 @@ def main(argv=None) -> int:
         models[recipe].eval()
     # The machine's speed drifts (shared cores): every round measures every recipe once, side by side,
     # and llama.cpp's files right after qruntime's models.
-    top1 = {r: _top1(m, ids) for r, m in models.items()}
+    runs_of = {(recipe, path): m for recipe, m in models.items() for path in args.paths}
+    top1 = {key: _top1(m, ids, key[1]) for key, m in runs_of.items()}
     ggufs = {}
     if llama_bin is not None:
         from qruntime.eval.data import cache_dir
@@ -111,22 +125,28 @@ def main(argv=None) -> int:
 
         source = smollm2_gguf()
         ggufs = {f"llama.cpp {t}": llama_cpp.quantized(llama_bin, source, t, cache_dir() / "llama_cpp") for t in args.gguf_types}
-    runs = {name: [] for name in [*models, *ggufs]}
+    named = {f"{recipe} [{path}]": (recipe, path) for recipe, path in runs_of}
+    runs = {name: [] for name in [*named, *ggufs]}
+    described = {}
     for _ in range(args.rounds):
-        one = compare_causal_lm(models, ids, prompt_len=args.prompt, decode_steps=args.decode, rounds=1)
-        for name in models:
+        one = compare_causal_lm({n: runs_of[k] for n, k in named.items()}, ids, prompt_len=args.prompt,
+                                decode_steps=args.decode, rounds=1, paths={n: k[1] for n, k in named.items()})
+        for name in named:
             runs[name].append(one[name])
+            described[name] = one[name]["path"]
         for name, path in ggufs.items():
             runs[name].append(llama_cpp.bench(llama_bin, path, ids.shape[1], args.decode, torch.get_num_threads(),
                                               repack=not args.no_repack))
     speed = {name: _medians(r) for name, r in runs.items()}
     rows = []
-    for recipe in [*models, *ggufs]:
-        p, d = speed[recipe]["prefill_tok_s"], speed[recipe]["decode_tok_s"]
-        agree = (top1[recipe] == top1[args.recipes[0]]).float().mean().item() if recipe in top1 else None
-        rows.append({"recipe": recipe, **speed[recipe], "top1_agreement": agree})
+    baseline = top1[next(iter(runs_of))]
+    for name in [*named, *ggufs]:
+        p, d = speed[name]["prefill_tok_s"], speed[name]["decode_tok_s"]
+        recipe, path = named.get(name, (name, None))
+        agree = (top1[(recipe, path)] == baseline).float().mean().item() if path else None
+        rows.append({"recipe": recipe, "path": described.get(name, "llama.cpp"), **speed[name], "top1_agreement": agree})
         r0 = rows[0]
-        print(f"{recipe:<24} prefill {p:8.1f} tok/s (x{p / r0['prefill_tok_s']:.2f})   "
+        print(f"{name:<36} prefill {p:8.1f} tok/s (x{p / r0['prefill_tok_s']:.2f})   "
               f"decode {d:7.2f} tok/s (x{d / r0['decode_tok_s']:.2f})   top-1 agreement " + ("-" if agree is None else f"{agree:.3f}"), flush=True)
     write_json(args.json, {"environment": env, "args": vars(args), "rows": rows})
     return 0

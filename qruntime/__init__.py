@@ -23,6 +23,7 @@ from .sparse.prune import prune_model
 from .ops.registry import cpu_backend
 from .ops import triton_backend  # noqa: F401  registers the Triton kernels as the ops' CUDA implementations (imports no Triton)
 from .plumbing.report import CompressReport
+from .runtime import Decoder, UnsupportedModelError, generate
 
 from .version import __version__
 
@@ -49,5 +50,8 @@ __all__ = [
     "export_compressed_tensors",
     "CompressReport",
     "cpu_backend",
+    "Decoder",
+    "generate",
+    "UnsupportedModelError",
     "__version__",
 ]

@@ -98,8 +98,10 @@ def _demo(model_name: str, preset: str, eval_tokens: int, window: int, calib_sam
         # window, which the evaluation has just run, so within the model's positions
         prefill = ids[: min(256, window, len(ids))].unsqueeze(0)
         prompt_len = min(32, max(1, prefill.shape[1] // 2))
+        # the original as a user runs it before (its own forward), the compressed one as qruntime runs it
         speed = compare_causal_lm({"original": model, "compressed": qmodel}, prefill, prompt_len=prompt_len,
-                                  decode_steps=min(32, window - prompt_len), rounds=speed_rounds)
+                                  decode_steps=min(32, window - prompt_len), rounds=speed_rounds,
+                                  paths={"original": "hf", "compressed": "auto"})
 
     params = sum(p.numel() for p in model.parameters())
     rows = [
@@ -124,9 +126,11 @@ def _demo(model_name: str, preset: str, eval_tokens: int, window: int, calib_sam
              f"{c['prefill_tok_s']:.0f} ({c['prefill_tok_s'] / o['prefill_tok_s']:.2f}x)"),
             ("decode tokens/s (greedy, KV cache)", f"{o['decode_tok_s']:.1f}",
              f"{c['decode_tok_s']:.1f} ({c['decode_tok_s'] / o['decode_tok_s']:.2f}x)"),
+            ("run by", o["path"], c["path"]),
         ]
         faster = (f", decode {c['decode_tok_s'] / o['decode_tok_s']:.2f}x and prefill "
-                  f"{c['prefill_tok_s'] / o['prefill_tok_s']:.2f}x the original's speed (medians of {speed_rounds} interleaved rounds)")
+                  f"{c['prefill_tok_s'] / o['prefill_tok_s']:.2f}x the original's speed (the compressed model on the "
+                  f"{c['path']}, the original on its {o['path']}; medians of {speed_rounds} interleaved rounds)")
     say = argparse.Namespace(json=json_path)
     _say(say, "", f"{'':<36} {'original':>20} {'compressed':>24}")
     _say(say, *(f"{label:<36} {before:>20} {after:>24}" for label, before, after in rows))
@@ -345,7 +349,8 @@ def cmd_bench(args) -> dict:
     header = f"# {kind}; torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} interleaved rounds, medians"
     if kind == "causal-lm":
         ids = tokenize_text(tokenizer, split_text("eval"), max_tokens=args.prefill)[None, :]
-        res = compare_causal_lm(models, ids, prompt_len=min(args.prompt, ids.shape[1]), decode_steps=args.decode, rounds=args.rounds)
+        res = compare_causal_lm(models, ids, prompt_len=min(args.prompt, ids.shape[1]), decode_steps=args.decode,
+                                rounds=args.rounds, paths=args.decoder)
         lines = [header + f"; prefill {ids.shape[1]} tokens, decode {args.decode} steps after {args.prompt}",
                  f"# llama.cpp's figures for the same work: llama-bench -p {ids.shape[1]} -n {args.decode} "
                  f"-t {torch.get_num_threads()} (its decode starts from an empty context: --prompt 1 here)"]
@@ -355,7 +360,8 @@ def cmd_bench(args) -> dict:
             if len(names) > 1 and name == names[0]:
                 ref = res[names[1]]
                 ratio = f"   (x{r['prefill_tok_s'] / ref['prefill_tok_s']:.2f} prefill, x{r['decode_tok_s'] / ref['decode_tok_s']:.2f} decode vs reference)"
-            lines.append(f"{name}: prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.2f} tok/s{ratio}")
+            lines.append(f"{name}: prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.2f} tok/s{ratio}"
+                         f"   [{r['path']}]")
     else:
         sentences = [s for s, _ in movie_reviews()][: args.batch]
         batch = tokenizer(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -490,6 +496,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", type=int, default=256, help="prefill tokens")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
     p.add_argument("--decode", type=int, default=32, help="greedy decode steps")
+    p.add_argument("--decoder", choices=["auto", "qruntime", "hf"], default="auto",
+                   help="causal LMs: run by the qruntime decoder where it reads the model (auto: else the model's own "
+                        "forward, with the reason), only by it (qruntime), or by the model's own forward (hf)")
     p.add_argument("--batch", type=int, default=64, help="sentences per encoder batch")
     p.add_argument("--rounds", type=int, default=3)
 

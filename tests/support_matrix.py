@@ -74,6 +74,7 @@ MIN_SQNR_DB = {"w8a16": 30.0, "w8a8-nosq": 20.0, "int4": 8.0}
 SLACK_DB = 1.0  # a refinement with a gain of ~0 on these outlier-free models may lose this much to noise
 GPTQ_GAIN_DB = 2.0  # GPTQ over round-to-nearest on its own calibration tokens (3.4-9.8 dB measured)
 FOLD_RTOL = 1e-5  # the folded float model's logits against the original (fp32 rounding)
+DECODER_RTOL = 1e-4  # the decoder's logits against the model's forward (fp32 rounding, other op order)
 
 STAGES = {
     "w8a16": "RTN INT8: every weight matrix converted or listed in `report.skipped` with its reason; "
@@ -91,6 +92,10 @@ STAGES = {
              "skipped (rel. 1e-5); after quantization, decoders generate as their full forward does",
     "save/load": "`w4a16-g32` saved and loaded: every tensor and the logits bit-identical",
     "generate": "`w8a16` decoders: greedy `generate` with the KV cache gives the tokens of full forwards",
+    "decoder": "`w8a16` decoders run by `qruntime.Decoder`: its logits at prefill and at each decoding step "
+               f"within {DECODER_RTOL:g} (relative) of the model's own forward, and its greedy tokens those of "
+               "full forwards; elsewhere the reason it refuses (`qruntime.generate` then runs Hugging Face's "
+               "`generate` and warns why)",
 }
 
 
@@ -377,9 +382,34 @@ def stage_generate(family, model):
     return ""
 
 
+def stage_decoder(family, model):
+    """The qruntime decoder on the ``w8a16`` model (12 tokens: fp32 products on every CPU level), or its
+    refusal."""
+    from qruntime.runtime import Decoder, UnsupportedModelError
+
+    if kind(family) != "decoder":
+        return None
+    q, _ = compress(family, model, "w8a16")
+    try:
+        dec = Decoder(q)
+    except UnsupportedModelError as err:
+        raise Refused(f"qruntime decoder: {str(err).split('; it reads')[0]}") from err
+    ids = heldout()[:1, :12]
+    ref = logits(q, ids)[0]
+    errs = [rel(dec.prefill(ids[:, :5], all_logits=True), ref[:5])]
+    errs += [rel(dec.step(ids[0, p])[0], ref[p]) for p in range(5, ids.shape[1])]
+    assert max(errs) < DECODER_RTOL, f"decoder logits against the model's forward: rel. errors {errs}"
+    prompt, want = ids[:, :5], ids[:, :5]
+    for _ in range(6):
+        want = torch.cat([want, logits(q, want)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    got = dec.generate(prompt, 6)
+    assert torch.equal(got, want), f"decoder greedy {got.tolist()} against full forwards {want.tolist()}"
+    return ""
+
+
 RUNNERS = {"w8a16": stage_w8a16, "w8a8 + SmoothQuant": stage_w8a8, "GPTQ INT4": stage_gptq,
            "AWQ + clip": stage_awq, "2:4": stage_sparse, "depth": stage_depth, "save/load": stage_save_load,
-           "generate": stage_generate}
+           "generate": stage_generate, "decoder": stage_decoder}
 
 
 @functools.lru_cache(maxsize=None)

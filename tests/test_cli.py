@@ -65,6 +65,11 @@ def test_compress_info_eval_bench_export(tiny_folder, tmp_path, capsys):
     assert code == 0, err
     res = json.loads(out)["results"]
     assert set(res) == {str(out_dir), str(tiny_folder)} and all(r["decode_tok_s"] > 0 for r in res.values())
+    assert all(r["path"] == "qruntime decoder" for r in res.values())  # a Llama: the decoder runs both
+    code, out, err = _run(capsys, "bench", out_dir, "--prefill", "16", "--prompt", "8", "--decode", "2", "--rounds", "1",
+                          "--decoder", "hf")
+    assert code == 0, err
+    assert out.count("[HF forward]") == 2 and "[qruntime decoder]" not in out
 
     code, out, err = _run(capsys, "export", out_dir, "--out", tmp_path / "ct")
     assert code == 0, err
@@ -136,6 +141,9 @@ def test_demo_takes_json_and_quiet_like_every_command(tiny_folder, tmp_path, cap
     for name in ("original", "compressed"):
         assert len(summary["speed"][name]["decode_tok_s_all"]) == 3 and summary["speed"][name]["prefill_tok_s"] > 0
     assert "prefill tokens/s (32 tokens)" in err and "decode tokens/s" in err and "x the original's speed" in err
+    # the original as a user ran it (its own forward), the compressed model on qruntime's decoder
+    assert summary["speed"]["original"]["path"] == "HF forward"
+    assert summary["speed"]["compressed"]["path"] == "qruntime decoder" and "qruntime decoder" in err
     assert "it/s" not in err and "%|" not in err  # no tqdm bar, transformers' weight loading included
     from transformers.utils import logging as hf_logging
 

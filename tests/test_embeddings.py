@@ -81,3 +81,40 @@ def test_untied_and_missing_embeddings_are_reported(tiny_bert):
     plain = nn.Sequential(nn.Linear(16, 16))
     _, report = qruntime.compress(plain, "w8a16-emb8", inplace=False, progress=False)
     assert report.skipped[-1].kind == "Embedding" and "get_input_embeddings" in report.skipped[-1].reason
+
+
+def test_a_scaled_word_embedding_keeps_its_factor_through_compress_save_and_load(tmp_path):
+    """Gemma's embedding multiplies its rows by sqrt(hidden) in its own forward: the packed embedding
+    must keep that factor (losing it once gave logits at 6 dB SQNR, with no error)."""
+    import support_matrix as sm
+
+    model = sm.build("gemma")
+    emb = model.get_input_embeddings()
+    ids = sm.heldout()
+    q, report = qruntime.compress(model, "w8a16-emb8", inplace=False, progress=False)
+    packed = q.get_input_embeddings()
+    assert isinstance(packed, QuantEmbedding) and packed.embed_scale == pytest.approx(64 ** 0.5)
+    with torch.no_grad():
+        rows = packed(ids)
+        assert torch.allclose(rows, packed.dequantized_weight()[ids] * packed.embed_scale)
+        assert sm.rel(rows, emb(ids)) < 0.01
+    assert sm.sqnr_db(sm.logits(q, ids), sm.logits(model, ids)) >= sm.MIN_SQNR_DB["w8a16"]
+    qruntime.save(q, tmp_path / "ckpt")
+    loaded = qruntime.load(tmp_path / "ckpt")
+    assert loaded.get_input_embeddings().embed_scale == packed.embed_scale
+    assert torch.equal(sm.logits(loaded, ids), sm.logits(q, ids))
+
+
+def test_an_embedding_whose_forward_adds_more_than_a_factor_is_left_with_its_reason(tiny_llama):
+    class Shifted(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) + 1.0
+
+    old = tiny_llama.get_input_embeddings()
+    shifted = Shifted(old.num_embeddings, old.embedding_dim)
+    shifted.weight = old.weight
+    tiny_llama.set_input_embeddings(shifted)
+    q, report = qruntime.compress(tiny_llama, "w8a16-emb8", inplace=False, progress=False)
+    assert type(q.get_input_embeddings()) is Shifted
+    reasons = [s.reason for s in report.skipped if "Shifted" in s.reason]
+    assert reasons and "not its rows times one factor" in reasons[0]

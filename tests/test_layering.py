@@ -25,6 +25,7 @@ LAYERS = [
     ("the command line", {"cli"}),
     ("the public API (qruntime/__init__.py)", {"__init__"}),
     ("evaluation and the demo", {"eval"}),
+    ("the decoder (generation on the CPU)", {"runtime"}),
     ("the compress() pipeline", {"pipeline"}),
     ("recipes", {"recipes"}),
     ("algorithms and artifacts", {"quant", "sparse", "distill", "io"}),

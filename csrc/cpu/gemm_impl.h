@@ -711,6 +711,8 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* xq, float* a) {
   if (tmp != row) std::free(tmp);
 }
 
+#include "decode_impl.h"
+
 }  // namespace
 }  // namespace qruntime::cpu::QR_NS
 
@@ -723,6 +725,6 @@ constexpr int kTableBf16Rows = static_cast<int>(kBf16Rows);
 constexpr int kTableBf16Rows = 0;
 #endif
 const KernelTable kTable = {
-    QR_ISA_NAME, w8a16, w4a16, w8a8, quantize_rows, sp24, kTableBf16Rows,
+    QR_ISA_NAME, w8a16, w4a16, w8a8, quantize_rows, sp24, kTableBf16Rows, add_rms_norm, add_layer_norm, act_mul, attend,
 };
 }  // namespace qruntime::cpu::QR_NS

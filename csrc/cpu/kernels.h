@@ -10,6 +10,8 @@ namespace qruntime::cpu {
 // Columns of one packed weight block: every CPU layout stores output channels in blocks of 32.
 constexpr int kBlockN = 32;
 
+struct AttendArgs;
+
 struct KernelTable {
   const char* name;
   // y[m, n] = scales[n] * sum_k x[m, k] * q[n, k] + bias[n]
@@ -42,6 +44,41 @@ struct KernelTable {
   // bf16 as under autocast; an int8 code is exact in bf16 and its scale applied to the fp32 sum), with
   // fp32 accumulation; 0: never (fp32 products at every m).
   int bf16_rows;
+
+  // One decoding step (a single new token), the work between the GEMMs (decode_impl.h):
+  // h[i] += r[i] (r may be null), then x = h / sqrt(mean(h^2) + eps) * w            (RMSNorm)
+  void (*add_rms_norm)(float* h, const float* r, int64_t n, const float* w, float eps, float* x);
+  // h[i] += r[i] (r may be null), then x = (h - mean) / sqrt(var + eps) * w + b     (LayerNorm; b may be null)
+  void (*add_layer_norm)(float* h, const float* r, int64_t n, const float* w, const float* b, float eps,
+                         float* x);
+  // act 0: y[i] = silu(g[i]) * g[n + i] (g has 2n values); 1: y = gelu_tanh(g); 2: y = gelu (erf);
+  // 3: y[i] = gelu_tanh(g[i]) * g[n + i]
+  void (*act_mul)(const float* g, int64_t n, int act, float* y);
+  // Attention of the token at position pos (see AttendArgs); q and the new k are rotated in place.
+  void (*attend)(AttendArgs* args, int threads);
+};
+
+// One token's attention over a KV cache of `capacity` positions:
+//   q: f32 [heads * hd + 2 * kv_heads * hd], the q | k | v projections of the token; when q_norm / k_norm
+//     are given, each head of q / k is first RMS-normalized over hd (eps norm_eps) and scaled by them
+//     (Qwen3's per-head norms), in place; then q and k are rotated in place when cos is given: x[i], x[i + hd/2] -> x[i] cos[i] - x[i + hd/2] sin[i],
+//     x[i + hd/2] cos[i] + x[i] sin[i], for i < hd / 2);
+//   k_cache f32 [kv_heads, hd, capacity] (keys transposed), v_cache f32 [kv_heads, capacity, hd]: the
+//     token's k and v are written at pos, then query head h attends positions 0..pos of kv head
+//     h / (heads / kv_heads) with softmax(scale * q.k) (fp32);
+//   out f32 [heads * hd].
+struct AttendArgs {
+  float* q;
+  float* k_cache;
+  float* v_cache;
+  const float* cos;
+  const float* sin;
+  float* out;
+  int64_t heads, kv_heads, head_dim, capacity, pos;
+  float scale;
+  const float* q_norm;  // [hd] or null
+  const float* k_norm;  // [hd] or null
+  float norm_eps;
 };
 
 // Element type of the kept values in the sp24 layout.

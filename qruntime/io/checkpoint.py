@@ -86,6 +86,7 @@ def _module_entry(module: nn.Module) -> dict:
             "embedding_dim": module.embedding_dim,
             "padding_idx": module.padding_idx,
             "out_dtype": _dtype_name(module.out_dtype),
+            "embed_scale": module.embed_scale,
             "format": module.weight_format.name,
             "quant": dataclasses.asdict(module.weight_format),
         }
@@ -365,7 +366,7 @@ def _quant_skeleton(name: str, entry: dict) -> nn.Module:
         if kind == "QuantEmbedding":
             return QuantEmbedding(
                 entry["num_embeddings"], entry["embedding_dim"], quant, entry["padding_idx"],
-                getattr(torch, entry["out_dtype"]), device="meta",
+                getattr(torch, entry["out_dtype"]), device="meta", embed_scale=entry.get("embed_scale", 1.0),
             )
         dtype = getattr(torch, entry["bias_dtype"]) if entry["bias"] else torch.float32
         return QuantLinear(

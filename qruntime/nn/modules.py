@@ -25,7 +25,8 @@ from qruntime.formats.packing import (
     sp24_positions,
 )
 
-__all__ = ["QuantLinear", "QuantEmbedding", "SparseLinear", "linear_weight", "is_conv1d", "check_format"]
+__all__ = ["QuantLinear", "QuantEmbedding", "SparseLinear", "linear_weight", "is_conv1d", "check_format",
+           "embedding_scale"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -176,7 +177,9 @@ class QuantLinear(_PackedLinear):
 class QuantEmbedding(nn.Module):
     """An ``nn.Embedding`` whose table [num_embeddings, embedding_dim] is stored packed, one token per
     row, in the same formats as :class:`QuantLinear` (N = num_embeddings, K = embedding_dim); the
-    looked-up rows are dequantized to ``out_dtype``. Buffers: ``qweight``, ``scales``, ``zeros``.
+    looked-up rows are dequantized, multiplied by ``embed_scale`` (a scaled word embedding's factor, as
+    Gemma's sqrt(hidden); 1.0 for a plain one) and cast to ``out_dtype``. Buffers: ``qweight``,
+    ``scales``, ``zeros``.
     """
 
     def __init__(
@@ -187,6 +190,7 @@ class QuantEmbedding(nn.Module):
         padding_idx: int | None = None,
         out_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        embed_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if num_embeddings <= 0 or embedding_dim <= 0:
@@ -195,7 +199,7 @@ class QuantEmbedding(nn.Module):
         if weight_format.act_bits != 16:
             raise ValueError(f"weight_format={weight_format.name}: an embedding has no activations to quantize (act_bits must be 16)")
         self.num_embeddings, self.embedding_dim, self.weight_format = num_embeddings, embedding_dim, weight_format
-        self.padding_idx, self.out_dtype = padding_idx, out_dtype
+        self.padding_idx, self.out_dtype, self.embed_scale = padding_idx, out_dtype, float(embed_scale)
         shell = QuantLinear(embedding_dim, num_embeddings, weight_format, bias=False, device=device)
         self.group_size = shell.group_size
         self.register_buffer("qweight", shell.qweight)
@@ -204,11 +208,18 @@ class QuantEmbedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, module: nn.Embedding, weight_format: WeightFormat) -> "QuantEmbedding":
-        """Round-to-nearest quantization of an ``nn.Embedding``'s table, row = token."""
+        """Round-to-nearest quantization of an ``nn.Embedding``'s table, row = token. A subclass whose
+        forward scales the rows (``embed_scale``: Gemma's scaled word embeddings) keeps its factor.
+
+        Raises:
+            ValueError: a subclass whose forward is not the table's rows times one factor (it would be
+                lost); the message names the module's class.
+        """
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"{type(module).__name__}: not an nn.Embedding")
         w = module.weight
-        out = cls(module.num_embeddings, module.embedding_dim, weight_format, module.padding_idx, w.dtype, device=w.device)
+        out = cls(module.num_embeddings, module.embedding_dim, weight_format, module.padding_idx, w.dtype, device=w.device,
+                  embed_scale=embedding_scale(module))
         if weight_format.bits == 8:  # round to nearest on the min-max grid
             scales, zeros, group_size = int8_scales(w), None, w.shape[1]
         else:
@@ -244,10 +255,35 @@ class QuantEmbedding(nn.Module):
             s = self.scales[:, flat].t()[..., None]  # [T, G, 1]
             z = self.zeros[:, flat].t()[..., None].to(torch.float32) if self.zeros is not None else INT4_SYM_ZERO
             rows = ((codes.reshape(len(flat), g, -1) - z) * s).reshape(len(flat), -1)[:, : self.embedding_dim]
+        if self.embed_scale != 1.0:
+            rows = rows * torch.tensor(self.embed_scale, dtype=rows.dtype)
         return rows.to(self.out_dtype).reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.weight_format.name}, out_dtype={self.out_dtype}"
+        scale = f", embed_scale={self.embed_scale:g}" if self.embed_scale != 1.0 else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.weight_format.name}, out_dtype={self.out_dtype}{scale}"
+
+
+def embedding_scale(module: nn.Embedding) -> float:
+    """The factor an embedding's forward multiplies its rows by: 1.0 for ``nn.Embedding`` itself, the
+    ``embed_scale`` of a scaled word embedding (checked on a few rows).
+
+    Raises:
+        ValueError: a subclass whose forward is not the rows times one factor."""
+    if type(module).forward is nn.Embedding.forward:
+        return 1.0
+    scale = getattr(module, "scalar_embed_scale", None)
+    if scale is None and isinstance(getattr(module, "embed_scale", None), (int, float, torch.Tensor)):
+        scale = module.embed_scale
+    scale = float(scale) if scale is not None and torch.as_tensor(scale).numel() == 1 else None
+    if scale is not None:
+        ids = torch.arange(min(8, module.num_embeddings), device=module.weight.device)
+        with torch.no_grad():
+            want = module.weight[ids] * torch.tensor(scale, dtype=module.weight.dtype, device=ids.device)
+            if torch.equal(module(ids), want):
+                return scale
+    raise ValueError(f"{type(module).__name__}: an embedding whose forward is not its rows times one factor; "
+                     "packing its table would drop what its forward adds")
 
 
 class SparseLinear(_PackedLinear):

@@ -42,6 +42,7 @@ __all__ = [
     "set_cpu_isa",
     "use_cpu_isa",
     "eager_cpu",
+    "module_kernel_call",
     "cpu_w8a16",
     "cpu_w8a8",
     "cpu_w4a16",
@@ -431,6 +432,29 @@ def run_sp24_module(module, x2d: torch.Tensor) -> torch.Tensor:
     if plan[1] is None or x2d.dtype == torch.float64:
         return reference.sp24_linear(x2d, v, mt, s, z, module.group_size, b)
     return _launch(plan[1], x2d, module.out_features)
+
+
+def module_kernel_call(module) -> tuple[Callable, tuple] | None:
+    """The C++ kernel of a packed Linear module and its arguments between ``x`` and ``n``, for callers that
+    run one layer many times on preallocated buffers: ``fn(x, *args, n, out, threads)`` with ``x`` float32
+    [M, in_features] and ``out`` float32 [M, n] numpy arrays (``n`` = out_features). The module is a
+    QuantLinear (buffers ``qweight``, ``scales``, ``zeros``) or a 2:4 SparseLinear (``values``, ``meta``,
+    ...). None where no C++ kernel applies (no extension, a non-CPU tensor, INT4 2:4 groups the kernel
+    cannot read). The CPU layout is built now, and kept as long as the returned arguments are."""
+    if not CPU_KERNELS:
+        return None
+    if "qweight" in module._buffers:
+        q, s, z, b = module_tensors(module, ("qweight", "scales", "zeros", "bias"))
+        if not q.is_cpu:
+            return None
+        kind = "w4a16" if module.weight_format.bits == 4 else ("w8a8" if module.weight_format.act_bits == 8 else "w8a16")
+        call = _kernel_call(kind, q, s, z, module.group_size, b)
+    elif "values" in module._buffers and SP24_CPU_KERNELS:
+        v, mt, s, z, b = module_tensors(module, ("values", "meta", "scales", "zeros", "bias"))
+        call = _sp24_call(v, mt, s, z, module.group_size, b) if v.is_cpu else None
+    else:
+        return None
+    return None if call is None else (getattr(extension(), call[0]), call[1])
 
 
 def eager_cpu(x: torch.Tensor, bias: torch.Tensor | None) -> bool:

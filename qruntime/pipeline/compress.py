@@ -421,8 +421,13 @@ def embeddings_stage(s: CompressState) -> None:
     name = module_name(s.model, emb)
     if not torch.isfinite(emb.weight).all():
         raise ValueError(f"embedding {name!r}: weight has NaN/Inf values; refusing to quantize")
+    try:
+        with torch.no_grad():
+            q = QuantEmbedding.from_embedding(emb, quant.format)
+    except ValueError as exc:
+        s.skipped.append(SkippedLayer(name, type(emb).__name__, f"embeddings={quant.name} asked, but {exc}"))
+        return
     with torch.no_grad():
-        q = QuantEmbedding.from_embedding(emb, quant.format)
         rel, sqnr = weight_error(emb.weight, q)
     s.replacements.append((name, q))
     nbytes = emb.weight.numel() * emb.weight.element_size()
