@@ -402,7 +402,7 @@ def stage_decoder(family, model):
     prompt, want = ids[:, :5], ids[:, :5]
     for _ in range(6):
         want = torch.cat([want, logits(q, want)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    got = dec.generate(prompt, 6)
+    got = dec.generate(prompt, 6, [])  # []: no end token stops it
     assert torch.equal(got, want), f"decoder greedy {got.tolist()} against full forwards {want.tolist()}"
     return ""
 

@@ -11,6 +11,7 @@ import torch
 import support_matrix as sm
 from qruntime.ops.decode import reference_ops
 from qruntime.runtime import Decoder, UnsupportedModelError, generate
+from qruntime.runtime.decoder import Sampler
 
 READ = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "starcoder2", "gpt2"]
 RECIPES = [None, "w8a16", "w4a16-g32-rtn", "w4a16-g32-rtn-emb8", "2:4-magnitude", "2:4-magnitude+w8a16"]
@@ -71,15 +72,15 @@ def test_greedy_generation_is_the_argmax_of_full_forwards(family):
     ids = prompt
     for _ in range(8):
         ids = torch.cat([ids, _full_logits(model, ids)[-1:].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(Decoder(model).generate(prompt, 8), ids)
-    assert torch.equal(generate(model, prompt, 8), ids)
+    assert torch.equal(Decoder(model).generate(prompt, 8, []), ids)  # []: no end token stops it
+    assert torch.equal(generate(model, prompt, 8, []), ids)
 
 
 def test_generation_stops_at_eos_and_returns_the_prompt_for_zero_tokens():
     model = _compressed("llama", "w8a16")
     prompt = sm.heldout()[:1, :5]
     dec = Decoder(model)
-    full = dec.generate(prompt, 8)
+    full = dec.generate(prompt, 8, [])
     eos = int(full[0, 7])  # the third new token
     stopped = dec.generate(prompt, 8, eos_token_id=[eos, 10**6])
     assert torch.equal(stopped, full[:, : full[0, 5:].tolist().index(eos) + 6])
@@ -242,3 +243,54 @@ def test_speed_paths_say_what_ran_each_model():
                             paths="auto")
     assert res["a"]["path"] == "qruntime decoder" and res["b"]["path"].startswith("HF forward (")
     assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in res.values())
+
+
+def test_the_models_end_token_stops_generation_by_default():
+    model = _compressed("llama", "w8a16")
+    prompt = sm.heldout()[:1, :5]
+    full = Decoder(model).generate(prompt, 8, [])
+    model.generation_config.eos_token_id = int(full[0, 7])  # the third new token
+    want = full[:, : full[0, 5:].tolist().index(int(full[0, 7])) + 6]
+    assert torch.equal(Decoder(model).generate(prompt, 8), want)
+    assert torch.equal(generate(model, prompt, 8), want)
+    assert torch.equal(generate(model, prompt, 8, decoder="hf"), want)
+    assert torch.equal(generate(model, prompt, 8, [], decoder="hf"), full)
+
+
+def test_sampling_draws_within_top_k_and_top_p_reproducibly():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0, -1.0])
+    g = torch.Generator().manual_seed(0)
+    draws = [Sampler(True, top_k=3, generator=g)(logits) for _ in range(400)]
+    assert set(draws) == {0, 1, 2}
+    p = (logits[:3]).softmax(-1)
+    counts = torch.bincount(torch.tensor(draws), minlength=3)[:3].double() / 400
+    assert (counts - p).abs().max() < 0.08  # the renormalized probabilities, within sampling noise
+    p_all = logits.softmax(-1)  # top_p=0.9: the smallest prefix reaching 0.9 is tokens 0..2 (0.665, 0.245, 0.09)
+    assert p_all[:2].sum() < 0.9 <= p_all[:3].sum()
+    assert set(Sampler(True, top_p=0.9, generator=g)(logits) for _ in range(300)) == {0, 1, 2}
+    assert {Sampler(True, top_k=1)(logits) for _ in range(20)} == {0}
+    assert {Sampler(True, temperature=1e-3)(logits) for _ in range(20)} == {0}
+    model = _compressed("llama", "w8a16")
+    prompt = sm.heldout()[:1, :5]
+    runs = [Decoder(model).generate(prompt, 10, [], do_sample=True, temperature=2.0,
+                                    generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    greedy = Decoder(model).generate(prompt, 10, [])
+    assert not torch.equal(runs[0], greedy)  # 10 draws at temperature 2 over 128 tokens: never all the argmax
+    assert torch.equal(generate(model, prompt, 10, [], do_sample=True, top_k=1), greedy)
+    neox = sm.build("gpt_neox")
+    with pytest.warns(RuntimeWarning, match="qruntime decoder not used"):
+        hf_sampled = generate(neox, prompt, 4, [], do_sample=True, top_k=1)
+    assert torch.equal(hf_sampled, generate(neox, prompt, 4, [], decoder="hf"))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=0.7), "with do_sample=False"),
+    (dict(do_sample=True, temperature=0.0), "temperature=0.0: must be a positive number"),
+    (dict(do_sample=True, top_k=0), "top_k=0: must be an int >= 1"),
+    (dict(do_sample=True, top_p=1.5), r"top_p=1.5: must be in \(0, 1\]"),
+])
+def test_sampling_arguments_are_checked_on_both_paths(kwargs, message):
+    for family in ("llama", "gpt_neox"):
+        with pytest.raises(ValueError, match=message):
+            generate(sm.build(family), sm.heldout()[:1, :3], 2, **kwargs)

@@ -4,8 +4,8 @@
 block, its norms, attention and activation), or refuses it with the reason; `projection` binds one
 linear layer (fused q/k/v and gate/up where their formats allow) to the step's buffers; `decoder` holds
 the KV cache and runs prefill (M tokens, PyTorch ops and the modules' kernels) and decoding steps (one
-token: the C++ kernels on preallocated buffers, no per-op dispatch), and `generate` is greedy
-generation with a stated fallback to Hugging Face's ``generate`` for the models it does not read.
+token: one native call on preallocated buffers), and `generate` is generation (greedy or sampled)
+with a stated fallback to Hugging Face's ``generate`` for the models it does not read.
 
 Imports: `qruntime.nn`, `qruntime.ops`.
 """

@@ -21,7 +21,7 @@ from qruntime.ops.decode import ACT_GELU_TANH, ACT_SILU_MUL, GATED, step_ops
 from .architecture import Architecture, Norm, UnsupportedModelError, read_architecture
 from .projection import Projection
 
-__all__ = ["Decoder", "generate"]
+__all__ = ["Decoder", "Sampler", "generate", "eos_ids"]
 
 
 @dataclass
@@ -43,10 +43,11 @@ def _row(n: int) -> np.ndarray:
 
 
 class Decoder:
-    """Greedy generation with a Hugging Face causal LM (compressed by qruntime or not) on the CPU.
+    """Generation with a Hugging Face causal LM (compressed by qruntime or not) on the CPU.
 
     >>> dec = Decoder(model)
     >>> ids = dec.generate(prompt_ids, max_new_tokens=64)   # [1, P + new], as model.generate(do_sample=False)
+    >>> ids = dec.generate(prompt_ids, 64, do_sample=True, top_p=0.9, generator=torch.Generator().manual_seed(0))
 
     ``prefill(ids)`` and ``step(token)`` give the logits to drive other sampling; ``reset()`` starts a
     new sequence. The decoder reads the model's modules (it keeps no copy of them, except the fused
@@ -237,25 +238,33 @@ class Decoder:
         """One token at the current position: the logits row, in the decoder's reused buffer."""
         self._reserve(self.pos + 1)
         self._plan()
-        a, b, o, pos = self.arch, self.buf, self.ops, self.pos
+        a, pos = self.arch, self.pos
         h = self._embed(torch.tensor([token]))
         if a.positions is not None:
             h = h + a.positions(torch.tensor([pos]))
-        b.h[:] = h.numpy()
+        self.buf.h[:] = h.numpy()
         if self.native is not None:
-            if self._native_capacity != self.capacity:
-                rot = (self.cos, self.sin) if a.rotary is not None else (None, None)
-                self.native.set_state(self.k_cache, self.v_cache, *rot)
-                self._native_capacity = self.capacity
-            self.native.run(pos, self._plan_threads)
-            if not self.head_in_plan:
-                for c in self.head_calls:
-                    c()
-            self.pos = pos + 1
-            return b.logits
-        cos = sin = None
-        if a.rotary is not None:
-            cos, sin = self.cos[pos], self.sin[pos]
+            self._run_native(pos)
+        else:
+            self._run_loop(pos)
+        self.pos = pos + 1
+        return self.buf.logits
+
+    def _run_native(self, pos: int) -> None:
+        """The blocks (and the head, when it has a kernel) in one C++ call."""
+        if self._native_capacity != self.capacity:  # the caches grew: the plan points at the new ones
+            rot = (self.cos, self.sin) if self.arch.rotary is not None else (None, None)
+            self.native.set_state(self.k_cache, self.v_cache, *rot)
+            self._native_capacity = self.capacity
+        self.native.run(pos, self._plan_threads)
+        if not self.head_in_plan:
+            for c in self.head_calls:
+                c()
+
+    def _run_loop(self, pos: int) -> None:
+        """The same step as Python calls, one per kernel (a layer without a C++ kernel, or no extension)."""
+        a, b, o = self.arch, self.buf, self.ops
+        cos, sin = (self.cos[pos], self.sin[pos]) if a.rotary is not None else (None, None)
         norm = o.add_rms_norm if a.norm == "rms" else o.add_layer_norm
         threads, residual = self._plan_threads, None
         for (n1, qkv, out, n2, up, down, qk), kc, vc in zip(self.steps, self.k_cache, self.v_cache):
@@ -275,8 +284,6 @@ class Decoder:
         norm(b.h, residual, *self.final_norm, b.x)
         for c in self.head_calls:
             c()
-        self.pos = pos + 1
-        return b.logits
 
     @torch.no_grad()
     def step(self, token: int | torch.Tensor) -> torch.Tensor:
@@ -288,21 +295,69 @@ class Decoder:
         return torch.from_numpy(self._step(int(token)).copy())
 
     @torch.no_grad()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None) -> torch.Tensor:
-        """Greedy continuation of ``ids`` [1, P] from an empty cache: [1, P + new] (new <= max_new_tokens;
-        it stops after an ``eos_token_id``)."""
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None, *,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The continuation of ``ids`` [1, P] from an empty cache: [1, P + new], new <= max_new_tokens.
+
+        It stops after an end token: ``eos_token_id`` (int or list), by default the model's
+        ``generation_config.eos_token_id``; ``[]`` never stops early. Greedy by default; ``do_sample``
+        samples from softmax(logits / temperature), within the ``top_k`` most likely tokens and the
+        smallest set whose probability reaches ``top_p`` (as Hugging Face's ``generate`` does), drawing
+        from ``generator`` (torch's default one if None)."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+        pick = Sampler(do_sample, temperature, top_k, top_p, generator)
         prompt = self._check_ids(ids)
+        stop = set(eos_ids(self.model, eos_token_id))
         self.reset()
         if max_new_tokens == 0:
             return prompt[None]
-        stop = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
         self._reserve(len(prompt) + max_new_tokens)
-        out = [int(self.prefill(prompt).argmax(-1))]
+        out = [pick(self.prefill(prompt)[0])]
         while len(out) < max_new_tokens and out[-1] not in stop:
-            out.append(int(self._step(out[-1]).argmax()))
+            out.append(pick(torch.from_numpy(self._step(out[-1])[0])))
         return torch.cat([prompt, torch.tensor(out)])[None]
+
+
+class Sampler:
+    """The next token from a logits row: the argmax, or a draw (see :meth:`Decoder.generate`)."""
+
+    def __init__(self, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None) -> None:
+        if not do_sample and (temperature != 1.0 or top_k is not None or top_p is not None):
+            raise ValueError(f"temperature={temperature}, top_k={top_k}, top_p={top_p} with do_sample=False: they "
+                             "shape sampling only (pass do_sample=True)")
+        if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise ValueError(f"temperature={temperature!r}: must be a positive number")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k={top_k!r}: must be an int >= 1 (or None)")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p!r}: must be in (0, 1] (or None)")
+        self.do_sample, self.temperature, self.top_k, self.top_p, self.generator = (
+            do_sample, float(temperature), top_k, top_p, generator)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        if not self.do_sample:
+            return int(logits.argmax())
+        x = logits.double() / self.temperature
+        if self.top_k is not None and self.top_k < x.numel():
+            x = x.masked_fill(x < x.topk(self.top_k).values[-1], float("-inf"))
+        if self.top_p is not None and self.top_p < 1:
+            order = x.argsort(descending=True)
+            probs = x[order].softmax(-1)
+            drop = probs.cumsum(-1) - probs >= self.top_p  # tokens past the smallest set reaching top_p
+            x = x.index_fill(0, order[drop], float("-inf"))
+        return int(torch.multinomial(x.softmax(-1), 1, generator=self.generator))
+
+
+def eos_ids(model: nn.Module, eos_token_id) -> list[int]:
+    """The end tokens: ``eos_token_id`` as a list, or the model's ``generation_config.eos_token_id`` for None."""
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
 
 
 def _head_norm(x: torch.Tensor, n: Norm) -> torch.Tensor:
@@ -333,20 +388,26 @@ def _norm_args(n: Norm, kind: str) -> tuple:
 
 
 def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
-             decoder: str = "auto") -> torch.Tensor:
-    """Greedy generation: with the qruntime :class:`Decoder` where it reads the model, else (``decoder=
-    "auto"``) Hugging Face's ``model.generate`` with a warning that says why. ``decoder="qruntime"``
-    raises instead of falling back; ``"hf"`` always uses Hugging Face's."""
+             decoder: str = "auto", **sampling) -> torch.Tensor:
+    """Generation with the qruntime :class:`Decoder` where it reads the model, else (``decoder="auto"``)
+    with Hugging Face's ``model.generate`` and a warning that says why; ``decoder="qruntime"`` raises
+    instead of falling back, ``"hf"`` always uses Hugging Face's. ``eos_token_id`` and ``sampling``
+    (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``generator``): as :meth:`Decoder.generate`
+    (Hugging Face's ``generate`` draws from torch's default generator)."""
     if decoder not in ("auto", "qruntime", "hf"):
         raise ValueError(f"decoder={decoder!r}: expected 'auto', 'qruntime' or 'hf'")
+    Sampler(**sampling)  # the arguments are checked before any work, on both paths
     if decoder != "hf":
         try:
-            return Decoder(model).generate(ids, max_new_tokens, eos_token_id)
+            dec = Decoder(model)
         except UnsupportedModelError as exc:
             if decoder == "qruntime":
                 raise
             warnings.warn(f"qruntime decoder not used ({exc}); generating with Hugging Face's generate()",
                           RuntimeWarning, stacklevel=2)
+        else:
+            return dec.generate(ids, max_new_tokens, eos_token_id, **sampling)
     ids = ids if ids.dim() == 2 else ids[None]
-    return model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
-                          attention_mask=torch.ones_like(ids))
+    sampling.pop("generator", None)
+    return model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos_ids(model, eos_token_id) or None,
+                          do_sample=sampling.pop("do_sample", False), attention_mask=torch.ones_like(ids), **sampling)
