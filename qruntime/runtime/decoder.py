@@ -198,9 +198,10 @@ class Decoder:
         keys = kc[:, :, :end].transpose(1, 2).repeat_interleave(group, 0)   # [heads, T, hd]
         values = vc[:, :end].repeat_interleave(group, 0)
         mask = None if start == 0 else (torch.arange(end)[None, :] <= torch.arange(start, end)[:, None])
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask,
+        # 4-D [1, heads, T, hd]: torch's fused CPU attention (3-D inputs take its unfused path)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
                                              is_causal=start == 0 and m > 1, scale=a.scale)
-        return out.transpose(0, 1).reshape(m, q_len)
+        return out[0].transpose(0, 1).reshape(m, q_len)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
