@@ -123,13 +123,14 @@ class Decoder:
         b = _Buffers(_row(a.hidden), _row(a.hidden), _row(q + 2 * a.kv_heads * a.head_dim), _row(q), _row(a.hidden),
                      _row(width), _row(a.intermediate), _row(self.head.out_features))
         self.buf = b
-        self.steps = [(_norm_args(blk.norm1, a.norm), self.qkv[i].bind(b.x, b.qkv, threads), self.o[i].bind(b.att, b.r, threads),
-                       _norm_args(blk.norm2, a.norm), self.up[i].bind(b.x, b.g, threads), self.down[i].bind(b.a, b.r, threads),
-                       _qk_args(blk))
-                      for i, blk in enumerate(a.blocks)]
-        self.final_norm = _norm_args(a.final_norm, a.norm)
         self.head_calls = self.head.bind(b.x, b.logits, threads)
         self.native = self._native_plan() if self.native_step else None
+        if self.native is None:  # the Python loop's calls, one per kernel
+            self.steps = [(_norm_args(blk.norm1, a.norm), self.qkv[i].bind(b.x, b.qkv, threads),
+                           self.o[i].bind(b.att, b.r, threads), _norm_args(blk.norm2, a.norm),
+                           self.up[i].bind(b.x, b.g, threads), self.down[i].bind(b.a, b.r, threads), _qk_args(blk))
+                          for i, blk in enumerate(a.blocks)]
+            self.final_norm = _norm_args(a.final_norm, a.norm)
         self._plan_threads = threads
 
     def _native_plan(self):
@@ -382,10 +383,8 @@ def _norm_tuple(n: Norm) -> tuple:
 
 def _norm_args(n: Norm, kind: str) -> tuple:
     """The arguments of add_rms_norm / add_layer_norm between the residual and the output."""
-    w = n.weight.detach().float().contiguous().numpy()
-    if kind == "rms":
-        return (w, n.eps)
-    return (w, None if n.bias is None else n.bias.detach().float().contiguous().numpy(), n.eps)
+    w, b, eps = _norm_tuple(n)
+    return (w, eps) if kind == "rms" else (w, b, eps)
 
 
 def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
